@@ -1,0 +1,369 @@
+"""SAE files: the native single-file format and read-only importers.
+
+Native: one ``.safetensors`` file with ``encoder.weight [n, d]``, ``encoder.bias [n]``,
+``W_dec [n, d]``, ``b_dec [d]`` (plus optional extra tensors, e.g. concept data) and JSON
+metadata strings: ``saeuron_format`` (version), ``config`` (:class:`SAEConfig`),
+``training`` (summary) and ``concepts`` (the concept library).
+
+Imported (read-only): EleutherAI sparsify / SAeUron folders (``cfg.json`` + ``sae.safetensors``)
+and SAELens folders (``cfg.json`` + ``sae_weights.safetensors``). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import ConfigError, SAEFormatError
+from .sae import SAEConfig, TopKSAE
+
+FORMAT_VERSION = "1"
+CORE_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar", ".npz", ".npy"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                   "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# -- low-level safetensors handling ------------------------------------------------------
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise SAEFormatError(
+            f"{path}: '{path.suffix}' files are pickle-based and are never loaded (unpickling runs "
+            f"arbitrary code). Expected a .safetensors SAE file or a sparsify/SAELens folder; convert "
+            f"the checkpoint to safetensors in a trusted environment first"
+        )
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and validate a safetensors header without loading tensors.
+
+    Raises :class:`SAEFormatError` for pickles in disguise, truncated files, oversized or
+    malformed headers and tensors whose byte ranges do not fit the file.
+    """
+    path = Path(path)
+    _refuse_pickle(path)
+    if not path.is_file():
+        raise SAEFormatError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise SAEFormatError(
+                f"{path}: this is a pickle/zip (torch.save) checkpoint with a .safetensors name; it is "
+                f"never unpickled. Expected a real safetensors file"
+            )
+        if len(head) < 8:
+            raise SAEFormatError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise SAEFormatError(
+                f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length "
+                f"field (truncated or not a safetensors file)"
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SAEFormatError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise SAEFormatError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise SAEFormatError(f"{path}: safetensors __metadata__ must map strings to strings")
+            continue
+        try:
+            start, end = (int(v) for v in info["data_offsets"])
+            numel = 1
+            for dim in info["shape"]:
+                numel *= int(dim)
+            nbytes = numel * _ST_DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise SAEFormatError(f"{path}: tensor {name!r} has a malformed header entry; the file is corrupt") from None
+        if not (0 <= start <= end <= data_len) or end - start != nbytes:
+            raise SAEFormatError(
+                f"{path}: tensor {name!r} needs bytes {start}..{end} of a {data_len}-byte data section "
+                f"(truncated or corrupt file)"
+            )
+    return header
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a validated safetensors file."""
+    header = read_safetensors_header(path)
+    try:
+        tensors: dict[str, Tensor] = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            for name in fh.keys():
+                tensors[name] = fh.get_tensor(name)
+    except Exception as exc:  # safetensors raises its own error types
+        raise SAEFormatError(f"{path}: could not read safetensors data ({exc})") from None
+    return tensors, dict(header.get("__metadata__", {}))
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file via a temp file + ``os.replace``: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _json_field(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise SAEFormatError(f"{path}: metadata field {key!r} is not valid JSON; the file is corrupt") from None
+
+
+def _check_tensors(path: Path, tensors: dict[str, Tensor], names: tuple[str, ...]) -> None:
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise SAEFormatError(f"{path}: missing tensor(s) {missing}; an SAE file needs {list(names)}")
+    for name in names:
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise SAEFormatError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected a float tensor")
+        if not torch.isfinite(t).all():
+            raise SAEFormatError(f"{path}: tensor {name!r} contains NaN or infinite values")
+
+
+def _build(path: Path, config: SAEConfig, tensors: dict[str, Tensor], device: str | torch.device,
+           dtype: torch.dtype | None) -> TopKSAE:
+    try:
+        return TopKSAE.from_tensors(config, tensors, device=device, dtype=dtype)
+    except ConfigError as exc:
+        raise SAEFormatError(f"{path}: {exc}") from None
+
+
+# -- native format -----------------------------------------------------------------------
+
+def save_sae(sae: TopKSAE, path: str | os.PathLike) -> Path:
+    """Write ``sae`` (weights, config, training summary, concepts, extra tensors) as one native file."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise SAEFormatError(f"{path}: native SAE files must end in .safetensors")
+    clash = set(sae.extra_tensors) & set(CORE_TENSORS)
+    if clash:
+        raise ConfigError(f"extra tensor names {sorted(clash)} clash with the SAE's own tensors")
+    tensors = {**sae.tensors(), **sae.extra_tensors}
+    metadata = {
+        "saeuron_format": FORMAT_VERSION,
+        "config": json.dumps(sae.config.to_dict(), sort_keys=True),
+        "training": json.dumps(sae.training_summary, sort_keys=True),
+        "concepts": json.dumps(sae.concepts, sort_keys=True),
+    }
+    atomic_save_safetensors(tensors, path, metadata)
+    return path
+
+
+def _load_native(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str],
+                 device: str | torch.device, dtype: torch.dtype | None) -> TopKSAE:
+    version = metadata.get("saeuron_format")
+    if version != FORMAT_VERSION:
+        raise SAEFormatError(f"{path}: native format version {version!r} is not supported (expected {FORMAT_VERSION!r})")
+    try:
+        config = SAEConfig.from_dict(_json_field(path, metadata, "config", None))
+    except ConfigError as exc:
+        raise SAEFormatError(f"{path}: bad config metadata: {exc}") from None
+    _check_tensors(path, tensors, CORE_TENSORS)
+    sae = _build(path, config, tensors, device, dtype)
+    sae.training_summary = _json_field(path, metadata, "training", {})
+    sae.concepts = _json_field(path, metadata, "concepts", {})
+    if not isinstance(sae.training_summary, dict) or not isinstance(sae.concepts, dict):
+        raise SAEFormatError(f"{path}: 'training' and 'concepts' metadata must be JSON objects")
+    sae.extra_tensors = {k: v for k, v in tensors.items() if k not in CORE_TENSORS}
+    sae.source_format = "native"
+    return sae
+
+
+# -- importers ---------------------------------------------------------------------------
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SAEFormatError(f"{path}: cannot read cfg.json ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{path}: cfg.json must hold a JSON object")
+    return cfg
+
+
+def _int_field(path: Path, cfg: dict[str, Any], *keys: str) -> int:
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise SAEFormatError(f"{path}: cfg.json needs an integer {' or '.join(keys)}")
+
+
+def _hook_from_folder(folder: Path) -> str:
+    name = folder.name
+    return name[len("unet."):] if name.startswith("unet.") else (name if "." in name else "")
+
+
+def _load_sparsify(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> TopKSAE:
+    cfg_path, weights = folder / "cfg.json", folder / "sae.safetensors"
+    cfg = _read_cfg(cfg_path)
+    if cfg.get("input_unit_norm"):
+        raise SAEFormatError(
+            f"{cfg_path}: input_unit_norm=true SAEs normalise each token before encoding; this is not "
+            f"supported (expected input_unit_norm false, as in the published SAeUron SAEs)"
+        )
+    tensors, _ = load_safetensors(weights, device="cpu")
+    _check_tensors(weights, tensors, CORE_TENSORS)
+    d_in = _int_field(cfg_path, cfg, "d_in")
+    n = cfg.get("num_latents") or 0
+    if not isinstance(n, int) or n <= 0:
+        n = d_in * _int_field(cfg_path, cfg, "expansion_factor")
+    config = SAEConfig(d_in=d_in, n_latents=n, k=_int_field(cfg_path, cfg, "k"),
+                       hook_point=_hook_from_folder(folder), model_family=str(cfg.get("model_family", "")),
+                       normalize_decoder=bool(cfg.get("normalize_decoder", True)),
+                       extra={"imported_from": "sparsify", "source_cfg": cfg})
+    sae = _build(weights, config, tensors, device, dtype)
+    sae.source_format = "sparsify"
+    return sae
+
+
+def _load_saelens(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> TopKSAE:
+    cfg_path, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
+    cfg = _read_cfg(cfg_path)
+    arch = str(cfg.get("architecture", "topk")).lower()
+    act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or ""
+    if arch != "topk" and act != "topk":
+        raise SAEFormatError(f"{cfg_path}: SAELens architecture {arch!r} is not a TopK SAE; only TopK SAEs are supported")
+    norm = cfg.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise SAEFormatError(f"{cfg_path}: normalize_activations={norm!r} is not supported (expected 'none')")
+    k = cfg.get("k")
+    if k is None and isinstance(cfg.get("activation_fn_kwargs"), dict):
+        k = cfg["activation_fn_kwargs"].get("k")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise SAEFormatError(f"{cfg_path}: cfg.json needs an integer k (or activation_fn_kwargs.k)")
+    tensors, _ = load_safetensors(weights, device="cpu")
+    _check_tensors(weights, tensors, ("W_enc", "b_enc", "W_dec", "b_dec"))
+    d_in, n = _int_field(cfg_path, cfg, "d_in"), _int_field(cfg_path, cfg, "d_sae")
+    w_enc = tensors["W_enc"]
+    if tuple(w_enc.shape) != (d_in, n):
+        raise SAEFormatError(f"{weights}: 'W_enc' has shape {list(w_enc.shape)}, expected {[d_in, n]}")
+    b_enc = tensors["b_enc"]
+    if not cfg.get("apply_b_dec_to_input", True):
+        # W(x - b_dec) + b' == W x + b_enc  with  b' = b_enc + W b_dec: fold so one encode formula fits.
+        b_enc = b_enc + tensors["b_dec"].to(w_enc.dtype) @ w_enc
+    converted = {"encoder.weight": w_enc.T.contiguous(), "encoder.bias": b_enc,
+                 "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+    config = SAEConfig(d_in=d_in, n_latents=n, k=k, hook_point=str(cfg.get("hook_name", "") or ""),
+                       model_family=str(cfg.get("model_name", "") or ""), normalize_decoder=False,
+                       extra={"imported_from": "saelens", "source_cfg": cfg})
+    sae = _build(weights, config, converted, device, dtype)
+    sae.source_format = "saelens"
+    return sae
+
+
+def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
+    """Return ``(format, resolved_path)``; format is ``native``, ``sparsify`` or ``saelens``."""
+    path = Path(path)
+    _refuse_pickle(path)
+    if not path.exists():
+        raise SAEFormatError(f"{path}: no such file or folder; expected a .safetensors SAE file or an SAE folder")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise SAEFormatError(f"{path}: expected a .safetensors file (or a sparsify/SAELens folder)")
+        if (path.parent / "cfg.json").is_file() and path.name in ("sae.safetensors", "sae_weights.safetensors"):
+            return detect_format(path.parent)
+        return "native", path
+    if (path / "cfg.json").is_file():
+        if (path / "sae.safetensors").is_file():
+            return "sparsify", path
+        if (path / "sae_weights.safetensors").is_file():
+            return "saelens", path
+        raise SAEFormatError(f"{path}: has cfg.json but neither sae.safetensors (sparsify) nor sae_weights.safetensors (SAELens)")
+    candidates = sorted(p for p in path.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
+    if len(candidates) == 1:
+        return detect_format(candidates[0])
+    if candidates:
+        names = ", ".join(p.name for p in candidates)
+        raise SAEFormatError(f"{path}: holds several SAEs ({names}); pass the folder of the one to load")
+    raise SAEFormatError(
+        f"{path}: not an SAE folder; expected cfg.json with sae.safetensors (sparsify/SAeUron) "
+        f"or sae_weights.safetensors (SAELens)"
+    )
+
+
+def load_sae(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> TopKSAE:
+    """Load an SAE from a native file or a sparsify/SAELens folder (formats are detected)."""
+    fmt, resolved = detect_format(path)
+    if fmt == "sparsify":
+        return _load_sparsify(resolved, device, dtype)
+    if fmt == "saelens":
+        return _load_saelens(resolved, device, dtype)
+    tensors, metadata = load_safetensors(resolved, device="cpu")
+    if "saeuron_format" not in metadata:
+        raise SAEFormatError(
+            f"{resolved}: a safetensors file without saeuron metadata; expected a native SAE file "
+            f"(made by 'saeuron train' or 'saeuron convert'). For sparsify/SAELens SAEs pass the folder "
+            f"that holds cfg.json"
+        )
+    return _load_native(resolved, tensors, metadata, device, dtype)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Import any supported SAE and write it as a native file."""
+    return save_sae(load_sae(src), dst)
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary used by ``saeuron info``: format, shapes, hook point, concepts."""
+    sae = load_sae(path)
+    return {
+        "path": str(path),
+        "format": sae.source_format,
+        "d_in": sae.d_in,
+        "n_latents": sae.n_latents,
+        "k": sae.k,
+        "dtype": str(sae.dtype).replace("torch.", ""),
+        "hook_point": sae.config.hook_point,
+        "model_family": sae.config.model_family,
+        "concepts": sorted(sae.concepts),
+        "training": sae.training_summary,
+    }

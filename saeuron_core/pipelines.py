@@ -1,0 +1,127 @@
+"""Loading diffusers pipelines and schedulers by name, and a tiny random pipeline for tries and tests.
+
+Nothing here downloads: ``load_pipeline`` takes a local folder (``save_pretrained`` layout) or
+``tiny`` / ``tiny:SEED`` for a randomly initialised SD-layout pipeline built in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap ``pipe.scheduler`` for the named scheduler, built from the current scheduler's config."""
+    import diffusers
+
+    key = name.lower()
+    if key not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[key])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def _write_char_tokenizer(folder: Path) -> None:
+    """A valid CLIP BPE tokenizer whose tokens are single characters (plus a few merges)."""
+    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("t", "h"), ("th", "e</w>"), ("i", "n</w>"), ("a", "n</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                       encoding="utf-8")
+
+
+def make_tiny_pipeline(seed: int = 0, *, hidden: int = 32, cross_dim: int = 32) -> Any:
+    """A randomly initialised ``StableDiffusionPipeline`` with SD 1.x's block layout, small enough for CPU tests.
+
+    ``up_blocks.1`` is a cross-attention up block with three attention layers, so
+    ``up_blocks.1.attentions.1`` exists as in SD 1.x (here 32 channels on an 8x8 latent, 16x16 px).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(hidden, hidden * 2), norm_num_groups=min(32, hidden),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_char_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                                  model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cross_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """``tiny``/``tiny:SEED`` or a local diffusers pipeline folder (never a download)."""
+    if model == "tiny" or model.startswith("tiny:"):
+        seed = model.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise ConfigError(f"model {model!r}: expected 'tiny' or 'tiny:SEED' with an integer seed")
+        pipe = make_tiny_pipeline(int(seed))
+    else:
+        path = Path(model)
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(
+                f"model {model!r}: expected a local diffusers pipeline folder containing model_index.json "
+                f"(or 'tiny' for a random test pipeline); nothing is downloaded"
+            )
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                 safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe
