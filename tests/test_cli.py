@@ -1,0 +1,126 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saeuron_core.cli import main
+from saeuron_core.formats import load_sae, save_sae
+from saeuron_core.sae import SAEConfig, TopKSAE
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, pattern):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture()
+def sae_file(tmp_path):
+    path = tmp_path / "s.safetensors"
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=32, k=4, hook_point="up_blocks.1.attentions.1", model_family="sd1"))
+    sae.concepts = {"cat": {}, "van gogh": {}}
+    save_sae(sae, path)
+    return path
+
+
+def test_info_text_and_json(capsys, sae_file):
+    code, out, _ = run_cli(capsys, "info", str(sae_file))
+    assert code == 0
+    assert "format:      native" in out and "n_latents:   32" in out and "up_blocks.1.attentions.1" in out
+    assert "cat, van gogh" in out
+    code, out, _ = run_cli(capsys, "info", "--json", str(sae_file))
+    assert code == 0 and json.loads(out)["k"] == 4
+
+
+def test_convert_sparsify_folder(capsys, tmp_path):
+    folder = tmp_path / "unet.up_blocks.1.attentions.2"
+    folder.mkdir()
+    save_file({"encoder.weight": torch.randn(32, 8), "encoder.bias": torch.zeros(32), "W_dec": torch.randn(32, 8),
+               "b_dec": torch.zeros(8)}, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": 8, "num_latents": 32, "k": 4, "expansion_factor": 4}))
+    code, out, _ = run_cli(capsys, "convert", str(folder), str(tmp_path / "n.safetensors"))
+    assert code == 0 and "wrote" in out
+    assert load_sae(tmp_path / "n.safetensors").config.hook_point == "up_blocks.1.attentions.2"
+
+
+def test_user_errors_exit_2_with_one_line(capsys, tmp_path, sae_file):
+    assert_user_error(*run_cli(capsys, "info", str(tmp_path / "missing.safetensors"))[::2], "no such file")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x02")
+    assert_user_error(*run_cli(capsys, "info", str(tmp_path / "model.ckpt"))[::2], "pickle-based")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "renamed.safetensors")
+    assert_user_error(*run_cli(capsys, "info", str(tmp_path / "renamed.safetensors"))[::2], "never unpickled")
+    data = sae_file.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    assert_user_error(*run_cli(capsys, "info", str(tmp_path / "cut.safetensors"))[::2], "truncated")
+    assert_user_error(*run_cli(capsys, "train", "--store", str(tmp_path))[::2], "required: --out")
+    assert_user_error(*run_cli(capsys, "train", "--store", str(tmp_path), "--out", "x.safetensors", "--steps", "2")[::2],
+                      "not an activation store")
+    assert_user_error(*run_cli(capsys, "collect", "--model", "tiny", "--prompts", str(tmp_path / "none.txt"),
+                               "--out", str(tmp_path / "o"))[::2], "cannot read prompts")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert_user_error(*run_cli(capsys, "collect", "--model", str(tmp_path), "--prompts", str(tmp_path / "p.txt"),
+                               "--out", str(tmp_path / "o"))[::2], "model_index.json")
+    assert_user_error(*run_cli(capsys, "collect", "--model", "tiny", "--prompts", "p", "--out", "o",
+                               "--seeds", "a,b")[::2], "expected seeds")
+    assert_user_error(*run_cli(capsys, "bogus")[::2], "invalid choice")
+
+
+def _saeuron(*args, **kw):
+    exe = Path(sys.executable).with_name("saeuron")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "saeuron_core"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_end_to_end_and_sigkill_resume(tmp_path):
+    """Installed script: make a pipeline folder, collect, train; SIGKILL training and resume to the same SAE."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\na green tree\n")
+    assert _saeuron("make-tiny-pipeline", str(tmp_path / "pipe")).wait() == 0
+    p = _saeuron("collect", "--model", str(tmp_path / "pipe"), "--prompts", str(prompts), "--out", str(tmp_path / "st"),
+                 "--steps", "6", "--seeds", "0-3", "--rows-per-shard", "12", "--guidance", "4")
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert "collected 72 maps" in out
+
+    train = ["train", "--store", str(tmp_path / "st"), "--expansion-factor", "8", "--k", "8", "--batch-size", "512",
+             "--steps", "1500", "--lr", "1e-3", "--checkpoint-every", "100", "--log-every", "100"]
+    p = _saeuron(*train, "--out", str(tmp_path / "a.safetensors"))
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert "FVU" in out
+
+    ckpt = tmp_path / "b.safetensors.ckpt.safetensors"
+    p = _saeuron(*train, "--out", str(tmp_path / "b.safetensors"))
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (tmp_path / "b.safetensors").exists()
+    p = _saeuron(*train, "--out", str(tmp_path / "b.safetensors"))
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    a, b = load_sae(tmp_path / "a.safetensors"), load_sae(tmp_path / "b.safetensors")
+    for name, tensor in a.tensors().items():
+        assert torch.equal(tensor, b.tensors()[name]), name
+    p = _saeuron("info", str(tmp_path / "b.safetensors"))
+    out, _ = p.communicate()
+    assert "n_latents:   256" in out and "up_blocks.1.attentions.1" in out

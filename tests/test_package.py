@@ -1,0 +1,45 @@
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_metadata():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert project["name"] == "comfyui-saeuron"
+    assert project["scripts"]["saeuron"] == "saeuron_core.cli:main"
+    deps = {re.split(r"[<>=!~ ]", d)[0]: d for d in project["dependencies"]}
+    assert {"torch", "diffusers", "safetensors", "numpy", "tqdm"} <= set(deps)
+    assert deps["torch"] == "torch>=2.1"  # permissive: ComfyUI users bring their own torch
+    assert "test" in project["optional-dependencies"]
+    assert {"PublisherId", "DisplayName"} <= set(meta["tool"]["comfy"])
+
+
+def test_root_is_a_light_comfyui_custom_node_folder():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('saeuron_pack', r'{ROOT / '__init__.py'}',"
+        f" submodule_search_locations=[r'{ROOT}'])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['saeuron_pack'] = mod; spec.loader.exec_module(mod)\n"
+        "assert isinstance(mod.NODE_CLASS_MAPPINGS, dict) and isinstance(mod.NODE_DISPLAY_NAME_MAPPINGS, dict)\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'comfy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert sys.path[0] != r'" + str(ROOT) + "'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_core_never_imports_comfyui():
+    pattern = re.compile(r"^\s*(import|from)\s+(comfy|comfy_extras|folder_paths|nodes|server|execution)\b", re.M)
+    offenders = [p.name for p in (ROOT / "saeuron_core").rglob("*.py") if pattern.search(p.read_text())]
+    assert not offenders
+
+
+def test_no_pickle_loading_outside_tests():
+    pattern = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle=True")
+    files = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    assert not [p for p in files if pattern.search(p.read_text())]
