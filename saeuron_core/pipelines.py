@@ -119,6 +119,7 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                 low_cpu_mem_usage=False,
                                                  safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment (.venv, or $SAEURON_VENV) and install everything:
+# the pinned CPU test torch (torch==2.14.1 torchvision==0.29.1; ComfyUI's imports need a working
+# torchvision) and this package with its test extra. Re-running is cheap: it reinstalls only
+# when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SAEURON_VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+
+quiet_pip() {
+  # pip warns once per package about local index folders it cannot use; keep the log readable.
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is neither a file nor a directory" >&2)
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.saeuron-installed"
+want="$(sha256sum pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "setting up $VENV (torch ${TORCH_PINS[*]}, comfyui-saeuron[test]) ..."
+  quiet_pip "${TORCH_PINS[@]}"
+  quiet_pip -e ".[test]"
+  echo "$want" > "$stamp"
+fi
