@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, StoreError
 from .hooks import BlockCall, pipeline_hook
-from .pipelines import set_scheduler
+from .pipelines import generate, set_scheduler
 from .sae import dtype_from_name
 from .store import MANIFEST, STORE_FORMAT, ActivationStore, ShardInfo, ShardWriter, generator
 
@@ -141,14 +141,8 @@ def collect_activations(pipe: Any, prompts: Sequence[str], out_dir: str | Path, 
             chunk[:] = items[begin:begin + config.batch_size]
             hook = pipeline_hook(pipe, config.hook_point, record)
             with hook, torch.no_grad():
-                pipe(
-                    prompt=[prompts[p] for _, p in chunk],
-                    num_inference_steps=config.steps,
-                    guidance_scale=config.guidance_scale,
-                    generator=[torch.Generator(device="cpu").manual_seed(seed) for seed, _ in chunk],
-                    height=config.height, width=config.width,
-                    output_type="latent",
-                )
+                generate(pipe, [prompts[p] for _, p in chunk], [seed for seed, _ in chunk], steps=config.steps,
+                         guidance_scale=config.guidance_scale, height=config.height, width=config.width)
             bar.update(len(chunk))
             done = begin + len(chunk)
             assert writer is not None

@@ -1,7 +1,8 @@
 """Loading diffusers pipelines and schedulers by name, and a tiny random pipeline for tries and tests.
 
-Nothing here downloads: ``load_pipeline`` takes a local folder (``save_pretrained`` layout) or
-``tiny`` / ``tiny:SEED`` for a randomly initialised SD-layout pipeline built in memory.
+Nothing here downloads: ``load_pipeline`` takes a local folder (``save_pretrained`` layout), a
+single-file ``.safetensors`` checkpoint (with a local config folder) or ``tiny`` / ``tiny:SEED`` for a
+randomly initialised SD-layout pipeline built in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .formats import PICKLE_SUFFIXES
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -39,6 +41,15 @@ def set_scheduler(pipe: Any, name: str) -> None:
         raise ConfigError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[key])
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def generate(pipe: Any, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
+             height: int | None = None, width: int | None = None, output_type: str = "latent",
+             negative_prompt: list[str] | None = None) -> Any:
+    """One pipeline call, one CPU generator per prompt (so results do not depend on batching)."""
+    return pipe(prompt=list(prompts), negative_prompt=negative_prompt, num_inference_steps=steps,
+                guidance_scale=guidance_scale, height=height, width=width, output_type=output_type,
+                generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds])
 
 
 def _write_char_tokenizer(folder: Path) -> None:
@@ -102,8 +113,14 @@ def make_tiny_pipeline(seed: int = 0, *, hidden: int = 32, cross_dim: int = 32) 
     return pipe
 
 
-def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
-    """``tiny``/``tiny:SEED`` or a local diffusers pipeline folder (never a download)."""
+def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  config: str | os.PathLike | None = None) -> Any:
+    """``tiny``/``tiny:SEED``, a local diffusers pipeline folder or a single-file ``.safetensors`` checkpoint.
+
+    Never downloads. A single-file checkpoint needs its component configs: ``config`` is a local
+    diffusers pipeline folder of the same model family (without it only configs already in the
+    Hugging Face cache can be used).
+    """
     if model == "tiny" or model.startswith("tiny:"):
         seed = model.partition(":")[2] or "0"
         if not seed.isdigit():
@@ -111,18 +128,79 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
         pipe = make_tiny_pipeline(int(seed))
     else:
         path = Path(model)
-        if not (path / "model_index.json").is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ConfigError(
-                f"model {model!r}: expected a local diffusers pipeline folder containing model_index.json "
-                f"(or 'tiny' for a random test pipeline); nothing is downloaded"
+                f"model {model!r}: '{path.suffix}' checkpoints are pickle-based and are never loaded (unpickling "
+                f"runs arbitrary code); use the .safetensors version of the checkpoint or a diffusers folder"
             )
-        from diffusers import DiffusionPipeline
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            pipe = _load_single_file(path, config)
+        elif not (path / "model_index.json").is_file():
+            raise ConfigError(
+                f"model {model!r}: expected a local diffusers pipeline folder containing model_index.json, a "
+                f"single-file .safetensors checkpoint (or 'tiny' for a random test pipeline); nothing is downloaded"
+            )
+        else:
+            from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                                 low_cpu_mem_usage=False,
-                                                 safety_checker=None, requires_safety_checker=False)
+            pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                     low_cpu_mem_usage=False,
+                                                     safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe
+
+
+def _single_file_class(config: Path | None) -> Any:
+    """The pipeline class named by ``config``'s model_index.json (default ``StableDiffusionPipeline``)."""
+    import diffusers
+
+    name = "StableDiffusionPipeline"
+    if config is not None:
+        try:
+            name = str(json.loads((config / "model_index.json").read_text(encoding="utf-8"))["_class_name"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--config {config}: cannot read _class_name from model_index.json ({exc})") from None
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise ConfigError(f"--config {config}: pipeline class {name!r} cannot load single-file checkpoints")
+    return cls
+
+
+def _load_single_file(path: Path, config: str | os.PathLike | None) -> Any:
+    from unittest import mock
+
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from .formats import read_safetensors_header
+
+    read_safetensors_header(path)  # refuses pickles in disguise and truncated files before diffusers reads it
+    config_dir = Path(config) if config is not None else None
+    if config_dir is not None and not (config_dir / "model_index.json").is_file():
+        raise ConfigError(f"--config {config}: expected a local diffusers pipeline folder containing model_index.json")
+    cls = _single_file_class(config_dir)
+    hint = ("pass --config with a local diffusers pipeline folder of the same model family (e.g. an SD 1.5 folder "
+            "for an SD 1.x checkpoint); nothing is downloaded")
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    try:
+        # Offline mode for the hub client: without it diffusers retries a failed local config lookup online.
+        # Its warnings about that retry would only confuse: the error below says what to do.
+        diffusers_logging.set_verbosity_error()
+        with mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True):
+            return cls.from_single_file(str(path), config=str(config_dir) if config_dir else None,
+                                        local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as exc:
+        raise ConfigError(f"model {str(path)!r}: the component configs of this checkpoint are not available "
+                          f"offline ({type(exc).__name__}); {hint}") from None
+    except (KeyError, RuntimeError, ValueError, OSError) as exc:
+        where = f" with the configs of {config_dir}" if config_dir else ""
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model {str(path)!r}: could not load this single-file checkpoint{where} ({detail}); "
+                          f"check that it is a Stable Diffusion checkpoint and {hint}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)

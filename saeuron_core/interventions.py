@@ -1,0 +1,276 @@
+"""The two interventions, applied at the hooked block to every call of the UNet.
+
+* **ablate** (SAeUron): encode the block output; where a selected feature of an erased concept
+  fires above its threshold, its activation ``a`` becomes ``gamma * mu * a`` with
+  ``gamma = -strength``; decode and add back the SAE's reconstruction error. Implemented as
+  ``x + decode_without_bias(a_new - a)``, which is the same thing and leaves every token whose
+  features did not change bit-for-bit equal to the input.
+* **replace** (look but don't touch): the selected features only *detect* concept tokens; those
+  tokens' hidden states are replaced by in-distribution ones that do not contain the concept
+  (by default tokens sampled from undetected positions of the same feature map). Undetected tokens
+  are left bit-for-bit unchanged.
+
+Both act only inside a denoising window (``start``..``end`` as a fraction of the denoising, 0 =
+first step), on the chosen CFG rows, and look features up by timestep *value*.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .hooks import BlockCall, BlockHook, CfgLayout, get_submodule, pipeline_cfg_layout
+from .sae import TopKSAE
+from .scoring import ConceptData, bucket_of, get_concept
+from .store import derived_seed
+
+Method = Literal["ablate", "replace"]
+MAX_ABLATE_STRENGTH = 100.0
+ConceptsArg = Union[str, Sequence[Union[str, tuple[str, float]]], Mapping[str, float]]
+
+
+def normalize_concepts(concepts: ConceptsArg, strength: float) -> dict[str, float]:
+    """``"cat"``, ``["cat", ("dog", 2.0)]`` or ``{"cat": 1.0}`` -> ``{name: strength}``."""
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    if isinstance(concepts, Mapping):
+        return {str(k): float(v) for k, v in concepts.items()}
+    out: dict[str, float] = {}
+    for item in concepts:
+        if isinstance(item, str):
+            out[item] = float(strength)
+        else:
+            name, value = item
+            out[str(name)] = float(value)
+    return out
+
+
+def _check_strength(method: str, name: str, value: float) -> None:
+    upper = MAX_ABLATE_STRENGTH if method == "ablate" else 1.0
+    if not math.isfinite(value) or not 0.0 <= value <= upper:
+        meaning = "the negative multiplier gamma = -strength" if method == "ablate" else "the share of replacement"
+        raise ConfigError(f"strength for {name!r} must be between 0 and {upper:g} for method {method!r} "
+                          f"({meaning}), got {value}")
+
+
+@dataclass
+class MaskRecord:
+    """Where the concept was detected at one call: ``mask [rows, H, W]`` (or ``[rows, N]``)."""
+
+    call_index: int
+    timesteps: Tensor
+    rows: Tensor
+    mask: Tensor
+
+
+class ConceptEraser:
+    """Block-hook function that erases concepts (``method`` ablate or replace) from an SAE's library."""
+
+    def __init__(self, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ablate", *, strength: float = 1.0,
+                 start: float = 0.0, end: float = 1.0, cfg: Literal["both", "cond", "uncond"] = "both",
+                 threshold_scale: float = 1.0, dilation: int = 0,
+                 source: Literal["sample", "nearest", "uncond"] = "sample", seed: int = 0,
+                 record_masks: bool = False) -> None:
+        if method not in ("ablate", "replace"):
+            raise ConfigError(f"method must be 'ablate' or 'replace', got {method!r}")
+        if not (0.0 <= start <= end <= 1.0):
+            raise ConfigError(f"the window needs 0 <= start <= end <= 1 (fractions of the denoising), got {start}..{end}")
+        if cfg not in ("both", "cond", "uncond"):
+            raise ConfigError(f"cfg must be 'both', 'cond' or 'uncond', got {cfg!r}")
+        if source not in ("sample", "nearest", "uncond"):
+            raise ConfigError(f"source must be 'sample', 'nearest' or 'uncond', got {source!r}")
+        if not math.isfinite(threshold_scale) or threshold_scale < 0 or dilation < 0:
+            raise ConfigError("threshold_scale must be >= 0 and dilation >= 0")
+        self.sae, self.method, self.start, self.end, self.cfg = sae, method, start, end, cfg
+        self.threshold_scale, self.dilation, self.source, self.seed = threshold_scale, dilation, source, seed
+        self.strengths = normalize_concepts(concepts, strength)
+        for name, value in self.strengths.items():
+            _check_strength(method, name, value)
+        self.concepts: list[ConceptData] = [get_concept(sae, name) for name in self.strengths]
+        self.record_masks = record_masks
+        self.masks: list[MaskRecord] = []
+        self._build_tables()
+
+    # -- lookup tables: one dense row of n_latents per timestep bucket, for all concepts at once ----
+    def _build_tables(self) -> None:
+        n = self.sae.n_latents
+        if not self.concepts:
+            self.n_buckets, self.bucket_width, self.max_timestep = 1, 1000.0, 1000
+        else:
+            grids = {(c.bucket_width, c.max_timestep, c.n_buckets) for c in self.concepts}
+            if len(grids) > 1:
+                raise ConfigError("these concepts were learned with different timestep buckets; relearn them with "
+                                  "the same bucket width")
+            self.bucket_width, self.max_timestep, self.n_buckets = grids.pop()
+        nb = self.n_buckets
+        self.scale = torch.ones(nb, n)
+        self.thr = torch.full((nb, n), math.inf)
+        self.owner = torch.full((nb, n), -1, dtype=torch.int16)
+        for ci, c in enumerate(self.concepts):
+            gamma = -self.strengths[c.name]
+            if gamma == 0.0:
+                continue  # strength 0: the concept changes nothing
+            sel = c.selected_mask()
+            b_idx = torch.arange(nb)[:, None].expand_as(c.feature_ids)[sel]
+            f_idx = c.feature_ids[sel]
+            # A feature shared by several concepts takes the strongest push and the lowest threshold.
+            self.scale[b_idx, f_idx] = torch.minimum(self.scale[b_idx, f_idx], gamma * c.mu[sel])
+            self.thr[b_idx, f_idx] = torch.minimum(self.thr[b_idx, f_idx], c.threshold[sel] * self.threshold_scale)
+            self.owner[b_idx, f_idx] = ci
+        self._device_tables: dict[Any, tuple[Tensor, Tensor]] = {}
+
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (device, dtype)
+        if key not in self._device_tables:
+            self._device_tables[key] = (self.scale.to(device, dtype), self.thr.to(device, dtype))
+        return self._device_tables[key]
+
+    # -- which rows of this call are edited ---------------------------------------------------------
+    def active_rows(self, call: BlockCall) -> Tensor:
+        rows = torch.ones(call.tokens.shape[0], dtype=torch.bool)
+        if self.cfg == "cond":
+            rows &= call.is_cond
+        elif self.cfg == "uncond":
+            rows &= ~call.is_cond
+        if call.timesteps is not None:
+            progress = 1.0 - call.timesteps / self.max_timestep
+            rows &= (progress >= self.start - 1e-6) & (progress <= self.end + 1e-6)
+        if not self.concepts or not any(self.strengths.values()):
+            rows[:] = False
+        return rows
+
+    def buckets(self, timesteps: Optional[Tensor], n_rows: int) -> Tensor:
+        if timesteps is None:
+            raise ConfigError("erasing needs the timestep of each call: hook the UNet, not a lone block")
+        return bucket_of(timesteps, self.bucket_width, self.n_buckets)
+
+    def __call__(self, call: BlockCall) -> Optional[Tensor]:
+        rows = self.active_rows(call)
+        if not rows.any():
+            return None
+        row_idx = rows.nonzero().squeeze(1)
+        x = call.tokens[row_idx.to(call.tokens.device)]
+        with torch.no_grad():
+            code = self.sae.encode(x)
+            b = self.buckets(call.timesteps[rows], x.shape[0]).to(self.sae.device)
+            scale, thr = self._tables(self.sae.device, self.sae.dtype)
+            r, t, k = code.values.shape
+            flat_idx = code.indices.reshape(r, t * k)
+            fires = code.values > thr[b].gather(1, flat_idx).reshape(r, t, k)
+            if self.method == "ablate":
+                new_x = self._ablate(x, code.values, code.indices, fires, scale[b].gather(1, flat_idx).reshape(r, t, k))
+            else:
+                new_x = self._replace(call, row_idx, x, fires.any(-1))
+        out = call.tokens.clone()
+        out[row_idx.to(out.device)] = new_x
+        return out
+
+    def _ablate(self, x: Tensor, values: Tensor, indices: Tensor, fires: Tensor, scale: Tensor) -> Tensor:
+        new_values = torch.where(fires, values * scale, values)
+        delta = self.sae.decode(new_values - values, indices, bias=False)
+        # x + (recon_new - recon) == recon_new + (x - recon): the reconstruction error is kept.
+        changed = fires.any(-1, keepdim=True).to(x.device)
+        return torch.where(changed, (x.to(delta.dtype) + delta.to(x.device)).to(x.dtype), x)
+
+    def _replace(self, call: BlockCall, row_idx: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.to(x.device)
+        if self.dilation and call.spatial is not None:
+            h, w = call.spatial
+            grid = mask.reshape(-1, 1, h, w).float()
+            mask = F.max_pool2d(grid, 2 * self.dilation + 1, stride=1, padding=self.dilation).reshape(mask.shape) > 0
+        if self.record_masks:
+            shape = (mask.shape[0], *call.spatial) if call.spatial is not None else mask.shape
+            self.masks.append(MaskRecord(call.call_index, call.timesteps[row_idx.cpu()].clone() if call.timesteps is not None
+                                         else torch.zeros(0), row_idx.clone(), mask.reshape(shape).cpu()))
+        replacement = self._replacement(call, row_idx, x, mask)
+        s = max(self.strengths.values())
+        blended = replacement if s == 1.0 else x + s * (replacement - x)
+        return torch.where(mask[..., None], blended.to(x.dtype), x)
+
+    def _replacement(self, call: BlockCall, row_idx: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        out = x.clone()
+        if self.source == "uncond":
+            cond_rows, uncond_rows = call.is_cond.nonzero().squeeze(1), (~call.is_cond).nonzero().squeeze(1)
+            if len(cond_rows) != len(uncond_rows) or not len(uncond_rows):
+                raise ConfigError("source='uncond' needs classifier-free guidance (an unconditional half)")
+            partner = {int(c): int(u) for c, u in zip(cond_rows, uncond_rows)}
+            for j, row in enumerate(row_idx.tolist()):
+                if row in partner:
+                    out[j] = call.tokens[partner[row]]
+            return out
+        coords = None
+        if self.source == "nearest":
+            if call.spatial is not None:
+                h, w = call.spatial
+                yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+                coords = torch.stack([yy.flatten(), xx.flatten()], 1).float().to(x.device)
+            else:
+                coords = torch.arange(x.shape[1], dtype=torch.float32, device=x.device)[:, None]
+        for j in range(x.shape[0]):
+            det = mask[j].nonzero().squeeze(1)
+            keep = (~mask[j]).nonzero().squeeze(1)
+            if not len(det):
+                continue
+            if not len(keep):  # the concept is everywhere: fall back to the map's mean token
+                out[j, det] = x[j].mean(0, keepdim=True).to(x.dtype)
+                continue
+            if coords is not None:
+                pick = keep[torch.cdist(coords[det], coords[keep]).argmin(1)]
+            else:
+                t = float(call.timesteps[row_idx[j]]) if call.timesteps is not None else call.call_index
+                g = torch.Generator().manual_seed(derived_seed("replace", self.seed, t, int(row_idx[j])))
+                pick = keep[torch.randint(len(keep), (len(det),), generator=g).to(keep.device)]
+            out[j, det] = x[j, pick]
+        return out
+
+
+def block_channels(module: nn.Module) -> Optional[int]:
+    """Channel count of a block's output when it can be read from its configuration."""
+    for attr in ("out_channels", "in_channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+        value = getattr(getattr(module, "config", None), attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_sae_fits(unet: nn.Module, hook_point: str, sae: TopKSAE) -> nn.Module:
+    """The hooked module, after checking that its width matches the SAE's ``d_in``."""
+    module = get_submodule(unet, hook_point)
+    channels = block_channels(module)
+    if channels is not None and channels != sae.d_in:
+        raise ConfigError(f"the SAE expects {sae.d_in} channels but {hook_point!r} of this model has {channels}; "
+                          f"this SAE was made for {sae.config.hook_point or 'another block'} of "
+                          f"{sae.config.model_family or 'another model'}")
+    return module
+
+
+@contextlib.contextmanager
+def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ablate", *, strength: float = 1.0,
+          hook_point: Optional[str] = None, cfg_layout: Optional[CfgLayout] = None,
+          **options: Any) -> Iterator[ConceptEraser]:
+    """Everything inside the block generates with ``concepts`` erased; on exit ``target`` is as before.
+
+    ``target`` is a diffusers pipeline (CFG halves are read from it) or a bare UNet (then
+    ``cfg_layout`` says how its batches are laid out; default ``"uncond_cond"`` as diffusers does).
+    Options: ``start``, ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``seed``,
+    ``record_masks`` (see :class:`ConceptEraser`).
+    """
+    unet = getattr(target, "unet", target)
+    hook_point = hook_point or sae.config.hook_point
+    if not hook_point:
+        raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
+    check_sae_fits(unet, hook_point, sae)
+    eraser = ConceptEraser(sae, concepts, method, strength=strength, **options)
+    layout = pipeline_cfg_layout(target) if hasattr(target, "unet") else (cfg_layout or "uncond_cond")
+    with BlockHook(unet, hook_point, eraser, cfg_layout=layout):
+        yield eraser

@@ -1,0 +1,254 @@
+"""Concept scoring (SAeUron's importance score) and the SAE file's concept library.
+
+For a concept c and timestep bucket t, feature i gets the score
+``p_c(i) - p_o(i)`` where ``p_c`` is the mean activation of every feature over all tokens of
+generations whose prompts contain c, normalised to sum to 1 over features, and ``p_o`` the same
+for prompts without c. Per feature and bucket we also keep ``mu`` (mean activation on c, zeros
+included) and a firing threshold (the mean activation over all prompts, with and without c).
+
+Everything is keyed by the diffusion *timestep value*, bucketed (``bucket_width`` timesteps per
+bucket), not by the index of the sampling step: a concept learned with 50 DDIM steps applies with
+20 Euler steps or in ComfyUI's samplers. Buckets never observed take the nearest observed bucket.
+Statistics are streamed: memory is ``O(n_latents x buckets)`` whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, SAEFormatError
+from .sae import TopKSAE
+
+MAX_CANDIDATES = 64
+MAX_NAME_LENGTH = 200
+
+
+def bucket_of(timesteps: Tensor, bucket_width: float, n_buckets: int) -> Tensor:
+    """Bucket index of each timestep value, clamped to ``[0, n_buckets)``."""
+    return (timesteps.float() / bucket_width).floor().long().clamp_(0, n_buckets - 1)
+
+
+class ConceptStats:
+    """Streaming sums of SAE activations per timestep bucket for a positive and a negative prompt set."""
+
+    def __init__(self, n_latents: int, *, bucket_width: float = 20.0, max_timestep: int = 1000) -> None:
+        if bucket_width <= 0 or max_timestep <= 0:
+            raise ConfigError("bucket_width and max_timestep must be positive")
+        self.n_latents = n_latents
+        self.bucket_width = float(bucket_width)
+        self.max_timestep = int(max_timestep)
+        self.n_buckets = math.ceil(max_timestep / bucket_width)
+        self.sums = torch.zeros(2, self.n_buckets, n_latents, dtype=torch.float64)
+        self.tokens = torch.zeros(2, self.n_buckets, dtype=torch.float64)
+
+    def add(self, positive: bool, timesteps: Tensor, values: Tensor, indices: Tensor) -> None:
+        """Accumulate codes ``values/indices [rows, tokens, k]`` of rows with these ``timesteps [rows]``."""
+        group = 0 if positive else 1
+        buckets = bucket_of(timesteps.cpu(), self.bucket_width, self.n_buckets)
+        per_row = torch.zeros(values.shape[0], self.n_latents, dtype=torch.float64)
+        per_row.scatter_add_(1, indices.reshape(values.shape[0], -1).cpu(),
+                             values.reshape(values.shape[0], -1).detach().cpu().double())
+        self.sums[group].index_add_(0, buckets, per_row)
+        self.tokens[group].index_add_(0, buckets, torch.full((values.shape[0],), float(values.shape[1]),
+                                                             dtype=torch.float64))
+
+    def result(self, name: str, *, top_n: Optional[int] = None, quantile: Optional[float] = None,
+               candidates: int = MAX_CANDIDATES, info: Optional[dict[str, Any]] = None) -> "ConceptData":
+        """Scores, selection, ``mu`` and thresholds per bucket (unobserved buckets copy the nearest)."""
+        if top_n is not None and quantile is not None:
+            raise ConfigError("select features with exactly one of top_n or quantile")
+        if top_n is None and quantile is None:
+            top_n = 3
+        if top_n is not None and not 1 <= top_n <= candidates:
+            raise ConfigError(f"top_n must be between 1 and {candidates}, got {top_n}")
+        if quantile is not None and not 0.0 < quantile < 1.0:
+            raise ConfigError(f"quantile must be in (0, 1), e.g. 0.9999, got {quantile}")
+        observed = (self.tokens[0] > 0) & (self.tokens[1] > 0)
+        if not observed.any():
+            raise ConfigError(f"concept {name!r}: no timestep saw both positive and negative prompts")
+        m = min(candidates, self.n_latents)
+        mean = self.sums / self.tokens.clamp_min(1)[..., None]
+        p_c = mean[0] / (mean[0].sum(-1, keepdim=True) + 1e-8)
+        p_o = mean[1] / (mean[1].sum(-1, keepdim=True) + 1e-8)
+        score = p_c - p_o
+        pooled = self.sums.sum(0) / self.tokens.sum(0).clamp_min(1)[:, None]
+        top_scores, ids = score.topk(m, dim=-1)
+        if quantile is not None:
+            cut = torch.quantile(score.float(), quantile, dim=-1, keepdim=True).double()
+            n_sel = (top_scores > cut).sum(-1)
+        else:
+            n_sel = torch.full((self.n_buckets,), top_n, dtype=torch.long)
+        n_sel = torch.minimum(n_sel, (top_scores > 0).sum(-1))  # a feature must be more active with c
+        # Nearest observed bucket for every bucket.
+        obs_idx = observed.nonzero().squeeze(1)
+        nearest = obs_idx[(torch.arange(self.n_buckets)[:, None] - obs_idx[None]).abs().argmin(1)]
+        return ConceptData(
+            name=name, bucket_width=self.bucket_width, max_timestep=self.max_timestep,
+            feature_ids=ids[nearest], scores=top_scores[nearest].float(),
+            mu=mean[0].gather(1, ids)[nearest].float(), threshold=pooled.gather(1, ids)[nearest].float(),
+            n_selected=n_sel[nearest], observed=observed,
+            info={**(info or {}), "selection": {"top_n": top_n, "quantile": quantile}},
+        )
+
+
+@dataclass
+class ConceptData:
+    """One concept's per-bucket candidate features (sorted by score), of which ``n_selected`` are used."""
+
+    name: str
+    bucket_width: float
+    max_timestep: int
+    feature_ids: Tensor   # [n_buckets, M] int64
+    scores: Tensor        # [n_buckets, M]
+    mu: Tensor            # [n_buckets, M] mean activation on the concept
+    threshold: Tensor     # [n_buckets, M] firing threshold
+    n_selected: Tensor    # [n_buckets] int64
+    observed: Tensor      # [n_buckets] bool: bucket seen while scoring
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_buckets(self) -> int:
+        return self.feature_ids.shape[0]
+
+    def selected_mask(self) -> Tensor:
+        """``[n_buckets, M]`` bool: which candidates are selected."""
+        return torch.arange(self.feature_ids.shape[1])[None] < self.n_selected[:, None]
+
+    def features_at(self, timestep: float) -> list[int]:
+        """Selected feature ids for one timestep value."""
+        b = int(bucket_of(torch.tensor([timestep]), self.bucket_width, self.n_buckets))
+        return self.feature_ids[b, : int(self.n_selected[b])].tolist()
+
+
+# -- the concept library inside an SAE ---------------------------------------------------------
+
+_FIELDS = ("feature_ids", "scores", "mu", "threshold", "n_selected", "observed")
+
+
+def _key(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40] or "concept"
+    return f"{slug}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def check_concept_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("a concept needs a non-empty name")
+    if len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"concept names must be at most {MAX_NAME_LENGTH} printable characters")
+    return name.strip()
+
+
+def add_concept(sae: TopKSAE, data: ConceptData) -> None:
+    """Add or replace ``data.name`` in the SAE's library; other concepts are untouched."""
+    name = check_concept_name(data.name)
+    if int(data.feature_ids.max()) >= sae.n_latents:
+        raise ConfigError(f"concept {name!r} names feature {int(data.feature_ids.max())} but the SAE has {sae.n_latents}")
+    if name in sae.concepts:
+        remove_concept(sae, name)
+    key = _key(name)
+    for f in _FIELDS:
+        value = getattr(data, f)
+        sae.extra_tensors[f"concepts.{key}.{f}"] = value.to(torch.uint8) if f == "observed" else value.contiguous()
+    sae.concepts[name] = {"key": key, "bucket_width": data.bucket_width, "max_timestep": data.max_timestep,
+                          "info": data.info}
+
+
+def remove_concept(sae: TopKSAE, name: str) -> None:
+    """Remove one concept (unknown names raise with the list of known ones)."""
+    entry = _entry(sae, name)
+    for f in _FIELDS:
+        sae.extra_tensors.pop(f"concepts.{entry['key']}.{f}", None)
+    del sae.concepts[name]
+
+
+def _entry(sae: TopKSAE, name: str) -> dict[str, Any]:
+    if name not in sae.concepts:
+        known = ", ".join(repr(n) for n in sorted(sae.concepts)) or "none (learn one with 'saeuron learn-concept')"
+        raise ConfigError(f"unknown concept {name!r}; this SAE knows: {known}")
+    return sae.concepts[name]
+
+
+def get_concept(sae: TopKSAE, name: str) -> ConceptData:
+    """Read one concept back from the SAE's library (validated)."""
+    entry = _entry(sae, name)
+    try:
+        tensors = {f: sae.extra_tensors[f"concepts.{entry['key']}.{f}"] for f in _FIELDS}
+        data = ConceptData(name=name, bucket_width=float(entry["bucket_width"]), max_timestep=int(entry["max_timestep"]),
+                           info=dict(entry.get("info", {})), **{**tensors, "observed": tensors["observed"].bool()})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SAEFormatError(f"concept {name!r}: library entry is incomplete or corrupt ({exc})") from None
+    nb, m = data.feature_ids.shape if data.feature_ids.dim() == 2 else (-1, -1)
+    shapes_ok = (nb > 0 and all(getattr(data, f).shape == (nb, m) for f in ("scores", "mu", "threshold"))
+                 and data.n_selected.shape == (nb,) and data.observed.shape == (nb,))
+    if not shapes_ok or int(data.feature_ids.min()) < 0 or int(data.feature_ids.max()) >= sae.n_latents \
+            or int(data.n_selected.min()) < 0 or int(data.n_selected.max()) > m:
+        raise SAEFormatError(f"concept {name!r}: library tensors have inconsistent shapes or ids")
+    return data
+
+
+def concept_names(sae: TopKSAE) -> list[str]:
+    return sorted(sae.concepts)
+
+
+# -- learning a concept with a diffusers pipeline ---------------------------------------------
+
+def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], negative: Sequence[str], *,
+                  hook_point: Optional[str] = None, steps: int = 50, guidance_scale: float = 7.5,
+                  scheduler: Optional[str] = None, seeds: Sequence[int] = (0,), batch_size: int = 4,
+                  top_n: Optional[int] = None, quantile: Optional[float] = None, bucket_width: float = 20.0,
+                  height: Optional[int] = None, width: Optional[int] = None, progress: bool = True) -> ConceptData:
+    """Generate ``positive`` and ``negative`` prompts, score the SAE's features and add the concept to ``sae``.
+
+    Activations are read from the conditional half only (as SAeUron does).
+    """
+    from .hooks import pipeline_hook
+    from .pipelines import generate, set_scheduler
+
+    name = check_concept_name(name)
+    positive, negative = [p for p in positive if p.strip()], [p for p in negative if p.strip()]
+    if not positive or not negative:
+        raise ConfigError(f"concept {name!r}: needs at least one positive and one negative prompt")
+    if steps < 1 or batch_size < 1 or not seeds:
+        raise ConfigError("learn_concept: steps and batch_size must be >= 1 and at least one seed is needed")
+    hook_point = hook_point or sae.config.hook_point
+    if not hook_point:
+        raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    max_t = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
+    stats = ConceptStats(sae.n_latents, bucket_width=bucket_width, max_timestep=max_t)
+    is_positive = True
+
+    def record(call: Any) -> None:
+        rows = call.tokens[call.is_cond]
+        with torch.no_grad():
+            code = sae.encode(rows)
+        stats.add(is_positive, call.timesteps[call.is_cond], code.values, code.indices)
+
+    work = [(True, p, s) for s in seeds for p in positive] + [(False, p, s) for s in seeds for p in negative]
+    bar = tqdm(total=len(work), desc=f"learn {name}", unit="gen", disable=not progress)
+    with pipeline_hook(pipe, hook_point, record), torch.no_grad():
+        for begin in range(0, len(work), batch_size):
+            chunk = work[begin:begin + batch_size]
+            for pos in (True, False):
+                part = [(p, s) for flag, p, s in chunk if flag == pos]
+                if part:
+                    is_positive = pos
+                    generate(pipe, [p for p, _ in part], [s for _, s in part], steps=steps,
+                             guidance_scale=guidance_scale, height=height, width=width)
+            bar.update(len(chunk))
+    bar.close()
+    info = {"positive": list(positive), "negative": list(negative), "hook_point": hook_point, "steps": steps,
+            "guidance_scale": guidance_scale, "scheduler": type(pipe.scheduler).__name__, "seeds": list(seeds),
+            "tokens": {"positive": float(stats.tokens[0].sum()), "negative": float(stats.tokens[1].sum())}}
+    data = stats.result(name, top_n=top_n, quantile=quantile, info=info)
+    add_concept(sae, data)
+    return data

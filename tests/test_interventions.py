@@ -1,0 +1,245 @@
+import pytest
+import torch
+
+from saeuron_core.errors import ConfigError, HookError
+from saeuron_core.hooks import BlockCall
+from saeuron_core.interventions import ConceptEraser, erase
+from saeuron_core.pipelines import generate
+from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.scoring import get_concept, learn_concept
+
+from conftest import HOOK
+from planted import D, sae_with_concepts
+
+H = W = 8
+
+
+def call_for(tokens, timesteps, is_cond=None, spatial=(H, W)):
+    b = tokens.shape[0]
+    return BlockCall(tokens=tokens, spatial=spatial, timesteps=torch.as_tensor(timesteps, dtype=torch.float32),
+                     is_cond=torch.ones(b, dtype=torch.bool) if is_cond is None else is_cond, call_index=0)
+
+
+def background(b=2, seed=0):
+    """Tokens [b, 64, D] with small values on channels 10..15 only (no concept features fire)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(b, H * W, D)
+    x[..., 10:] = torch.rand(b, H * W, 6, generator=g) * 0.5 + 0.5
+    return x
+
+
+def test_ablation_changes_only_firing_features_where_they_fire():
+    sae = sae_with_concepts()
+    x = background()
+    x[0, :5, 3] = 2.0     # concept fires strongly
+    x[0, 5:8, 3] = 0.05   # below the 0.1 threshold: not firing
+    x[1, 10, 5] = 1.0     # the other concept: not erased here
+    out = ConceptEraser(sae, ["cat"], "ablate", strength=4.0)(call_for(x, [900.0, 900.0]))
+    expected = x.clone()
+    expected[0, :5, 3] = 2.0 * (-4.0 * 0.5)  # a -> gamma * mu * a
+    assert torch.equal(out, expected)
+    untouched = torch.ones(2, H * W, dtype=torch.bool)
+    untouched[0, :5] = False
+    assert torch.equal(out[untouched], x[untouched])  # bit-for-bit, reconstruction error kept
+
+
+def test_two_concepts_compose_and_strengths_are_per_concept():
+    sae = sae_with_concepts()
+    x = background()
+    x[0, 0, 3] = 2.0
+    x[0, 1, 5] = 2.0
+    out = ConceptEraser(sae, {"cat": 1.0, "dog": 3.0}, "ablate")(call_for(x, [100.0, 100.0]))
+    assert out[0, 0, 3] == pytest.approx(-1.0) and out[0, 1, 5] == pytest.approx(-3.0)
+    only_cat = ConceptEraser(sae, ["cat"], "ablate")(call_for(x, [100.0, 100.0]))
+    assert only_cat[0, 1, 5] == 2.0
+
+
+def test_features_follow_the_timestep_value():
+    sae = sae_with_concepts()
+    x = background()
+    x[:, 0, 7] = 2.0
+    x[:, 0, 8] = 2.0
+    out = ConceptEraser(sae, ["early"], "ablate")(call_for(x, [900.0, 100.0]))
+    assert out[0, 0, 7] < 0 and out[0, 0, 8] == 2.0   # noisy timestep: feature 7
+    assert out[1, 0, 7] == 2.0 and out[1, 0, 8] < 0   # clean timestep: feature 8
+
+
+@pytest.mark.parametrize("kwargs", [dict(strength=0.0), dict(concepts=[]), dict(start=0.5, end=0.8)])
+def test_identity_cases_on_a_block_call(kwargs):
+    sae = sae_with_concepts()
+    x = background()
+    x[:, :4, 3] = 2.0
+    concepts = kwargs.pop("concepts", ["cat"])
+    eraser = ConceptEraser(sae, concepts, "ablate", **kwargs)
+    assert eraser(call_for(x, [900.0, 950.0])) is None  # progress 0.1 / 0.05: outside 0.5..0.8
+
+
+def test_cfg_rows_option():
+    sae = sae_with_concepts()
+    x = background(4)
+    x[:, 0, 3] = 2.0
+    is_cond = torch.tensor([False, False, True, True])
+    cond_only = ConceptEraser(sae, ["cat"], cfg="cond")(call_for(x, [500.0] * 4, is_cond))
+    assert cond_only[:2, 0, 3].tolist() == [2.0, 2.0] and (cond_only[2:, 0, 3] < 0).all()
+    uncond_only = ConceptEraser(sae, ["cat"], cfg="uncond")(call_for(x, [500.0] * 4, is_cond))
+    assert (uncond_only[:2, 0, 3] < 0).all() and uncond_only[2:, 0, 3].tolist() == [2.0, 2.0]
+
+
+def channel_stats_error(out, clean):
+    mean_err = (out.mean(1) - clean.mean(1)).norm() / clean.mean(1).norm()
+    std_err = (out.std(1) - clean.std(1)).norm() / clean.std(1).norm()
+    return float(mean_err), float(std_err)
+
+
+def test_replace_detects_the_planted_region_and_keeps_statistics(capsys):
+    sae = sae_with_concepts()
+    clean = background(1)  # the same feature map without the concept
+    x = clean.clone()
+    region = torch.zeros(H, W, dtype=torch.bool)
+    region[2:5, 3:6] = True
+    x[0, region.flatten(), 3] = 1.5
+    eraser = ConceptEraser(sae, ["cat"], "replace", record_masks=True)
+    out = eraser(call_for(x, [500.0]))
+    assert torch.equal(eraser.masks[0].mask[0], region)
+    assert torch.equal(out[0, ~region.flatten()], x[0, ~region.flatten()])  # undetected: bit-for-bit
+    assert (out[0, region.flatten(), 3] == 0).all()  # replaced by tokens without the concept
+    ablated = ConceptEraser(sae, ["cat"], "ablate", strength=100.0)(call_for(x, [500.0]))
+    # Per-channel mean / std over the map, relative L2 error against the concept-free map.
+    rep_err, abl_err = channel_stats_error(out, clean), channel_stats_error(ablated, clean)
+    with capsys.disabled():
+        print(f"\nblock statistics vs concept-free map (mean err, std err): with concept "
+              f"{channel_stats_error(x, clean)}, replace {rep_err}, ablate x100 {abl_err}")
+    assert max(rep_err) < 0.10
+    assert max(abl_err) > 0.10
+    dilated = ConceptEraser(sae, ["cat"], "replace", dilation=1, record_masks=True)
+    dilated(call_for(x, [500.0]))
+    assert int(dilated.masks[0].mask.sum()) == 25  # 3x3 region grown by one patch each way
+
+
+def test_replace_sources():
+    sae = sae_with_concepts()
+    x = background(2)
+    x[1, :3, 3] = 1.5  # concept in the conditional row only
+    is_cond = torch.tensor([False, True])
+    out = ConceptEraser(sae, ["cat"], "replace", source="uncond")(call_for(x, [500.0, 500.0], is_cond))
+    assert torch.equal(out[1, :3], x[0, :3]) and torch.equal(out[1, 3:], x[1, 3:])
+    near = ConceptEraser(sae, ["cat"], "replace", source="nearest")(call_for(x, [500.0, 500.0], is_cond))
+    assert torch.equal(near[1, 0], x[1, 8])  # (0,0) -> nearest undetected patch: (1,0), tie broken by order
+    half = ConceptEraser(sae, ["cat"], "replace", strength=0.5)(call_for(x, [500.0, 500.0], is_cond))
+    assert torch.allclose(half[1, :3, 3], torch.full((3,), 0.75))
+    with pytest.raises(ConfigError, match="needs classifier-free guidance"):
+        ConceptEraser(sae, ["cat"], "replace", source="uncond")(call_for(x, [500.0, 500.0]))
+
+
+def test_fp16_tokens_with_fp32_sae():
+    sae = sae_with_concepts()
+    x = background().half()
+    x[0, :2, 3] = 2.0
+    for method in ("ablate", "replace"):
+        out = ConceptEraser(sae, ["cat"], method)(call_for(x, [500.0, 500.0]))
+        assert out.dtype == torch.float16
+        assert torch.equal(out[0, 2:], x[0, 2:]) and torch.equal(out[1], x[1])
+        assert (out[0, :2, 3] != 2.0).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(strength=-1.0), "between 0 and 100"), (dict(strength=float("nan")), "between 0 and 100"),
+    (dict(strength=1000.0), "between 0 and 100"), (dict(method="replace", strength=2.0), "between 0 and 1"),
+    (dict(start=0.8, end=0.2), "0 <= start <= end <= 1"), (dict(method="melt"), "'ablate' or 'replace'"),
+    (dict(cfg="sometimes"), "'both', 'cond' or 'uncond'"),
+])
+def test_bad_options(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ConceptEraser(sae_with_concepts(), ["cat"], **bad)
+
+
+def test_unknown_concept_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown concept 'horse'; this SAE knows: 'cat', 'dog', 'early'"):
+        ConceptEraser(sae_with_concepts(), ["horse"])
+
+
+# -- on a real (tiny) diffusers pipeline ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def learned(tiny_pipe):
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK))
+    learn_concept(tiny_pipe, sae, "cat", ["a cat", "a small cat"], ["a dog", "a house"], steps=10,
+                  guidance_scale=5.0, scheduler="ddim", progress=False)
+    return sae
+
+
+def latents(pipe, prompts=("a cat",), steps=4, **kw):
+    return generate(pipe, list(prompts), list(range(len(prompts))), steps=steps, guidance_scale=5.0, **kw).images
+
+
+@pytest.mark.parametrize("kwargs", [dict(strength=0.0), dict(concepts=[]), dict(start=0.3, end=0.4)])
+def test_pipeline_identity(tiny_pipe, learned, kwargs):
+    base = latents(tiny_pipe)
+    concepts = kwargs.pop("concepts", ["cat"])
+    with erase(tiny_pipe, learned, concepts, strength=kwargs.pop("strength", 5.0), **kwargs):
+        same = latents(tiny_pipe)
+    torch.testing.assert_close(same, base, rtol=0, atol=1e-6)
+
+
+def test_pipeline_other_sampler_and_step_count_use_the_nearest_learned_timestep(fresh_tiny_pipe, learned):
+    """Learned with 10 DDIM steps; applied with 4 Euler steps the features come from the nearest bucket."""
+    pipe = fresh_tiny_pipe
+    from saeuron_core.pipelines import set_scheduler
+
+    set_scheduler(pipe, "euler")
+    data = get_concept(learned, "cat")
+    learned_t = torch.tensor(sorted({float(t) for t in range(1, 1000, 100)}))  # DDIM-10: 901, 801, ..., 1
+    seen = []
+    base = latents(pipe)
+    with erase(pipe, learned, ["cat"], strength=20.0) as eraser:
+        original = eraser.buckets
+        eraser.buckets = lambda t, n: seen.append(t.clone()) or original(t, n)
+        erased = latents(pipe)
+    assert not torch.allclose(base, erased)
+    assert len(seen) == 4
+    for t in torch.cat(seen).unique():
+        nearest = learned_t[(learned_t // 20 - t // 20).abs().argmin()]
+        assert data.features_at(float(t)) == data.features_at(float(nearest))
+
+
+def test_pipeline_cfg_batch_non_square_and_masks(tiny_pipe, learned):
+    prompts = ("a cat", "a dog")
+    base = latents(tiny_pipe, prompts, height=16, width=24)
+    assert base.shape == (2, 4, 8, 12)
+    with erase(tiny_pipe, learned, ["cat"], "replace", record_masks=True, threshold_scale=0.0) as eraser:
+        replaced = latents(tiny_pipe, prompts, height=16, width=24)
+    assert eraser.masks and all(m.mask.shape == (4, 8, 12) for m in eraser.masks)
+    assert not torch.allclose(base, replaced)
+    with erase(tiny_pipe, learned, ["cat"], "ablate", strength=20.0):
+        ablated = latents(tiny_pipe, prompts, height=16, width=24)
+    assert not torch.allclose(base, ablated)
+
+
+def test_pipeline_fp16_unet_with_fp32_sae(fresh_tiny_pipe, learned):
+    pipe = fresh_tiny_pipe
+    pipe.unet.half()
+    seen = []
+    with erase(pipe, learned, ["cat"], strength=5.0) as eraser:
+        original = eraser._ablate
+        eraser._ablate = lambda x, *a: seen.append(x.dtype) or original(x, *a)
+        sample = torch.randn(2, 4, 8, 8, dtype=torch.float16)
+        ctx = torch.randn(2, 77, 32, dtype=torch.float16)
+        with torch.no_grad():
+            out = pipe.unet(sample, torch.tensor(500), encoder_hidden_states=ctx).sample
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert seen and all(d == torch.float16 for d in seen)
+
+
+def test_pipeline_errors(tiny_pipe, learned):
+    wide = TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, hook_point=HOOK, model_family="sd1"))
+    with pytest.raises(ConfigError, match=r"SAE expects 64 channels but 'up_blocks\.1\.attentions\.1' of this model has 32"):
+        with erase(tiny_pipe, wide, []):
+            pass
+    with pytest.raises(HookError, match="has no child"):
+        with erase(tiny_pipe, learned, ["cat"], hook_point="up_blocks.9"):
+            pass
+    with pytest.raises(ConfigError, match="unknown concept"):
+        with erase(tiny_pipe, learned, ["horse"]):
+            pass
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_pipe.unet.modules())

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from saeuron_core.errors import ConfigError
+from saeuron_core.formats import load_sae, save_sae
+from saeuron_core.scoring import (ConceptStats, add_concept, concept_names, get_concept, learn_concept,
+                                  remove_concept)
+
+from conftest import HOOK
+from planted import concept, planted_sae
+
+
+def codes(rows, tokens, feats_vals):
+    """Top-k codes [rows, tokens, k] where every token has the same (feature, value) pairs."""
+    idx = torch.tensor([f for f, _ in feats_vals]).expand(rows, tokens, -1).clone()
+    val = torch.tensor([v for _, v in feats_vals], dtype=torch.float32).expand(rows, tokens, -1).clone()
+    return val, idx
+
+
+def test_score_formula_mu_threshold_and_selection():
+    stats = ConceptStats(8, bucket_width=100, max_timestep=1000)
+    t = torch.tensor([950.0, 950.0])
+    stats.add(True, t, *codes(2, 4, [(1, 3.0), (2, 1.0)]))      # with the concept
+    stats.add(False, t, *codes(2, 4, [(2, 1.0), (4, 1.0)]))     # without it
+    data = stats.result("c", top_n=2)
+    b = 9
+    # p_c = [0, .75, .25, 0, 0, ...], p_o = [0, 0, .5, 0, .5, ...] -> score 1: .75, 2: -.25, 4: -.5
+    assert data.feature_ids[b, 0] == 1 and data.scores[b, 0] == pytest.approx(0.75, abs=1e-6)
+    assert int(data.n_selected[b]) == 1  # only features more active with the concept are selected
+    assert data.mu[b, 0] == pytest.approx(3.0) and data.threshold[b, 0] == pytest.approx(1.5)
+    assert data.features_at(999.0) == [1]
+    # Buckets never observed take the nearest observed bucket's data.
+    assert data.observed.tolist() == [False] * 9 + [True]
+    assert data.features_at(10.0) == [1]
+
+
+def test_quantile_selection_and_memory_is_flat():
+    stats = ConceptStats(1000, bucket_width=20, max_timestep=1000)
+    size = stats.sums.numel()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # many tokens: the statistics do not grow
+        idx = torch.randint(0, 1000, (4, 64, 8), generator=g)
+        stats.add(True, torch.full((4,), 500.0), torch.rand(4, 64, 8, generator=g) + (idx == 7) * 5.0, idx)
+        idx = torch.randint(0, 1000, (4, 64, 8), generator=g)
+        stats.add(False, torch.full((4,), 500.0), torch.rand(4, 64, 8, generator=g), idx)
+    assert stats.sums.numel() == size
+    data = stats.result("c", quantile=0.999)
+    assert data.features_at(500.0)[0] == 7 and int(data.n_selected[25]) == 1
+    with pytest.raises(ConfigError, match="exactly one"):
+        stats.result("c", top_n=2, quantile=0.9)
+    with pytest.raises(ConfigError, match="quantile must be"):
+        stats.result("c", quantile=1.5)
+
+
+def test_library_add_replace_remove_and_file_round_trip(tmp_path):
+    sae = planted_sae()
+    add_concept(sae, concept("cat", {range(50): [3]}))
+    add_concept(sae, concept("van gogh style", {range(50): [5, 6]}))
+    add_concept(sae, concept("cat", {range(50): [4]}))  # replace keeps the others
+    assert concept_names(sae) == ["cat", "van gogh style"]
+    save_sae(sae, tmp_path / "s.safetensors")
+    loaded = load_sae(tmp_path / "s.safetensors")
+    assert get_concept(loaded, "cat").features_at(500) == [4]
+    assert get_concept(loaded, "van gogh style").features_at(500) == [5, 6]
+    remove_concept(loaded, "cat")
+    assert concept_names(loaded) == ["van gogh style"]
+    assert not [k for k in loaded.extra_tensors if "cat" in k]
+    with pytest.raises(ConfigError, match=r"unknown concept 'cat'; this SAE knows: 'van gogh style'"):
+        get_concept(loaded, "cat")
+    with pytest.raises(ConfigError, match="non-empty name"):
+        add_concept(loaded, concept("  ", {range(50): [1]}))
+
+
+def test_learn_concept_on_a_pipeline(tiny_pipe):
+    torch.manual_seed(0)
+    from saeuron_core.sae import SAEConfig, TopKSAE
+
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK))
+    add_concept(sae, concept("other", {range(50): [1]}, n_buckets=50))
+    data = learn_concept(tiny_pipe, sae, "cat", ["a cat", "a cat on a mat"], ["a dog", "a tree"], steps=5,
+                         guidance_scale=5.0, seeds=[0, 1], progress=False)
+    assert concept_names(sae) == ["cat", "other"]
+    observed = set(data.observed.nonzero().flatten().tolist())
+    assert observed == {int(t) // 20 for t in tiny_pipe.scheduler.timesteps}
+    assert data.info["positive"] == ["a cat", "a cat on a mat"] and data.info["tokens"]["positive"] == 2 * 2 * 5 * 64
+    for b in observed:  # selected features are more active (after normalisation) with the concept
+        n = int(data.n_selected[b])
+        assert n >= 1 and (data.scores[b, :n] > 0).all()
+    with pytest.raises(ConfigError, match="at least one positive and one negative"):
+        learn_concept(tiny_pipe, sae, "x", ["a cat"], [" "], steps=2, progress=False)
