@@ -58,16 +58,19 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
-        if head[:1] == b"\x80" or head[:2] == b"PK":
-            raise SAEFormatError(
-                f"{path}: this is a pickle/zip (torch.save) checkpoint with a .safetensors name; it is "
-                f"never unpickled. Expected a real safetensors file"
-            )
+        # A pickle (protocol 2+) starts with 0x80 <protocol>, a torch.save zip with "PK". Only judged
+        # when the bytes are not a valid safetensors header: 0x80 is also a valid first length byte.
+        looks_pickled = (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:2] == b"PK"
+        pickled = SAEFormatError(
+            f"{path}: this is a pickle/zip (torch.save) checkpoint with a .safetensors name; it is "
+            f"never unpickled. Expected a real safetensors file"
+        )
         if len(head) < 8:
-            raise SAEFormatError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+            raise pickled if looks_pickled else SAEFormatError(
+                f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or n > size - 8:
-            raise SAEFormatError(
+            raise pickled if looks_pickled else SAEFormatError(
                 f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length "
                 f"field (truncated or not a safetensors file)"
             )
@@ -75,6 +78,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if looks_pickled:
+            raise pickled from None
         raise SAEFormatError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise SAEFormatError(f"{path}: safetensors header is not a JSON object; the file is corrupt")

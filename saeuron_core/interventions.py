@@ -17,6 +17,7 @@ first step), on the chosen CFG rows, and look features up by timestep *value*.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
@@ -96,6 +97,7 @@ class ConceptEraser:
         self.concepts: list[ConceptData] = [get_concept(sae, name) for name in self.strengths]
         self.record_masks = record_masks
         self.masks: list[MaskRecord] = []
+        self._sae_copies: dict[torch.device, TopKSAE] = {}
         self._build_tables()
 
     # -- lookup tables: one dense row of n_latents per timestep bucket, for all concepts at once ----
@@ -157,24 +159,35 @@ class ConceptEraser:
             return None
         row_idx = rows.nonzero().squeeze(1)
         x = call.tokens[row_idx.to(call.tokens.device)]
+        sae = self.sae_on(x.device)
         with torch.no_grad():
-            code = self.sae.encode(x)
-            b = self.buckets(call.timesteps[rows], x.shape[0]).to(self.sae.device)
-            scale, thr = self._tables(self.sae.device, self.sae.dtype)
+            code = sae.encode(x)
+            b = self.buckets(call.timesteps[rows], x.shape[0]).to(sae.device)
+            scale, thr = self._tables(sae.device, sae.dtype)
             r, t, k = code.values.shape
             flat_idx = code.indices.reshape(r, t * k)
             fires = code.values > thr[b].gather(1, flat_idx).reshape(r, t, k)
             if self.method == "ablate":
-                new_x = self._ablate(x, code.values, code.indices, fires, scale[b].gather(1, flat_idx).reshape(r, t, k))
+                new_x = self._ablate(sae, x, code.values, code.indices, fires,
+                                     scale[b].gather(1, flat_idx).reshape(r, t, k))
             else:
                 new_x = self._replace(call, row_idx, x, fires.any(-1))
         out = call.tokens.clone()
         out[row_idx.to(out.device)] = new_x
         return out
 
-    def _ablate(self, x: Tensor, values: Tensor, indices: Tensor, fires: Tensor, scale: Tensor) -> Tensor:
+    def sae_on(self, device: torch.device) -> TopKSAE:
+        """The SAE on the activations' device (a cached copy when the model runs elsewhere)."""
+        if self.sae.device == device:
+            return self.sae
+        if device not in self._sae_copies:
+            self._sae_copies[device] = copy.deepcopy(self.sae).to(device)
+        return self._sae_copies[device]
+
+    def _ablate(self, sae: TopKSAE, x: Tensor, values: Tensor, indices: Tensor, fires: Tensor,
+                scale: Tensor) -> Tensor:
         new_values = torch.where(fires, values * scale, values)
-        delta = self.sae.decode(new_values - values, indices, bias=False)
+        delta = sae.decode(new_values - values, indices, bias=False)
         # x + (recon_new - recon) == recon_new + (x - recon): the reconstruction error is kept.
         changed = fires.any(-1, keepdim=True).to(x.device)
         return torch.where(changed, (x.to(delta.dtype) + delta.to(x.device)).to(x.dtype), x)

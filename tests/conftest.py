@@ -21,3 +21,11 @@ def fresh_tiny_pipe():
     from saeuron_core.pipelines import make_tiny_pipeline
 
     return make_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """The real ComfyUI host (imported in-process, CPU) with this pack loaded; see tests/comfy_host.py."""
+    import comfy_host
+
+    return comfy_host.start(tmp_path_factory.mktemp("comfy"))

@@ -223,3 +223,15 @@ def test_missing_path_and_unknown_folder(tmp_path):
         load_sae(tmp_path / "nope.safetensors")
     with pytest.raises(SAEFormatError, match="not an SAE folder"):
         load_sae(tmp_path)
+
+
+def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    sae = random_sae()
+    for pad in range(0, 600, 7):  # vary the metadata so the header length takes many values
+        sae.training_summary = {"note": "x" * pad}
+        path = tmp_path / "s.safetensors"
+        save_sae(sae, path)
+        if path.read_bytes()[:1] == b"\x80":
+            assert load_sae(path).training_summary == {"note": "x" * pad}
+            return
+    pytest.fail("no header length with a 0x80 first byte was produced")

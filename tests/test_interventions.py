@@ -222,7 +222,7 @@ def test_pipeline_fp16_unet_with_fp32_sae(fresh_tiny_pipe, learned):
     seen = []
     with erase(pipe, learned, ["cat"], strength=5.0) as eraser:
         original = eraser._ablate
-        eraser._ablate = lambda x, *a: seen.append(x.dtype) or original(x, *a)
+        eraser._ablate = lambda sae, x, *a: seen.append(x.dtype) or original(sae, x, *a)
         sample = torch.randn(2, 4, 8, 8, dtype=torch.float16)
         ctx = torch.randn(2, 77, 32, dtype=torch.float16)
         with torch.no_grad():

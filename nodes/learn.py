@@ -1,0 +1,81 @@
+"""Learn Concept node: score the SAE's features for a concept by sampling with ComfyUI's own sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saeuron_core.errors import ConfigError
+from saeuron_core.sae import TopKSAE
+from saeuron_core.scoring import ConceptRecorder, ConceptStats, check_concept_name, with_concept
+
+from .common import CATEGORY, block_target, patch_block
+
+
+def _prompts(text: str) -> list[str]:
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def _encode(clip: Any, text: str) -> list:
+    tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+class LearnConcept:
+    DESCRIPTION = ("Finds the SAE features of a concept: samples the positive prompts (with the concept) and the "
+                   "negative prompts (without it), scores every feature per timestep and adds the concept to a copy "
+                   "of the SAE's library. Connect Save SAE to keep it.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAE",)
+    OUTPUT_TOOLTIPS = ("The SAE with the concept added (the input SAE is unchanged).",)
+    FUNCTION = "learn"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        import comfy.samplers
+
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the SAE was trained on."}),
+            "clip": ("CLIP", {"tooltip": "Text encoder used to encode the prompts."}),
+            "sae": ("SAE", {"tooltip": "The SAE to learn the concept for."}),
+            "latent_image": ("LATENT", {"tooltip": "Latent to sample from (e.g. Empty Latent Image); sets the size."}),
+            "concept_name": ("STRING", {"default": "my concept", "tooltip": "Name of the concept in the library."}),
+            "positive_prompts": ("STRING", {"multiline": True, "default": "",
+                                            "tooltip": "Prompts that contain the concept, one per line."}),
+            "negative_prompts": ("STRING", {"multiline": True, "default": "",
+                                            "tooltip": "Similar prompts without the concept, one per line."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of every sample."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps per prompt."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler used while scoring."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule used while scoring."}),
+            "top_n": ("INT", {"default": 3, "min": 1, "max": 64, "tooltip": "Features kept per timestep."}),
+        }}
+
+    def learn(self, model: Any, clip: Any, sae: TopKSAE, latent_image: dict, concept_name: str, positive_prompts: str,
+              negative_prompts: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+              top_n: int) -> tuple[TopKSAE]:
+        import comfy.utils
+        import nodes as comfy_nodes
+
+        target = block_target(model, sae)
+        name = check_concept_name(concept_name)
+        positive, negative = _prompts(positive_prompts), _prompts(negative_prompts)
+        if not positive or not negative:
+            raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
+        sampling = model.model.model_sampling
+        max_t = int(getattr(sampling, "sigmas", [0] * 1000).shape[0]) if hasattr(sampling, "sigmas") else 1000
+        stats = ConceptStats(sae.n_latents, max_timestep=max_t)
+        recorder = ConceptRecorder(sae, stats)
+        patched = patch_block(model, sae, recorder, target)
+        uncond = _encode(clip, "")
+        bar = comfy.utils.ProgressBar(len(positive) + len(negative))
+        for flag, prompts in ((True, positive), (False, negative)):
+            recorder.positive = flag
+            for prompt in prompts:
+                comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, _encode(clip, prompt),
+                                            uncond, latent_image, denoise=1.0)
+                bar.update(1)
+        info = {"positive": positive, "negative": negative, "hook_point": sae.config.hook_point, "steps": steps,
+                "guidance_scale": cfg, "scheduler": f"comfyui {sampler_name}/{scheduler}", "seeds": [seed]}
+        return (with_concept(sae, stats.result(name, top_n=top_n, info=info)),)

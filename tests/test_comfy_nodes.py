@@ -1,0 +1,186 @@
+"""The node pack inside the real ComfyUI host (in-process, CPU): patching, sampling, equivalence."""
+
+import json
+
+import pytest
+import torch
+
+from saeuron_core.errors import ConfigError
+from saeuron_core.formats import load_sae, save_sae
+from saeuron_core.hooks import BlockHook
+from saeuron_core.interventions import ConceptEraser
+from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.scoring import concept_names, learn_concept
+
+from conftest import HOOK
+
+
+@pytest.fixture(scope="module")
+def host(comfy, tiny_pipe, tmp_path_factory):
+    import comfy_host
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK, model_family="sd1"))
+    learn_concept(tiny_pipe, sae, "cat", ["a cat", "a small cat"], ["a dog", "a house"], steps=10,
+                  guidance_scale=5.0, progress=False)
+    learn_concept(tiny_pipe, sae, "dog", ["a dog", "a big dog"], ["a cat", "a house"], steps=10,
+                  guidance_scale=5.0, progress=False)
+    models = comfy_host._STATE["models"]
+    save_sae(sae, models / "sae" / "tiny.safetensors")
+    clip = comfy_host.tiny_clip(tiny_pipe, tmp_path_factory.mktemp("clip"))
+    return {"pack": comfy, "model": comfy_host.tiny_model(tiny_pipe.unet), "clip": clip, "sae": sae,
+            "models": models, "pipe": tiny_pipe}
+
+
+def node(host, name):
+    return host["pack"].NODE_CLASS_MAPPINGS[name]()
+
+
+def sample(host, model, prompt="a cat", seed=0, steps=4):
+    import nodes as comfy_nodes
+
+    clip = host["clip"]
+    pos = [[clip.encode_from_tokens(clip.tokenize(prompt)), {}]]
+    neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode():
+        return comfy_nodes.common_ksampler(model, seed, steps, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+
+def test_nodes_have_tooltips_descriptions_and_category(host):
+    for cls in host["pack"].NODE_CLASS_MAPPINGS.values():
+        assert cls.CATEGORY == "SAeUron" and cls.DESCRIPTION
+        for spec in cls.INPUT_TYPES()["required"].values():
+            assert spec[1].get("tooltip"), cls
+
+
+def test_load_sae_lists_native_files_and_imported_folders(host):
+    folder = host["models"] / "sae" / "unet.up_blocks.1.attentions.1"
+    folder.mkdir(exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in host["sae"].tensors().items()}, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": 32, "num_latents": 128, "k": 8}))
+    choices = node(host, "SAeUronLoadSAE").INPUT_TYPES()["required"]["sae_name"][0]
+    assert {"tiny.safetensors", "unet.up_blocks.1.attentions.1"} <= set(choices)
+    loaded = node(host, "SAeUronLoadSAE").load("tiny.safetensors")[0]
+    assert concept_names(loaded) == ["cat", "dog"]
+    assert node(host, "SAeUronLoadSAE").load("unet.up_blocks.1.attentions.1")[0].source_format == "sparsify"
+    with pytest.raises(ConfigError, match="outside the sae model folder"):
+        node(host, "SAeUronLoadSAE").load("../../etc/passwd")
+
+
+def test_eraser_patches_a_clone_and_never_the_input(host):
+    model = host["model"]
+    before = sample(host, model)
+    options_before = json.dumps(str(model.model_options)), dict(model.object_patches)
+    erased_model = node(host, "SAeUronConceptEraser").erase(model, host["sae"], "cat", "ablate", 20.0, 0.0, 1.0,
+                                                            "both")[0]
+    erased = sample(host, erased_model)
+    after = sample(host, model)
+    assert not torch.allclose(before, erased)
+    assert torch.equal(before, after)
+    assert (json.dumps(str(model.model_options)), dict(model.object_patches)) == options_before
+    zero = node(host, "SAeUronConceptEraser").erase(model, host["sae"], "cat", "ablate", 0.0, 0.0, 1.0, "both")[0]
+    assert torch.equal(sample(host, zero), before)
+
+
+def test_erasers_chain(host):
+    model = host["model"]
+    eraser = node(host, "SAeUronConceptEraser")
+    cat = eraser.erase(model, host["sae"], "cat", "ablate", 20.0, 0.0, 1.0, "both")[0]
+    both_chained = eraser.erase(cat, host["sae"], "dog", "ablate", 20.0, 0.0, 1.0, "both")[0]
+    both_at_once = eraser.erase(model, host["sae"], "cat, dog", "ablate", 20.0, 0.0, 1.0, "both")[0]
+    chained, at_once, only_cat = (sample(host, m, "a cat and a dog") for m in (both_chained, both_at_once, cat))
+    assert not torch.allclose(chained, only_cat)
+    assert len(both_chained.model_options["transformer_options"]["patches"]["output_block_patch"]) == 2
+    assert torch.isfinite(at_once).all() and torch.isfinite(chained).all()
+
+
+def raw_outputs(host, hook_point, sae, method="ablate"):
+    """One UNet call on the same inputs through diffusers hooks and through the ComfyUI patch."""
+    import comfy.utils
+
+    model, unet = host["model"], host["pipe"].unet
+    strength = 10.0 if method == "ablate" else 1.0
+    torch.manual_seed(3)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    sigma = model.model.model_sampling.sigma(torch.tensor([620.0]))
+    t = model.model.model_sampling.timestep(sigma).float()
+    with torch.no_grad(), BlockHook(unet, hook_point, ConceptEraser(sae, ["cat"], method, strength=strength),
+                                    cfg_layout="uncond_cond"):
+        diffusers_out = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
+    patched = node(host, "SAeUronConceptEraser").erase(model, sae, "cat", method, strength, 0.0, 1.0, "both")[0]
+    options = {"patches": patched.model_options["transformer_options"].get("patches", {}),
+               "cond_or_uncond": [1, 0], "sigmas": sigma}
+    patched.patch_model()
+    try:
+        with torch.no_grad():
+            comfy_out = patched.model.diffusion_model(x, timesteps=t.expand(2), context=ctx,
+                                                      transformer_options=options)
+    finally:
+        patched.unpatch_model()
+    with torch.no_grad():
+        plain = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
+    assert isinstance(comfy.utils.get_attr(model.model, "diffusion_model.output_blocks.5.1"),
+                      __import__("comfy.ldm.modules.attention", fromlist=["x"]).SpatialTransformer)
+    return diffusers_out, comfy_out, plain
+
+
+@pytest.mark.parametrize("method", ["ablate", "replace"])
+def test_comfyui_and_diffusers_paths_agree(host, method):
+    diffusers_out, comfy_out, plain = raw_outputs(host, HOOK, host["sae"], method)
+    assert not torch.allclose(diffusers_out, plain, atol=1e-4)
+    torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+
+
+def test_block_before_an_upsampler_or_last_uses_an_object_patch(host):
+    """up_blocks.1.attentions.2 is the UNet's last block here: it needs the wrapped SpatialTransformer."""
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="up_blocks.1.attentions.2"))
+    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    patched = node(host, "SAeUronConceptEraser").erase(host["model"], sae, "cat", "ablate", 10.0, 0.0, 1.0, "both")[0]
+    assert list(patched.object_patches) == ["diffusion_model.output_blocks.5.1"]
+    diffusers_out, comfy_out, plain = raw_outputs(host, "up_blocks.1.attentions.2", sae)
+    assert not torch.allclose(diffusers_out, plain, atol=1e-4)
+    torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+    # While patched, the wrapped weights keep their key names (ComfyUI's LoRA patching relies on them).
+    patched.patch_model()
+    try:
+        keys = set(patched.model.state_dict())
+    finally:
+        patched.unpatch_model()
+    assert keys == set(host["model"].model.state_dict())
+
+
+def test_eraser_errors(host):
+    eraser = node(host, "SAeUronConceptEraser")
+    with pytest.raises(ConfigError, match=r"unknown concept 'horse'; this SAE knows: 'cat', 'dog'"):
+        eraser.erase(host["model"], host["sae"], "horse", "ablate", 1.0, 0.0, 1.0, "both")
+    with pytest.raises(ConfigError, match="no concept chosen; this SAE knows: cat, dog"):
+        eraser.erase(host["model"], host["sae"], " , ", "ablate", 1.0, 0.0, 1.0, "both")
+    wide = TopKSAE(SAEConfig(d_in=1280, n_latents=64, k=4, hook_point=HOOK))
+    with pytest.raises(ConfigError, match="expects 1280 channels but 'up_blocks.1.attentions.1' of this model has 32"):
+        eraser.erase(host["model"], wide, "cat", "ablate", 1.0, 0.0, 1.0, "both")
+    elsewhere = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, hook_point="up_blocks.3.attentions.1"))
+    elsewhere.concepts, elsewhere.extra_tensors = {}, {}
+    with pytest.raises(ConfigError, match="no attention block 'up_blocks.3.attentions.1'; it has"):
+        eraser.erase(host["model"], elsewhere, "cat", "ablate", 1.0, 0.0, 1.0, "both")
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        eraser.erase(host["model"], host["sae"], "cat", "replace", 2.0, 0.0, 1.0, "both")
+
+
+def test_learn_concept_and_save_sae(host):
+    learned = node(host, "SAeUronLearnConcept").learn(
+        host["model"], host["clip"], host["sae"], {"samples": torch.zeros(1, 4, 8, 8)}, "tree",
+        "a tree\na tall tree", "a house\na car", 0, 3, 5.0, "euler", "normal", 2)[0]
+    assert concept_names(learned) == ["cat", "dog", "tree"]
+    assert concept_names(host["sae"]) == ["cat", "dog"]  # the input SAE is not changed
+    save = node(host, "SAeUronSaveSAE")
+    save.save(learned, "learned.safetensors", False)
+    assert concept_names(load_sae(host["models"] / "sae" / "learned.safetensors")) == ["cat", "dog", "tree"]
+    with pytest.raises(ConfigError, match="already exists"):
+        save.save(learned, "learned", False)
+    save.save(host["sae"], "learned", True)
+    assert concept_names(load_sae(host["models"] / "sae" / "learned.safetensors")) == ["cat", "dog"]
+    with pytest.raises(ConfigError, match="inside the sae model folder"):
+        save.save(learned, "../escape.safetensors", False)
