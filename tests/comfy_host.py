@@ -130,3 +130,105 @@ def tiny_clip(pipe, folder: Path):
     missing = [k for k in result.missing_keys if "text_projection" not in k and "logit_scale" not in k]
     assert not missing and not result.unexpected_keys, (missing[:4], result.unexpected_keys[:4])
     return clip
+
+
+class ComfyServer:
+    """``main.py --cpu`` of a fresh ComfyUI copy on a free loopback port, with this pack as a custom node.
+
+    The pack comes in through ``--extra-model-paths-config`` (a ``custom_nodes:`` entry) and model
+    folders (``sae``, ``checkpoints``) point into ``root/models``. Stopped by its PID.
+    """
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        self.root = root
+        self.host_dir = copy_host(root / "ComfyUI")
+        self.models = root / "models"
+        (self.models / "sae").mkdir(parents=True, exist_ok=True)
+        nodes_dir = root / "custom_nodes"
+        nodes_dir.mkdir()
+        (nodes_dir / "comfyui-saeuron").symlink_to(ROOT, target_is_directory=True)
+        self.config = root / "extra_model_paths.yaml"
+        self.config.write_text(
+            "saeuron_tests:\n"
+            f"  base_path: {self.models}\n"
+            "  sae: sae\n"
+            "  checkpoints: checkpoints\n"
+            f"  custom_nodes: {nodes_dir}\n")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def __enter__(self) -> "ComfyServer":
+        import os
+        import subprocess
+        import time
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.log = open(self.root / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--extra-model-paths-config", str(self.config), "--output-directory", str(self.root / "output"),
+             "--input-directory", str(self.root / "input"), "--temp-directory", str(self.root)],
+            cwd=self.host_dir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early:\n{(self.root / 'server.log').read_text()[-3000:]}")
+            try:
+                self.get("/object_info/SAeUronLoadSAE")
+                return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("ComfyUI did not start within 180 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+        self.log.close()
+
+    def get(self, path: str):
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        """POST an API-format graph to /prompt and wait for its /history entry."""
+        import time
+
+        status, reply = self.post("/prompt", {"prompt": prompt})
+        if status != 200:
+            raise AssertionError(f"/prompt refused the graph: {reply}")
+        pid = reply["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{pid}")
+            if pid in history and history[pid].get("status", {}).get("completed") is not None:
+                return history[pid]
+            if pid in history and history[pid].get("outputs") is not None and "status" not in history[pid]:
+                return history[pid]
+            time.sleep(0.3)
+        raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
