@@ -112,10 +112,9 @@ class ConceptEraser:
                                   "the same bucket width")
             self.bucket_width, self.max_timestep, self.n_buckets = grids.pop()
         nb = self.n_buckets
-        self.scale = torch.ones(nb, n)
-        self.thr = torch.full((nb, n), math.inf)
-        self.owner = torch.full((nb, n), -1, dtype=torch.int16)
-        for ci, c in enumerate(self.concepts):
+        scale = torch.ones(nb, n)
+        thr = torch.full((nb, n), math.inf)
+        for c in self.concepts:
             gamma = -self.strengths[c.name]
             if gamma == 0.0:
                 continue  # strength 0: the concept changes nothing
@@ -123,15 +122,28 @@ class ConceptEraser:
             b_idx = torch.arange(nb)[:, None].expand_as(c.feature_ids)[sel]
             f_idx = c.feature_ids[sel]
             # A feature shared by several concepts takes the strongest push and the lowest threshold.
-            self.scale[b_idx, f_idx] = torch.minimum(self.scale[b_idx, f_idx], gamma * c.mu[sel])
-            self.thr[b_idx, f_idx] = torch.minimum(self.thr[b_idx, f_idx], c.threshold[sel] * self.threshold_scale)
-            self.owner[b_idx, f_idx] = ci
-        self._device_tables: dict[Any, tuple[Tensor, Tensor]] = {}
+            scale[b_idx, f_idx] = torch.minimum(scale[b_idx, f_idx], gamma * c.mu[sel])
+            thr[b_idx, f_idx] = torch.minimum(thr[b_idx, f_idx], c.threshold[sel] * self.threshold_scale)
+        # Compact per-bucket slots: the union of the selected features, their push and threshold.
+        chosen = thr < math.inf
+        width = max(int(chosen.sum(1).max()) if nb else 0, 1)
+        self.sel_ids = torch.zeros(nb, width, dtype=torch.long)
+        self.sel_valid = torch.zeros(nb, width, dtype=torch.bool)
+        self.sel_scale = torch.ones(nb, width)
+        self.sel_thr = torch.full((nb, width), math.inf)
+        for b in range(nb):
+            ids = chosen[b].nonzero().squeeze(1)
+            self.sel_ids[b, : len(ids)] = ids
+            self.sel_valid[b, : len(ids)] = True
+            self.sel_scale[b, : len(ids)] = scale[b, ids]
+            self.sel_thr[b, : len(ids)] = thr[b, ids]
+        self._device_tables: dict[Any, tuple[Tensor, ...]] = {}
 
-    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
         key = (device, dtype)
         if key not in self._device_tables:
-            self._device_tables[key] = (self.scale.to(device, dtype), self.thr.to(device, dtype))
+            self._device_tables[key] = (self.sel_ids.to(device), self.sel_valid.to(device),
+                                        self.sel_scale.to(device, dtype), self.sel_thr.to(device, dtype))
         return self._device_tables[key]
 
     # -- which rows of this call are edited ---------------------------------------------------------
@@ -161,20 +173,41 @@ class ConceptEraser:
         x = call.tokens[row_idx.to(call.tokens.device)]
         sae = self.sae_on(x.device)
         with torch.no_grad():
-            code = sae.encode(x)
-            b = self.buckets(call.timesteps[rows], x.shape[0]).to(sae.device)
-            scale, thr = self._tables(sae.device, sae.dtype)
-            r, t, k = code.values.shape
-            flat_idx = code.indices.reshape(r, t * k)
-            fires = code.values > thr[b].gather(1, flat_idx).reshape(r, t, k)
-            if self.method == "ablate":
-                new_x = self._ablate(sae, x, code.values, code.indices, fires,
-                                     scale[b].gather(1, flat_idx).reshape(r, t, k))
+            mask, tok, fires, values, ids = self._detect(sae, x, self.buckets(call.timesteps[rows], x.shape[0]))
+            if self.method == "replace":
+                new_x = self._replace(call, row_idx, x, mask)
+            elif tok is None:
+                return None
             else:
-                new_x = self._replace(call, row_idx, x, fires.any(-1))
+                new_x = self._ablate(sae, x, tok, fires, values, ids)
         out = call.tokens.clone()
         out[row_idx.to(out.device)] = new_x
         return out
+
+    def _detect(self, sae: TopKSAE, x: Tensor, buckets: Tensor) -> tuple[Tensor, Any, Any, Any, Any]:
+        """Where the selected features fire: ``(mask [r, t], token ids, fires [m, S], values, feature ids)``.
+
+        Only the selected features' pre-activations are computed for every token; the full
+        encode (needed to know whether a feature is in the token's top-k) runs only for tokens
+        where one of them exceeds its threshold, so prompts without the concept cost little.
+        """
+        ids_t, valid_t, scale_t, thr_t = self._tables(sae.device, sae.dtype)
+        b = buckets.to(sae.device)
+        ids, valid, thr = ids_t[b], valid_t[b], thr_t[b]                           # [r, S]
+        xs = x.to(device=sae.device, dtype=sae.dtype)
+        w = sae.encoder.weight[ids]                                                  # [r, S, C]
+        pre = torch.baddbmm(sae.encoder.bias[ids][:, None, :], xs - sae.b_dec, w.transpose(1, 2))
+        candidate = ((pre > thr[:, None, :]) & valid[:, None, :]).any(-1)           # [r, t]
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        if not candidate.any():
+            return mask, None, None, None, None
+        ri, ti = candidate.nonzero(as_tuple=True)
+        full = sae.pre_acts(xs[ri, ti])                                              # [m, n_latents]
+        kth = full.topk(sae.k, dim=-1, sorted=False).values.min(-1, keepdim=True).values
+        values = full.gather(1, ids[ri])                                             # [m, S]
+        fires = valid[ri] & (values > thr[ri]) & (values > 0) & (values >= kth)
+        mask[ri.to(x.device), ti.to(x.device)] = fires.any(-1).to(x.device)
+        return mask, (ri, ti), fires, values * torch.where(fires, scale_t[b][ri] - 1, 0), ids[ri]
 
     def sae_on(self, device: torch.device) -> TopKSAE:
         """The SAE on the activations' device (a cached copy when the model runs elsewhere)."""
@@ -184,13 +217,20 @@ class ConceptEraser:
             self._sae_copies[device] = copy.deepcopy(self.sae).to(device)
         return self._sae_copies[device]
 
-    def _ablate(self, sae: TopKSAE, x: Tensor, values: Tensor, indices: Tensor, fires: Tensor,
-                scale: Tensor) -> Tensor:
-        new_values = torch.where(fires, values * scale, values)
-        delta = sae.decode(new_values - values, indices, bias=False)
-        # x + (recon_new - recon) == recon_new + (x - recon): the reconstruction error is kept.
-        changed = fires.any(-1, keepdim=True).to(x.device)
-        return torch.where(changed, (x.to(delta.dtype) + delta.to(x.device)).to(x.dtype), x)
+    def _ablate(self, sae: TopKSAE, x: Tensor, tok: tuple[Tensor, Tensor], fires: Tensor, change: Tensor,
+                ids: Tensor) -> Tensor:
+        """``x + sum_f (gamma * mu * a_f - a_f) W_dec[f]`` over firing features ``f``.
+
+        That is ``recon_new + (x - recon)``: the reconstruction error is kept and tokens with no
+        firing feature stay bit-for-bit equal.
+        """
+        ri, ti = tok
+        delta = torch.einsum("ms,msc->mc", change, sae.W_dec[ids])
+        changed = fires.any(-1)
+        ri, ti, delta = ri[changed].to(x.device), ti[changed].to(x.device), delta[changed]
+        out = x.clone()
+        out[ri, ti] = (x[ri, ti].to(delta.dtype) + delta.to(x.device)).to(x.dtype)
+        return out
 
     def _replace(self, call: BlockCall, row_idx: Tensor, x: Tensor, mask: Tensor) -> Tensor:
         mask = mask.to(x.device)
