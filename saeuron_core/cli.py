@@ -1,4 +1,5 @@
-"""``saeuron`` command line: collect, train, info, convert, make-tiny-pipeline.
+"""``saeuron`` command line: collect, train, info, convert, make-tiny-pipeline, learn-concept,
+remove-concept, erase, inspect.
 
 The CLI only translates arguments; the work happens in the library. A user error exits with
 status 2 and one line ``error: ...``.
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import SaeuronError
+from .errors import ConfigError, SaeuronError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +93,76 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-tiny-pipeline", help="write a random tiny SD-layout diffusers pipeline (for tries and tests)")
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
+
+    lc = sub.add_parser("learn-concept", help="score the SAE's features for a concept and store it in the SAE file")
+    lc.add_argument("sae", help="SAE file or sparsify/SAELens folder")
+    lc.add_argument("--concept", required=True, help="name of the concept (replaces a concept of the same name)")
+    lc.add_argument("--positive", required=True, help="prompts with the concept: text file (one per line) or JSON list")
+    lc.add_argument("--negative", required=True, help="prompts without the concept: text file or JSON list")
+    _model_args(lc)
+    lc.add_argument("--out", default=None, help="output .safetensors SAE file (default: update SAE in place; "
+                                                "required for sparsify/SAELens folders)")
+    lc.add_argument("--steps", type=int, default=50)
+    lc.add_argument("--guidance", type=float, default=7.5)
+    lc.add_argument("--scheduler", default="ddim")
+    lc.add_argument("--seeds", type=_seeds, default=[0], help="'0,1,2' or '0-9'")
+    lc.add_argument("--batch-size", type=int, default=4)
+    sel = lc.add_mutually_exclusive_group()
+    sel.add_argument("--top-n", type=int, default=None, help="features selected per timestep (default 3)")
+    sel.add_argument("--quantile", type=float, default=None, help="select features scoring above this quantile, e.g. 0.9999")
+    lc.add_argument("--bucket-width", type=float, default=20.0, help="timesteps per bucket")
+    lc.add_argument("--height", type=int, default=None)
+    lc.add_argument("--width", type=int, default=None)
+    lc.add_argument("--hook-point", default=None, help="default: the SAE's own hook point")
+
+    rc = sub.add_parser("remove-concept", help="remove a concept from an SAE file")
+    rc.add_argument("sae")
+    rc.add_argument("--concept", required=True)
+    rc.add_argument("--out", default=None, help="output .safetensors SAE file (default: update SAE in place)")
+
+    e = sub.add_parser("erase", help="generate prompts without and with concepts erased; write a before/after grid")
+    _model_args(e)
+    e.add_argument("--sae", required=True, help="SAE file or folder with the concepts")
+    e.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable)")
+    e.add_argument("--method", choices=["ablate", "replace"], default="ablate")
+    e.add_argument("--strength", type=float, default=1.0,
+                   help="ablate: gamma = -strength (0..100); replace: share of replacement (0..1)")
+    e.add_argument("--start", type=float, default=0.0, help="start of the window (fraction of denoising, 0 = first step)")
+    e.add_argument("--end", type=float, default=1.0, help="end of the window (fraction of denoising)")
+    e.add_argument("--cfg", choices=["both", "cond", "uncond"], default="both", help="CFG halves to edit")
+    e.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
+    _generation_args(e)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--hook-point", default=None, help="default: the SAE's own hook point")
+    e.add_argument("--out", required=True, help="output .png grid (row per prompt: before | after)")
+
+    n = sub.add_parser("inspect", help="show which SAE features fire and where a concept is while generating a prompt")
+    _model_args(n)
+    n.add_argument("--sae", required=True)
+    n.add_argument("--prompt", required=True)
+    n.add_argument("--concept", action="append", default=[], help="concept to map (repeatable; the overlay shows the first)")
+    _generation_args(n)
+    n.add_argument("--top", type=int, default=10, help="features listed per step")
+    n.add_argument("--hook-point", default=None, help="default: the SAE's own hook point")
+    n.add_argument("--out", required=True, help="output .png: the image with the first concept's heat map")
     return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder, single-file .safetensors "
+                                                  "checkpoint (with --config), or 'tiny[:SEED]' (random test pipeline)")
+    p.add_argument("--config", default=None, help="for a single-file checkpoint: a local diffusers pipeline folder "
+                                                  "of the same model family giving the component configs")
+    p.add_argument("--device", default="cpu")
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None, help="default: the pipeline's own")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
 
 
 def _cmd_collect(a: argparse.Namespace) -> int:
@@ -141,6 +211,23 @@ def _cmd_info(a: argparse.Namespace) -> int:
     from .formats import describe
 
     info = describe(a.path)
+    details: dict[str, str] = {}
+    if info["concepts"]:
+        from .formats import load_sae
+        from .inspection import describe_concept, format_concept
+        from .scoring import get_concept
+
+        sae = load_sae(a.path)
+        info["concept_details"] = {}
+        for name in info["concepts"]:
+            try:
+                data = get_concept(sae, name)
+            except SaeuronError as exc:  # one broken entry should not hide the rest of the file
+                info["concept_details"][name] = {"error": str(exc)}
+                details[name] = f"{name}: unreadable ({exc})"
+                continue
+            info["concept_details"][name] = describe_concept(data)
+            details[name] = format_concept(name, data)
     if a.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -148,6 +235,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
           f"  n_latents:   {info['n_latents']}\n  k:           {info['k']}\n  dtype:       {info['dtype']}\n"
           f"  hook point:  {info['hook_point'] or '(unknown)'}\n  model:       {info['model_family'] or '(unknown)'}\n"
           f"  concepts:    {', '.join(info['concepts']) or '(none)'}")
+    for name in info["concepts"]:
+        print(f"    {details[name]}")
     final = info["training"].get("final") if isinstance(info["training"], dict) else None
     if final:
         print(f"  training:    {info['training'].get('steps')} steps, FVU {final.get('fvu', float('nan')):.4f}, "
@@ -172,8 +261,118 @@ def _cmd_make_tiny(a: argparse.Namespace) -> int:
     return 0
 
 
+def _concept_output(sae_path: str, out: Optional[str]) -> Path:
+    """Where learn-/remove-concept write: ``out``, or the SAE itself when it is a native file."""
+    from .formats import detect_format
+
+    fmt, resolved = detect_format(sae_path)
+    if out is None:
+        if fmt != "native":
+            raise ConfigError(f"{sae_path} is a {fmt} folder, which is never modified; pass --out NEW.safetensors to "
+                              f"write a native SAE file with the concept library")
+        return resolved
+    if not out.endswith(".safetensors"):
+        raise ConfigError(f"--out {out}: expected a path ending in .safetensors")
+    return Path(out)
+
+
+def _png_out(out: str) -> Path:
+    if not out.lower().endswith(".png"):
+        raise ConfigError(f"--out {out}: expected a path ending in .png")
+    return Path(out)
+
+
+def _cmd_learn_concept(a: argparse.Namespace) -> int:
+    from .collection import read_prompts
+    from .formats import load_sae, save_sae
+    from .inspection import format_concept
+    from .hooks import check_sae_fits
+    from .pipelines import load_pipeline
+    from .scoring import MAX_CANDIDATES, check_concept_name, learn_concept
+
+    name = check_concept_name(a.concept)
+    out = _concept_output(a.sae, a.out)
+    # learn_concept checks these only after generating; fail before the (long) generation instead.
+    if a.top_n is not None and not 1 <= a.top_n <= MAX_CANDIDATES:
+        raise ConfigError(f"--top-n must be between 1 and {MAX_CANDIDATES}, got {a.top_n}")
+    if a.quantile is not None and not 0.0 < a.quantile < 1.0:
+        raise ConfigError(f"--quantile must be in (0, 1), e.g. 0.9999, got {a.quantile}")
+    positive, negative = read_prompts(a.positive), read_prompts(a.negative)
+    sae = load_sae(a.sae, device=a.device)
+    pipe = load_pipeline(a.model, device=a.device, config=a.config)
+    hook_point = a.hook_point or sae.config.hook_point
+    if hook_point:
+        check_sae_fits(pipe.unet, hook_point, sae)
+    data = learn_concept(pipe, sae, name, positive, negative, hook_point=hook_point, steps=a.steps,
+                         guidance_scale=a.guidance, scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size,
+                         top_n=a.top_n, quantile=a.quantile,
+                         bucket_width=a.bucket_width, height=a.height, width=a.width, progress=sys.stderr.isatty())
+    save_sae(sae, out)
+    counts = data.n_selected[data.observed]
+    per_t = f"{int(counts.min())}" if int(counts.min()) == int(counts.max()) else f"{int(counts.min())}-{int(counts.max())}"
+    distinct = int(data.feature_ids[data.selected_mask()].unique().numel())
+    print(f"learned concept {name!r}: {per_t} selected features per timestep ({distinct} distinct) -> {out}")
+    print(f"  {format_concept(name, data)}")
+    return 0
+
+
+def _cmd_remove_concept(a: argparse.Namespace) -> int:
+    from .formats import load_sae, save_sae
+    from .scoring import concept_names, remove_concept
+
+    out = _concept_output(a.sae, a.out)
+    sae = load_sae(a.sae)
+    remove_concept(sae, a.concept)
+    save_sae(sae, out)
+    print(f"removed concept {a.concept!r}; remaining: {', '.join(concept_names(sae)) or '(none)'} -> {out}")
+    return 0
+
+
+def _cmd_erase(a: argparse.Namespace) -> int:
+    from .formats import load_sae
+    from .inspection import compare_erasure, erasure_grid, save_png
+    from .interventions import ConceptEraser
+    from .pipelines import load_pipeline
+
+    out = _png_out(a.out)
+    sae = load_sae(a.sae, device=a.device)
+    options = {"start": a.start, "end": a.end, "cfg": a.cfg}
+    ConceptEraser(sae, a.concept, a.method, strength=a.strength, **options)  # bad options fail before the model loads
+    pipe = load_pipeline(a.model, device=a.device, config=a.config)
+    pairs = compare_erasure(pipe, sae, a.concept, a.prompt, method=a.method, strength=a.strength, seed=a.seed,
+                            steps=a.steps, guidance_scale=a.guidance, scheduler=a.scheduler, height=a.height,
+                            width=a.width, batch_size=a.batch_size, hook_point=a.hook_point, **options)
+    grid = erasure_grid(pairs, a.prompt)
+    save_png(grid, out)
+    print(f"wrote {len(pairs)} before/after pairs ({grid.width}x{grid.height} px, erased: {', '.join(a.concept)}, "
+          f"{a.method} strength {a.strength:g}) -> {out}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from .formats import load_sae
+    from .inspection import inspect
+    from .pipelines import load_pipeline
+    from .scoring import get_concept
+
+    out = _png_out(a.out)
+    sae = load_sae(a.sae, device=a.device)
+    for name in a.concept:
+        get_concept(sae, name)  # unknown names fail before the model loads
+    pipe = load_pipeline(a.model, device=a.device, config=a.config)
+    result = inspect(pipe, sae, a.prompt, concepts=a.concept, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
+                     scheduler=a.scheduler, hook_point=a.hook_point, top=a.top, height=a.height, width=a.width)
+    concept = a.concept[0] if a.concept else None
+    result.save_overlay(out, concept)
+    print(result.summary())
+    what = f"heat map of {concept!r}" if concept else "image (no concept given)"
+    print(f"wrote {what} -> {out}")
+    return 0
+
+
 COMMANDS = {"collect": _cmd_collect, "train": _cmd_train, "info": _cmd_info, "convert": _cmd_convert,
-            "make-tiny-pipeline": _cmd_make_tiny}
+            "make-tiny-pipeline": _cmd_make_tiny, "learn-concept": _cmd_learn_concept,
+            "remove-concept": _cmd_remove_concept, "erase": _cmd_erase, "inspect": _cmd_inspect}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

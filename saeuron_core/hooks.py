@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .errors import HookError
+from .errors import ConfigError, HookError
 
 CfgLayout = Literal["none", "uncond_cond", "cond_uncond"]
 
@@ -111,6 +111,29 @@ def cfg_rows(batch: int, layout: CfgLayout) -> Tensor:
     half = torch.zeros(batch // 2, dtype=torch.bool)
     first, second = (half, ~half) if layout == "uncond_cond" else (~half, half)
     return torch.cat([first, second])
+
+
+def block_channels(module: nn.Module) -> Optional[int]:
+    """Channel count of a block's output when it can be read from its configuration."""
+    for attr in ("out_channels", "in_channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+        value = getattr(getattr(module, "config", None), attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_sae_fits(unet: nn.Module, hook_point: str, sae: Any) -> nn.Module:
+    """The hooked module, after checking that its width matches the SAE's ``d_in``."""
+    module = get_submodule(unet, hook_point)
+    channels = block_channels(module)
+    if channels is not None and channels != sae.d_in:
+        raise ConfigError(f"the SAE expects {sae.d_in} channels but {hook_point!r} of this model has {channels}; "
+                          f"this SAE was made for {sae.config.hook_point or 'another block'} of "
+                          f"{sae.config.model_family or 'another model'}")
+    return module
 
 
 class BlockHook:

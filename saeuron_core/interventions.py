@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .hooks import BlockCall, BlockHook, CfgLayout, get_submodule, pipeline_cfg_layout
+from .hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, pipeline_cfg_layout
 from .sae import TopKSAE
 from .scoring import ConceptData, bucket_of, get_concept
 from .store import derived_seed
@@ -282,29 +282,6 @@ class ConceptEraser:
                 pick = keep[torch.randint(len(keep), (len(det),), generator=g).to(keep.device)]
             out[j, det] = x[j, pick]
         return out
-
-
-def block_channels(module: nn.Module) -> Optional[int]:
-    """Channel count of a block's output when it can be read from its configuration."""
-    for attr in ("out_channels", "in_channels"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-        value = getattr(getattr(module, "config", None), attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def check_sae_fits(unet: nn.Module, hook_point: str, sae: TopKSAE) -> nn.Module:
-    """The hooked module, after checking that its width matches the SAE's ``d_in``."""
-    module = get_submodule(unet, hook_point)
-    channels = block_channels(module)
-    if channels is not None and channels != sae.d_in:
-        raise ConfigError(f"the SAE expects {sae.d_in} channels but {hook_point!r} of this model has {channels}; "
-                          f"this SAE was made for {sae.config.hook_point or 'another block'} of "
-                          f"{sae.config.model_family or 'another model'}")
-    return module
 
 
 @contextlib.contextmanager

@@ -172,6 +172,8 @@ def _single_file_class(config: Path | None) -> Any:
 def _load_single_file(path: Path, config: str | os.PathLike | None) -> Any:
     from unittest import mock
 
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from diffusers.utils import logging as diffusers_logging
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -184,23 +186,24 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Any:
     cls = _single_file_class(config_dir)
     hint = ("pass --config with a local diffusers pipeline folder of the same model family (e.g. an SD 1.5 folder "
             "for an SD 1.x checkpoint); nothing is downloaded")
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
+    verbosity, bars_on = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
     try:
         # Offline mode for the hub client: without it diffusers retries a failed local config lookup online.
-        # Its warnings about that retry would only confuse: the error below says what to do.
+        # Its warnings and progress bars are silenced: on failure the error below says what to do.
         diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
         with mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True):
             return cls.from_single_file(str(path), config=str(config_dir) if config_dir else None,
                                         local_files_only=True, safety_checker=None, requires_safety_checker=False)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as exc:
         raise ConfigError(f"model {str(path)!r}: the component configs of this checkpoint are not available "
                           f"offline ({type(exc).__name__}); {hint}") from None
-    except (KeyError, RuntimeError, ValueError, OSError) as exc:
+    except (SingleFileComponentError, KeyError, RuntimeError, ValueError, OSError) as exc:
         where = f" with the configs of {config_dir}" if config_dir else ""
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model {str(path)!r}: could not load this single-file checkpoint{where} ({detail}); "
                           f"check that it is a Stable Diffusion checkpoint and {hint}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
+        if bars_on:
+            diffusers_logging.enable_progress_bar()

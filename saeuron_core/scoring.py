@@ -64,14 +64,7 @@ class ConceptStats:
     def result(self, name: str, *, top_n: Optional[int] = None, quantile: Optional[float] = None,
                candidates: int = MAX_CANDIDATES, info: Optional[dict[str, Any]] = None) -> "ConceptData":
         """Scores, selection, ``mu`` and thresholds per bucket (unobserved buckets copy the nearest)."""
-        if top_n is not None and quantile is not None:
-            raise ConfigError("select features with exactly one of top_n or quantile")
-        if top_n is None and quantile is None:
-            top_n = 3
-        if top_n is not None and not 1 <= top_n <= candidates:
-            raise ConfigError(f"top_n must be between 1 and {candidates}, got {top_n}")
-        if quantile is not None and not 0.0 < quantile < 1.0:
-            raise ConfigError(f"quantile must be in (0, 1), e.g. 0.9999, got {quantile}")
+        top_n = check_selection(top_n, quantile, candidates)
         observed = (self.tokens[0] > 0) & (self.tokens[1] > 0)
         if not observed.any():
             raise ConfigError(f"concept {name!r}: no timestep saw both positive and negative prompts")
@@ -100,6 +93,19 @@ class ConceptStats:
         )
 
 
+def check_selection(top_n: Optional[int], quantile: Optional[float], candidates: int = MAX_CANDIDATES) -> Optional[int]:
+    """Validate the feature selection; returns ``top_n`` (3 when neither is given)."""
+    if top_n is not None and quantile is not None:
+        raise ConfigError("select features with exactly one of top_n or quantile")
+    if top_n is None and quantile is None:
+        top_n = 3
+    if top_n is not None and not 1 <= top_n <= candidates:
+        raise ConfigError(f"top_n must be between 1 and {candidates}, got {top_n}")
+    if quantile is not None and not 0.0 < quantile < 1.0:
+        raise ConfigError(f"quantile must be in (0, 1), e.g. 0.9999, got {quantile}")
+    return top_n
+
+
 @dataclass
 class ConceptData:
     """One concept's per-bucket candidate features (sorted by score), of which ``n_selected`` are used."""
@@ -123,10 +129,15 @@ class ConceptData:
         """``[n_buckets, M]`` bool: which candidates are selected."""
         return torch.arange(self.feature_ids.shape[1])[None] < self.n_selected[:, None]
 
+    def selected_at(self, timestep: float) -> tuple[Tensor, Tensor]:
+        """``(feature ids, firing thresholds)`` selected for one timestep value."""
+        b = int(bucket_of(torch.tensor([float(timestep)]), self.bucket_width, self.n_buckets))
+        n = int(self.n_selected[b])
+        return self.feature_ids[b, :n], self.threshold[b, :n]
+
     def features_at(self, timestep: float) -> list[int]:
         """Selected feature ids for one timestep value."""
-        b = int(bucket_of(torch.tensor([timestep]), self.bucket_width, self.n_buckets))
-        return self.feature_ids[b, : int(self.n_selected[b])].tolist()
+        return self.selected_at(timestep)[0].tolist()
 
 
 # -- the concept library inside an SAE ---------------------------------------------------------
@@ -240,7 +251,7 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
 
     Activations are read from the conditional half only (as SAeUron does).
     """
-    from .hooks import pipeline_hook
+    from .hooks import check_sae_fits, pipeline_hook
     from .pipelines import generate, set_scheduler
 
     name = check_concept_name(name)
@@ -249,9 +260,12 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
         raise ConfigError(f"concept {name!r}: needs at least one positive and one negative prompt")
     if steps < 1 or batch_size < 1 or not seeds:
         raise ConfigError("learn_concept: steps and batch_size must be >= 1 and at least one seed is needed")
+    check_selection(top_n, quantile)
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
+    check_sae_fits(pipe.unet, hook_point, sae)
+    old_scheduler = pipe.scheduler
     if scheduler:
         set_scheduler(pipe, scheduler)
     max_t = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
@@ -260,19 +274,23 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
 
     work = [(True, p, s) for s in seeds for p in positive] + [(False, p, s) for s in seeds for p in negative]
     bar = tqdm(total=len(work), desc=f"learn {name}", unit="gen", disable=not progress)
-    with pipeline_hook(pipe, hook_point, record), torch.no_grad():
-        for begin in range(0, len(work), batch_size):
-            chunk = work[begin:begin + batch_size]
-            for pos in (True, False):
-                part = [(p, s) for flag, p, s in chunk if flag == pos]
-                if part:
-                    record.positive = pos
-                    generate(pipe, [p for p, _ in part], [s for _, s in part], steps=steps,
-                             guidance_scale=guidance_scale, height=height, width=width)
-            bar.update(len(chunk))
-    bar.close()
+    scheduler_name = type(pipe.scheduler).__name__
+    try:
+        with pipeline_hook(pipe, hook_point, record), torch.no_grad():
+            for begin in range(0, len(work), batch_size):
+                chunk = work[begin:begin + batch_size]
+                for pos in (True, False):
+                    part = [(p, s) for flag, p, s in chunk if flag == pos]
+                    if part:
+                        record.positive = pos
+                        generate(pipe, [p for p, _ in part], [s for _, s in part], steps=steps,
+                                 guidance_scale=guidance_scale, height=height, width=width)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        pipe.scheduler = old_scheduler
     info = {"positive": list(positive), "negative": list(negative), "hook_point": hook_point, "steps": steps,
-            "guidance_scale": guidance_scale, "scheduler": type(pipe.scheduler).__name__, "seeds": list(seeds),
+            "guidance_scale": guidance_scale, "scheduler": scheduler_name, "seeds": list(seeds),
             "tokens": {"positive": float(stats.tokens[0].sum()), "negative": float(stats.tokens[1].sum())}}
     data = stats.result(name, top_n=top_n, quantile=quantile, info=info)
     add_concept(sae, data)
