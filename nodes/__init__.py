@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack: thin wrappers around ``saeuron_core``."""
 
 from .eraser import ConceptEraserNode
+from .inspector import FeatureInspector
 from .learn import LearnConcept
 from .sae_io import LoadSAE, SaveSAE
 
@@ -9,12 +10,14 @@ NODE_CLASS_MAPPINGS = {
     "SAeUronConceptEraser": ConceptEraserNode,
     "SAeUronLearnConcept": LearnConcept,
     "SAeUronSaveSAE": SaveSAE,
+    "SAeUronFeatureInspector": FeatureInspector,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SAeUronLoadSAE": "Load SAE",
     "SAeUronConceptEraser": "Concept Eraser (SAE)",
     "SAeUronLearnConcept": "Learn Concept (SAE)",
     "SAeUronSaveSAE": "Save SAE",
+    "SAeUronFeatureInspector": "Feature Inspector (SAE)",
 }
 
 try:  # inside ComfyUI: make models/sae known as soon as the pack loads

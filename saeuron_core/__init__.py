@@ -1,9 +1,27 @@
-"""saeuron_core: SAE-based concept erasure for diffusion models (host-independent, plain torch)."""
+"""saeuron_core: SAE-based concept erasure for diffusion models (host-independent, plain torch).
+
+``erase(pipe, sae, concepts, ...)`` is a context manager that erases concepts from a diffusers
+pipeline or UNet; ``inspect(pipe, sae, prompt, ...)`` shows where concepts and features fire;
+``learn_concept`` adds a concept to an SAE's library.
+"""
+
+from typing import Any
 
 from .errors import ConfigError, HookError, SAEFormatError, SaeuronError, StoreError
 from .formats import convert, load_sae, save_sae
+from .interventions import ConceptEraser, erase
 from .sae import SAEConfig, TopK, TopKSAE
+from .scoring import concept_names, get_concept, learn_concept, remove_concept
 
-__all__ = ["ConfigError", "HookError", "SAEFormatError", "SaeuronError", "StoreError", "SAEConfig", "TopK",
-           "TopKSAE", "convert", "load_sae", "save_sae"]
+__all__ = ["ConceptEraser", "ConfigError", "HookError", "SAEConfig", "SAEFormatError", "SaeuronError", "StoreError",
+           "TopK", "TopKSAE", "concept_names", "convert", "erase", "get_concept", "inspect", "learn_concept",
+           "load_sae", "remove_concept", "save_sae"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "inspect":  # imported on first use: it brings in PIL
+        from .inspection import inspect
+
+        return inspect
+    raise AttributeError(f"module 'saeuron_core' has no attribute {name!r}")

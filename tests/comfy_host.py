@@ -232,3 +232,19 @@ class ComfyServer:
                 return history[pid]
             time.sleep(0.3)
         raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
+
+
+def tiny_vae():
+    """A ComfyUI ``VAE`` (its own AutoencoderKL class, random weights) decoding 4x8x8 latents to 16x16 images."""
+    import comfy.sd
+
+    config = {"params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
+        "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+    with torch.no_grad():
+        vae = comfy.sd.VAE(sd={}, config=config)
+        vae.upscale_ratio = vae.downscale_ratio = 2  # this small autoencoder has one down/up sampling step
+        gen = torch.Generator().manual_seed(0)
+        for p in vae.first_stage_model.parameters():  # ComfyUI's ops leave weights uninitialised
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return vae

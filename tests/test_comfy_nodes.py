@@ -184,3 +184,22 @@ def test_learn_concept_and_save_sae(host):
     assert concept_names(load_sae(host["models"] / "sae" / "learned.safetensors")) == ["cat", "dog"]
     with pytest.raises(ConfigError, match="inside the sae model folder"):
         save.save(learned, "../escape.safetensors", False)
+
+
+def test_feature_inspector_outputs_overlay_mask_and_summary(host):
+    import comfy_host
+
+    clip = host["clip"]
+    pos = [[clip.encode_from_tokens(clip.tokenize("a cat")), {}]]
+    neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+    inspector = node(host, "SAeUronFeatureInspector")
+    with torch.inference_mode():
+        out = inspector.inspect(host["model"], host["sae"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
+                                comfy_host.tiny_vae(), "cat", 0, 4, 5.0, "euler", "normal", 5)
+    overlay, heat, summary = out["result"]
+    assert overlay.shape == (1, 16, 16, 3) and 0 <= float(overlay.min()) and float(overlay.max()) <= 1
+    assert heat.shape == (1, 16, 16) and 0 <= float(heat.min()) and float(heat.max()) <= 1
+    assert len(summary.strip().splitlines()) == 4 and out["ui"]["text"] == [summary]
+    with pytest.raises(ConfigError, match="choose a concept"):
+        inspector.inspect(host["model"], host["sae"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
+                          comfy_host.tiny_vae(), "", 0, 4, 5.0, "euler", "normal", 5)

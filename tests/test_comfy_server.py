@@ -11,7 +11,8 @@ from planted import concept
 
 pytestmark = pytest.mark.slow
 
-NODES = {"SAeUronLoadSAE", "SAeUronConceptEraser", "SAeUronLearnConcept", "SAeUronSaveSAE"}
+NODES = {"SAeUronLoadSAE", "SAeUronConceptEraser", "SAeUronLearnConcept", "SAeUronSaveSAE",
+         "SAeUronFeatureInspector"}
 
 
 @pytest.fixture(scope="module")
