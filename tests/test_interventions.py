@@ -243,3 +243,22 @@ def test_pipeline_errors(tiny_pipe, learned):
         with erase(tiny_pipe, learned, ["horse"]):
             pass
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_pipe.unet.modules())
+
+
+def test_erase_on_a_bare_unet(tiny_pipe, learned):
+    unet = tiny_pipe.unet
+    torch.manual_seed(0)
+    sample, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        base = unet(sample, torch.tensor(300), encoder_hidden_states=ctx).sample
+        with erase(unet, learned, ["cat"], strength=20.0, threshold_scale=0.0, cfg="cond") as eraser:
+            erased = unet(sample, torch.tensor(300), encoder_hidden_states=ctx).sample
+            assert eraser.active_rows(_probe_call()).tolist() == [False, True]  # [uncond, cond] by default
+        after = unet(sample, torch.tensor(300), encoder_hidden_states=ctx).sample
+    assert not torch.allclose(base, erased) and torch.equal(base, after)
+    assert torch.equal(base[0], erased[0])  # the unconditional row is untouched with cfg="cond"
+
+
+def _probe_call():
+    return BlockCall(tokens=torch.zeros(2, 4, 32), spatial=(2, 2), timesteps=torch.tensor([300.0, 300.0]),
+                     is_cond=torch.tensor([False, True]), call_index=0)
