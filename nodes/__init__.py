@@ -3,6 +3,7 @@
 from .eraser import ConceptEraserNode
 from .inspector import FeatureInspector
 from .learn import LearnConcept
+from .loader import LoadDiffusersModel
 from .sae_io import LoadSAE, SaveSAE
 
 NODE_CLASS_MAPPINGS = {
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "SAeUronLearnConcept": LearnConcept,
     "SAeUronSaveSAE": SaveSAE,
     "SAeUronFeatureInspector": FeatureInspector,
+    "SAeUronLoadDiffusersModel": LoadDiffusersModel,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SAeUronLoadSAE": "Load SAE",
@@ -18,6 +20,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SAeUronLearnConcept": "Learn Concept (SAE)",
     "SAeUronSaveSAE": "Save SAE",
     "SAeUronFeatureInspector": "Feature Inspector (SAE)",
+    "SAeUronLoadDiffusersModel": "Load Diffusers Model (any SD-style config)",
 }
 
 try:  # inside ComfyUI: make models/sae known as soon as the pack loads

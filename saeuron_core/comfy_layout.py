@@ -152,3 +152,82 @@ class ComfyBlockPatch:
         self.calls += 1
         new = self.fn(call)
         return h if new is None else from_tokens(new, call.spatial, h)
+
+
+# -- diffusers configs -> ComfyUI configs (for loading any SD-style diffusers folder) -------------
+
+_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
+
+
+def _per_level(value: Any, levels: int, name: str) -> list[int]:
+    values = _as_list(value, levels)
+    if len(values) != levels:
+        raise ConfigError(f"UNet config: {name} has {len(values)} entries for {levels} levels")
+    return [int(v) for v in values]
+
+
+def unet_config_from_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ComfyUI ``unet_config`` for a diffusers ``UNet2DConditionModel`` config with SD's block layout.
+
+    Raises :class:`ConfigError` for what ComfyUI's UNet cannot express (GroupNorm groups other
+    than 32, channel counts that are not multiples of the first level's, class/added embeddings).
+    """
+    channels = [int(c) for c in cfg["block_out_channels"]]
+    levels = len(channels)
+    if int(cfg.get("norm_num_groups", 32)) != 32:
+        raise ConfigError("ComfyUI's UNet normalises with 32 groups; this UNet uses "
+                          f"norm_num_groups={cfg.get('norm_num_groups')}")
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise ConfigError(f"block_out_channels {channels} are not multiples of the first level's channels")
+    if cfg.get("class_embed_type") or cfg.get("addition_embed_type"):
+        raise ConfigError("UNets with class or added embeddings (e.g. SDXL) are loaded by ComfyUI's own loaders")
+    nrb = _per_level(cfg.get("layers_per_block", 2), levels, "layers_per_block")
+    depth = _per_level(cfg.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    attn_down = [depth[i] if "CrossAttn" in down[i] else 0 for i in range(levels)]
+    attn_up = [depth[levels - 1 - x] if "CrossAttn" in up[x] else 0 for x in range(levels)]
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim") or 8  # SD 1.x names heads head_dim
+    heads_per_level = _per_level(heads, levels, "attention_head_dim")
+    head_dims = {channels[i] // heads_per_level[i] for i in range(levels) if attn_down[i] or attn_up[levels - 1 - i]}
+    if isinstance(heads, int):
+        num_heads, num_head_channels = heads, -1
+    elif len(head_dims) == 1:
+        num_heads, num_head_channels = -1, head_dims.pop()
+    else:
+        raise ConfigError(f"ComfyUI's UNet needs one head count or one head size for all levels, got {heads}")
+    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    return {
+        "use_checkpoint": False, "image_size": int(cfg.get("sample_size") or 32), "in_channels": int(cfg["in_channels"]),
+        "out_channels": int(cfg["out_channels"]), "model_channels": base, "channel_mult": [c // base for c in channels],
+        "num_res_blocks": nrb, "transformer_depth": [d for i in range(levels) for d in [attn_down[i]] * nrb[i]],
+        "transformer_depth_output": [d for lv in range(levels) for d in [attn_up[levels - 1 - lv]] * (nrb[lv] + 1)],
+        "transformer_depth_middle": depth[-1] if mid == "UNetMidBlock2DCrossAttn" else -1,
+        "context_dim": int(cfg["cross_attention_dim"]), "use_linear_in_transformer": bool(cfg.get("use_linear_projection")),
+        "num_heads": num_heads, "num_head_channels": num_head_channels, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def sampling_settings_from_scheduler(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ComfyUI ``sampling_settings`` for a diffusers scheduler config (discrete, 1000-step schedules)."""
+    schedule = cfg.get("beta_schedule", "scaled_linear")
+    if schedule not in _BETA_SCHEDULES:
+        raise ConfigError(f"beta_schedule {schedule!r} has no ComfyUI equivalent; expected one of {sorted(_BETA_SCHEDULES)}")
+    if int(cfg.get("num_train_timesteps", 1000)) != 1000:
+        raise ConfigError("ComfyUI's discrete model sampling assumes 1000 training timesteps")
+    return {"beta_schedule": _BETA_SCHEDULES[schedule], "linear_start": float(cfg.get("beta_start", 0.00085)),
+            "linear_end": float(cfg.get("beta_end", 0.012))}
+
+
+def vae_config_from_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ComfyUI ``VAE(config=...)`` parameters for a diffusers ``AutoencoderKL`` config."""
+    channels = [int(c) for c in cfg["block_out_channels"]]
+    if int(cfg.get("norm_num_groups", 32)) != 32 or any(c % channels[0] for c in channels):
+        raise ConfigError("ComfyUI's VAE needs norm_num_groups=32 and channels that are multiples of the first level's")
+    latent = int(cfg.get("latent_channels", 4))
+    return {"params": {"embed_dim": latent, "ddconfig": {
+        "double_z": True, "z_channels": latent, "resolution": int(cfg.get("sample_size") or 256),
+        "in_channels": int(cfg.get("in_channels", 3)), "out_ch": int(cfg.get("out_channels", 3)), "ch": channels[0],
+        "ch_mult": [c // channels[0] for c in channels], "num_res_blocks": int(cfg.get("layers_per_block", 2)),
+        "attn_resolutions": [], "dropout": 0.0}}}

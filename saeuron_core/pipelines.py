@@ -88,10 +88,11 @@ def make_tiny_pipeline(seed: int = 0, *, hidden: int = 32, cross_dim: int = 32) 
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_dim, attention_head_dim=4,
     )
+    # 32 GroupNorm groups like SD's VAE, so ComfyUI's VAE class can load it too.
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=16,
+        norm_num_groups=32, sample_size=16,
     )
     with tempfile.TemporaryDirectory() as tmp:
         _write_char_tokenizer(Path(tmp))

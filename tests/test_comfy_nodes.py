@@ -203,3 +203,30 @@ def test_feature_inspector_outputs_overlay_mask_and_summary(host):
     with pytest.raises(ConfigError, match="choose a concept"):
         inspector.inspect(host["model"], host["sae"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
                           comfy_host.tiny_vae(), "", 0, 4, 5.0, "euler", "normal", 5)
+
+
+def test_load_diffusers_model_matches_the_diffusers_components(host, tmp_path):
+    import folder_paths
+
+    pipe = host["pipe"]
+    root = host["models"] / "diffusers"
+    pipe.save_pretrained(str(root / "tiny"), safe_serialization=True)
+    folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
+    loader = node(host, "SAeUronLoadDiffusersModel")
+    assert loader.INPUT_TYPES()["required"]["model_path"][0] == ["tiny"]
+    model, clip, vae = loader.load("tiny")
+    torch.manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.diffusion_model(x, timesteps=t, context=ctx),
+                                   pipe.unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-5, rtol=1e-5)
+        ids = pipe.tokenizer("a red cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        cond = clip.encode_from_tokens(clip.tokenize("a red cat"))
+        assert (cond - pipe.text_encoder(ids)[0]).abs().max() < 1e-2
+        latent = torch.randn(1, 4, 8, 8)
+        image = vae.decode(latent)
+        torch.testing.assert_close(image[0].permute(2, 0, 1), (pipe.vae.decode(latent).sample[0] / 2 + 0.5).clamp(0, 1),
+                                   atol=1e-5, rtol=1e-5)
+    assert model.model.latent_format.scale_factor == pipe.vae.config.scaling_factor
+    with pytest.raises(ConfigError, match="outside the diffusers model folder"):
+        loader.load("../sae")

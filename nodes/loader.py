@@ -1,0 +1,178 @@
+"""Load Diffusers Model node: any local SD-style diffusers folder as ComfyUI MODEL, CLIP and VAE.
+
+ComfyUI's own loaders recognise the standard checkpoints (SD 1.x, SD 2.x, SDXL, ...). This node
+builds ComfyUI's own model classes from a diffusers folder's configs instead, so small or custom
+UNets (the project's demo model, test pipelines, fine-tunes with other widths) load too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saeuron_core.comfy_layout import (sampling_settings_from_scheduler, unet_config_from_diffusers,
+                                       vae_config_from_diffusers)
+from saeuron_core.errors import ConfigError
+from saeuron_core.formats import load_safetensors
+
+from .common import CATEGORY
+
+FOLDER = "diffusers"
+
+
+def list_pipelines() -> list[str]:
+    import folder_paths
+
+    found = []
+    for root in folder_paths.get_folder_paths(FOLDER):
+        if os.path.isdir(root):
+            found += [name for name in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, name, "model_index.json"))]
+    return found
+
+
+def _resolve(name: str) -> Path:
+    import folder_paths
+
+    for root in folder_paths.get_folder_paths(FOLDER):
+        path = Path(root, name).resolve()
+        if Path(root).resolve() not in path.parents:
+            raise ConfigError(f"model name {name!r} points outside the diffusers model folder")
+        if (path / "model_index.json").is_file():
+            return path
+    raise ConfigError(f"no diffusers pipeline folder {name!r} in models/diffusers")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{folder}: no .safetensors weights (pickle-based .bin files are never loaded)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_safetensors(f)[0])
+    return tensors
+
+
+def load_unet(path: Path) -> Any:
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models_base
+    import comfy.utils
+
+    unet_cfg = unet_config_from_diffusers(_json(path / "unet" / "config.json"))
+    sched = _json(path / "scheduler" / "scheduler_config.json")
+    vae_cfg = _json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else {}
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"prediction_type {prediction!r} is not supported (expected epsilon or v_prediction)")
+    latent_format = type("DiffusersLatent", (comfy.latent_formats.LatentFormat,),
+                         {"scale_factor": float(vae_cfg.get("scaling_factor", 1.0))})
+    extra = {k: unet_cfg.pop(k) for k in ("num_heads", "num_head_channels")}
+    model_type = comfy.model_base.ModelType.EPS if prediction == "epsilon" else comfy.model_base.ModelType.V_PREDICTION
+    config_cls = type("DiffusersUNet", (comfy.supported_models_base.BASE,), {
+        "unet_config": {}, "unet_extra_config": extra, "latent_format": latent_format,
+        "sampling_settings": sampling_settings_from_scheduler(sched),
+        "model_type": lambda self, state_dict, prefix="": model_type})
+    load_device = comfy.model_management.get_torch_device()
+    dtype = comfy.model_management.unet_dtype()
+    model_config = config_cls(dict(unet_cfg, dtype=dtype))
+    model = model_config.get_model({}, device=comfy.model_management.unet_offload_device())
+    mapping = comfy.utils.unet_to_diffusers(dict(model_config.unet_config))
+    state = {"diffusion_model." + mapping[k]: v for k, v in _weights(path / "unet").items() if k in mapping}
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.startswith("diffusion_model.")]
+    if missing:
+        raise ConfigError(f"{path / 'unet'}: weights do not fit the config ({len(missing)} missing, e.g. {missing[0]})")
+    model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def load_clip(path: Path) -> Any:
+    import functools
+
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from transformers import CLIPTokenizer
+
+    config_path = path / "text_encoder" / "config.json"
+    cfg = _json(config_path)
+    tok = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+    special = {"start": tok.bos_token_id, "end": tok.eos_token_id, "pad": tok.pad_token_id or tok.eos_token_id}
+    sd_tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(path / "tokenizer"),
+                                     embedding_size=int(cfg["hidden_size"]))
+
+    def tokenizer_cls(embedding_directory: Any = None) -> Any:
+        return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer=sd_tokenizer)
+
+    clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config_path),
+                                   special_tokens=special)
+    clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
+    with torch.no_grad():  # ComfyUI's CLIP init writes to parameters
+        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls))
+    # Newer transformers drop the "text_model." level in key names; ComfyUI's CLIP keeps it.
+    state = {(k if k.startswith("text_model.") else "text_model." + k): v
+             for k, v in _weights(path / "text_encoder").items()}
+    key = "text_model.embeddings.token_embedding.weight"
+    rows = clip.cond_stage_model.state_dict()[f"clip_l.transformer.{key}"].shape[0]
+    if key in state and state[key].shape[0] < rows:  # some ComfyUI versions fix CLIP's vocabulary at 49408
+        state[key] = torch.cat([state[key], state[key].new_zeros(rows - state[key].shape[0], state[key].shape[1])])
+    result = clip.load_sd(state)
+    missing = [k for k in result.missing_keys if "text_projection" not in k and "logit_scale" not in k]
+    if missing:
+        raise ConfigError(f"{path / 'text_encoder'}: weights do not fit ComfyUI's CLIP ({missing[0]} missing)")
+    return clip
+
+
+def load_vae(path: Path) -> Any:
+    import comfy.diffusers_convert
+    import comfy.sd
+
+    cfg = _json(path / "vae" / "config.json")
+    levels = len(cfg["block_out_channels"])
+    # ComfyUI's diffusers->LDM key conversion assumes SD's 4 levels when it reverses the decoder's
+    # up blocks; shifting the indices makes it reverse a VAE with fewer levels correctly.
+    shift = 4 - levels
+    sd = {}
+    for key, value in _weights(path / "vae").items():
+        if key.startswith("decoder.up_blocks."):
+            _, _, index, rest = key.split(".", 3)
+            key = f"decoder.up_blocks.{int(index) + shift}.{rest}"
+        sd[key] = value
+    vae = comfy.sd.VAE(sd=comfy.diffusers_convert.convert_vae_state_dict(sd), config=vae_config_from_diffusers(cfg))
+    vae.downscale_ratio = vae.upscale_ratio = 2 ** (len(cfg["block_out_channels"]) - 1)
+    vae.latent_channels = int(cfg.get("latent_channels", 4))
+    return vae
+
+
+class LoadDiffusersModel:
+    DESCRIPTION = ("Loads a local diffusers pipeline folder from models/diffusers (UNet, CLIP text encoder, VAE) with "
+                   "ComfyUI's own model classes, built from the folder's configs, so small or custom SD-style models "
+                   "load too. Standard checkpoints load with ComfyUI's Load Checkpoint as usual.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The diffusion model.", "The text encoder.", "The autoencoder.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"model_path": (list_pipelines(), {
+            "tooltip": "A folder in models/diffusers holding model_index.json, unet/, text_encoder/, tokenizer/, vae/ "
+                       "and scheduler/ (safetensors weights)."})}}
+
+    def load(self, model_path: str) -> tuple[Any, Any, Any]:
+        path = _resolve(model_path)
+        return load_unet(path), load_clip(path), load_vae(path)
