@@ -198,6 +198,7 @@ class ConceptEraser:
         w = sae.encoder.weight[ids]                                                  # [r, S, C]
         pre = torch.baddbmm(sae.encoder.bias[ids][:, None, :], xs - sae.b_dec, w.transpose(1, 2))
         candidate = ((pre > thr[:, None, :]) & valid[:, None, :]).any(-1)           # [r, t]
+        candidate &= torch.isfinite(xs).all(-1)  # inf/NaN tokens are left alone: no new NaNs from the SAE
         mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         if not candidate.any():
             return mask, None, None, None, None
@@ -226,10 +227,12 @@ class ConceptEraser:
         """
         ri, ti = tok
         delta = torch.einsum("ms,msc->mc", change, sae.W_dec[ids])
-        changed = fires.any(-1)
-        ri, ti, delta = ri[changed].to(x.device), ti[changed].to(x.device), delta[changed]
+        ri, ti = ri.to(x.device), ti.to(x.device)
+        new = (x[ri, ti].to(delta.dtype) + delta.to(x.device)).to(x.dtype)
+        # Tokens whose result would overflow the model's dtype (or an fp16 SAE's) stay as they were.
+        keep = (fires.any(-1).to(x.device) & torch.isfinite(new).all(-1))
         out = x.clone()
-        out[ri, ti] = (x[ri, ti].to(delta.dtype) + delta.to(x.device)).to(x.dtype)
+        out[ri[keep], ti[keep]] = new[keep]
         return out
 
     def _replace(self, call: BlockCall, row_idx: Tensor, x: Tensor, mask: Tensor) -> Tensor:

@@ -262,3 +262,31 @@ def test_erase_on_a_bare_unet(tiny_pipe, learned):
 def _probe_call():
     return BlockCall(tokens=torch.zeros(2, 4, 32), spatial=(2, 2), timesteps=torch.tensor([300.0, 300.0]),
                      is_cond=torch.tensor([False, True]), call_index=0)
+
+
+@pytest.mark.parametrize("method", ["ablate", "replace"])
+def test_non_finite_activations_create_no_new_nans(method):
+    sae = sae_with_concepts()
+    x = background()
+    x[0, :4, 3] = 2.0
+    x[0, 1, 3] = float("inf")
+    x[0, 2, 10] = float("nan")
+    x[1, 5, 3] = float("-inf")
+    out = ConceptEraser(sae, ["cat"], method)(call_for(x, [500.0, 500.0]))
+    assert torch.equal(torch.isnan(out), torch.isnan(x))  # NaN exactly where it was
+    finite = torch.isfinite(x).all(-1)
+    assert torch.isfinite(out[finite]).all()
+    assert out[0, 0, 3] != 2.0 and out[0, 3, 3] != 2.0  # finite concept tokens are still erased
+
+
+@pytest.mark.parametrize("sae_dtype, x_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float16),
+                                                (torch.float32, torch.bfloat16)])
+def test_low_precision_sae_and_model_combinations(sae_dtype, x_dtype):
+    sae = sae_with_concepts().to(sae_dtype)
+    x = background().to(x_dtype)
+    x[0, :3, 3] = 2.0
+    x[1, 0, 3] = 60000.0 if x_dtype != torch.bfloat16 else 1e30  # overflows an fp16 SAE's arithmetic
+    out = ConceptEraser(sae, ["cat"], "ablate", strength=100.0)(call_for(x, [500.0, 500.0]))
+    assert out.dtype == x_dtype and torch.isfinite(out).all()
+    assert (out[0, :3, 3].float() < 0).all()
+    assert torch.equal(out[0, 3:], x[0, 3:])
