@@ -11,6 +11,7 @@ and SAELens folders (``cfg.json`` + ``sae_weights.safetensors``). Nothing is eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from .errors import ConfigError, SAEFormatError
 from .sae import SAEConfig, TopKSAE
+from .scoring import check_concept_name
 
 FORMAT_VERSION = "1"
 CORE_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
@@ -182,6 +184,19 @@ def _build(path: Path, config: SAEConfig, tensors: dict[str, Tensor], device: st
 
 # -- native format -----------------------------------------------------------------------
 
+def content_digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over tensor names, dtypes, shapes, bytes and the metadata strings (``sha256`` excluded)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(metadata):
+        if key != "sha256":
+            h.update(f"{key}={metadata[key]}|".encode())
+    return h.hexdigest()
+
+
 def save_sae(sae: TopKSAE, path: str | os.PathLike) -> Path:
     """Write ``sae`` (weights, config, training summary, concepts, extra tensors) as one native file."""
     path = Path(path)
@@ -197,6 +212,7 @@ def save_sae(sae: TopKSAE, path: str | os.PathLike) -> Path:
         "training": json.dumps(sae.training_summary, sort_keys=True),
         "concepts": json.dumps(sae.concepts, sort_keys=True),
     }
+    metadata["sha256"] = content_digest(tensors, metadata)
     atomic_save_safetensors(tensors, path, metadata)
     return path
 
@@ -206,6 +222,9 @@ def _load_native(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     version = metadata.get("saeuron_format")
     if version != FORMAT_VERSION:
         raise SAEFormatError(f"{path}: native format version {version!r} is not supported (expected {FORMAT_VERSION!r})")
+    if "sha256" in metadata and metadata["sha256"] != content_digest(tensors, metadata):
+        raise SAEFormatError(f"{path}: contents do not match the file's checksum; the file is corrupt "
+                             f"(damaged or partly copied). Get a fresh copy")
     try:
         config = SAEConfig.from_dict(_json_field(path, metadata, "config", None))
     except ConfigError as exc:
@@ -216,6 +235,13 @@ def _load_native(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     sae.concepts = _json_field(path, metadata, "concepts", {})
     if not isinstance(sae.training_summary, dict) or not isinstance(sae.concepts, dict):
         raise SAEFormatError(f"{path}: 'training' and 'concepts' metadata must be JSON objects")
+    for name, entry in sae.concepts.items():
+        try:
+            check_concept_name(name)
+        except ConfigError as exc:
+            raise SAEFormatError(f"{path}: concept library holds a bad name ({exc})") from None
+        if not isinstance(entry, dict):
+            raise SAEFormatError(f"{path}: concept {name!r} has a malformed library entry")
     sae.extra_tensors = {k: v for k, v in tensors.items() if k not in CORE_TENSORS}
     sae.source_format = "native"
     return sae
