@@ -62,6 +62,15 @@ def resolve_sae(name: str) -> str:
     raise ConfigError(f"SAE {name!r} not found in the sae model folders ({', '.join(sae_dirs()) or 'none'})")
 
 
+def validation(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``True`` or the error message, as ComfyUI's ``VALIDATE_INPUTS`` expects."""
+    try:
+        check(*args, **kwargs)
+    except ConfigError as exc:
+        return str(exc)
+    return True
+
+
 def parse_concepts(text: str) -> list[str]:
     """Concept names from a widget: separated by commas or new lines."""
     return [part.strip() for line in str(text).splitlines() for part in line.split(",") if part.strip()]

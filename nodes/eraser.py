@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from saeuron_core.errors import ConfigError
-from saeuron_core.interventions import MAX_ABLATE_STRENGTH, ConceptEraser
+from saeuron_core.interventions import MAX_ABLATE_STRENGTH, ConceptEraser, check_options
 from saeuron_core.sae import TopKSAE
 from saeuron_core.scoring import concept_names
 
-from .common import CATEGORY, block_target, parse_concepts, patch_block
+from .common import CATEGORY, block_target, parse_concepts, patch_block, validation
 
 
 class ConceptEraserNode:
@@ -41,6 +41,15 @@ class ConceptEraserNode:
             "cfg_half": (["both", "cond", "uncond"], {"default": "both",
                                                      "tooltip": "Which classifier-free guidance half to edit."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, concepts: str = "", method: str = "ablate", strength: float = 1.0,
+                        start_percent: float = 0.0, end_percent: float = 1.0, cfg_half: str = "both") -> Any:
+        def check() -> None:
+            check_options(method, strength, start_percent, end_percent, cfg_half)
+            if not parse_concepts(concepts):
+                raise ConfigError("choose at least one concept (names from the SAE's library, comma separated)")
+        return validation(check)
 
     def erase(self, model: Any, sae: TopKSAE, concepts: str, method: str, strength: float, start_percent: float,
               end_percent: float, cfg_half: str) -> tuple[Any]:

@@ -8,7 +8,7 @@ from saeuron_core.errors import ConfigError
 from saeuron_core.sae import TopKSAE
 from saeuron_core.scoring import ConceptRecorder, ConceptStats, check_concept_name, with_concept
 
-from .common import CATEGORY, block_target, patch_block
+from .common import CATEGORY, block_target, patch_block, validation
 
 
 def _prompts(text: str) -> list[str]:
@@ -51,6 +51,14 @@ class LearnConcept:
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule used while scoring."}),
             "top_n": ("INT", {"default": 3, "min": 1, "max": 64, "tooltip": "Features kept per timestep."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, concept_name: str = "", positive_prompts: str = "", negative_prompts: str = "") -> Any:
+        def check() -> None:
+            check_concept_name(concept_name)
+            if not _prompts(positive_prompts) or not _prompts(negative_prompts):
+                raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
+        return validation(check)
 
     def learn(self, model: Any, clip: Any, sae: TopKSAE, latent_image: dict, concept_name: str, positive_prompts: str,
               negative_prompts: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,

@@ -9,7 +9,7 @@ from saeuron_core.errors import ConfigError
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.sae import TopKSAE
 
-from .common import CATEGORY, list_saes, resolve_sae, sae_dirs
+from .common import CATEGORY, list_saes, resolve_sae, sae_dirs, validation
 
 
 class LoadSAE:
@@ -32,6 +32,23 @@ class LoadSAE:
         return (load_sae(resolve_sae(sae_name)),)
 
 
+def _target_path(filename: str) -> tuple[str, str]:
+    """``(name, absolute path)`` inside the first sae folder; names that leave it are refused."""
+    dirs = sae_dirs()
+    if not dirs:
+        raise ConfigError("no sae model folder exists; create ComfyUI/models/sae")
+    name = str(filename).strip()
+    if not name or name in (".safetensors",):
+        raise ConfigError("give the SAE a file name, e.g. my_sae.safetensors")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    root = os.path.realpath(dirs[0])
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.isabs(name) or os.path.commonpath([path, root]) != root:
+        raise ConfigError(f"filename {filename!r} must stay inside the sae model folder")
+    return name, path
+
+
 class SaveSAE:
     """Writes an SAE (with its concepts) into the first ``sae`` model folder."""
 
@@ -51,17 +68,12 @@ class SaveSAE:
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace the file if it already exists."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename: str = "") -> Any:
+        return validation(_target_path, filename)
+
     def save(self, sae: TopKSAE, filename: str, overwrite: bool) -> dict[str, Any]:
-        dirs = sae_dirs()
-        if not dirs:
-            raise ConfigError("no sae model folder exists; create ComfyUI/models/sae")
-        name = filename.strip()
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        root = os.path.realpath(dirs[0])
-        path = os.path.realpath(os.path.join(root, name))
-        if os.path.isabs(name) or os.path.commonpath([path, root]) != root:
-            raise ConfigError(f"filename {filename!r} must stay inside the sae model folder")
+        name, path = _target_path(filename)
         if os.path.exists(path) and not overwrite:
             raise ConfigError(f"{name} already exists in the sae folder; turn on 'overwrite' or choose another name")
         save_sae(sae, path)

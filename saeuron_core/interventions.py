@@ -61,6 +61,17 @@ def _check_strength(method: str, name: str, value: float) -> None:
                           f"({meaning}), got {value}")
 
 
+def check_options(method: str, strength: float, start: float = 0.0, end: float = 1.0, cfg: str = "both") -> None:
+    """Validate an eraser's options (raises :class:`ConfigError` saying what is expected)."""
+    if method not in ("ablate", "replace"):
+        raise ConfigError(f"method must be 'ablate' or 'replace', got {method!r}")
+    _check_strength(method, "the concepts", strength)
+    if not (0.0 <= start <= end <= 1.0):
+        raise ConfigError(f"the window needs 0 <= start <= end <= 1 (fractions of the denoising), got {start}..{end}")
+    if cfg not in ("both", "cond", "uncond"):
+        raise ConfigError(f"cfg must be 'both', 'cond' or 'uncond', got {cfg!r}")
+
+
 @dataclass
 class MaskRecord:
     """Where the concept was detected at one call: ``mask [rows, H, W]`` (or ``[rows, N]``)."""
@@ -79,12 +90,7 @@ class ConceptEraser:
                  threshold_scale: float = 1.0, dilation: int = 0,
                  source: Literal["sample", "nearest", "uncond"] = "sample", seed: int = 0,
                  record_masks: bool = False) -> None:
-        if method not in ("ablate", "replace"):
-            raise ConfigError(f"method must be 'ablate' or 'replace', got {method!r}")
-        if not (0.0 <= start <= end <= 1.0):
-            raise ConfigError(f"the window needs 0 <= start <= end <= 1 (fractions of the denoising), got {start}..{end}")
-        if cfg not in ("both", "cond", "uncond"):
-            raise ConfigError(f"cfg must be 'both', 'cond' or 'uncond', got {cfg!r}")
+        check_options(method, strength, start, end, cfg)
         if source not in ("sample", "nearest", "uncond"):
             raise ConfigError(f"source must be 'sample', 'nearest' or 'uncond', got {source!r}")
         if not math.isfinite(threshold_scale) or threshold_scale < 0 or dilation < 0:

@@ -94,3 +94,55 @@ def test_workflow_runs_through_prompt(server, path):
     if path.stem == "inspect_features":
         texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
         assert texts and len(texts[0].splitlines()) == 20
+
+
+@pytest.mark.parametrize("workflow, node, change, message", [
+    ("erase_style", "6", {"method": "replace", "strength": 5.0}, "between 0 and 1"),
+    ("erase_style", "6", {"start_percent": 0.8, "end_percent": 0.2}, "0 <= start <= end <= 1"),
+    ("erase_style", "6", {"concepts": " , "}, "choose at least one concept"),
+    ("learn_concept", "6", {"negative_prompts": "\n \n"}, "at least one positive and one negative prompt"),
+    ("learn_concept", "7", {"filename": "../../outside"}, "must stay inside the sae model folder"),
+])
+def test_bad_widget_values_are_refused_before_running(server, workflow, node, change, message):
+    api = json.loads((ROOT / "workflows" / f"{workflow}.api.json").read_text())
+    api[node]["inputs"].update(change)
+    status, reply = server.post("/prompt", {"prompt": api})
+    # ComfyUI refuses the graph (400) or, when other outputs are still valid, queues only those (200);
+    # either way the node's error carries the message.
+    assert status in (200, 400) and message in json.dumps(reply["node_errors"][node]), reply
+
+
+def test_unknown_concept_and_unfit_sae_fail_with_the_message(server):
+    api = json.loads((ROOT / "workflows" / "erase_style.api.json").read_text())
+    api["6"]["inputs"]["concepts"] = "horse"
+    entry = server.run(api)
+    error = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
+    assert error["node_id"] == "6" and "unknown concept 'horse'; this SAE knows: 'star', 'stripes'" in error["exception_message"]
+
+
+def test_graphs_are_isolated_in_one_server(server):
+    """Erased and plain graphs sharing one model, in any order: each output equals that graph run alone."""
+    erase = json.loads((ROOT / "workflows" / "erase_style.api.json").read_text())
+    plain = {k: v for k, v in erase.items() if k in {"1", "2", "3", "4", "5", "10", "11", "12"}}
+    other = json.loads((ROOT / "workflows" / "erase_object.api.json").read_text())
+
+    def pixels(graph, prefix):
+        graph = json.loads(json.dumps(graph))
+        for node in graph.values():
+            if node["class_type"] == "SaveImage":
+                node["inputs"]["filename_prefix"] = f"iso/{prefix}_{node['inputs']['filename_prefix'].split('/')[-1]}"
+        entry = server.run(graph)
+        assert entry["status"]["status_str"] == "success"
+        out = {}
+        for node_id, o in sorted(entry["outputs"].items()):
+            for img in o.get("images", []):
+                with Image.open(server.root / "output" / img["subfolder"] / img["filename"]) as im:
+                    out[node_id] = im.tobytes()
+        return out
+
+    alone = {"plain": pixels(plain, "a1"), "erase": pixels(erase, "a2"), "other": pixels(other, "a3")}
+    for i, order in enumerate((["erase", "plain", "other", "plain"], ["other", "erase", "plain", "erase"])):
+        for j, name in enumerate(order):
+            graph = {"plain": plain, "erase": erase, "other": other}[name]
+            assert pixels(graph, f"o{i}{j}") == alone[name], f"{name} changed when run after {order[:j]}"
+    assert alone["erase"]["12"] == alone["plain"]["12"]  # the "before" branch of the erase graph is the plain graph
