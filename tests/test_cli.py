@@ -124,3 +124,32 @@ def test_end_to_end_and_sigkill_resume(tmp_path):
     p = _saeuron("info", str(tmp_path / "b.safetensors"))
     out, _ = p.communicate()
     assert "n_latents:   256" in out and "up_blocks.1.attentions.1" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shards_before_kill", [1, 3])
+def test_sigkill_during_collection_then_resume_gives_the_same_store(tmp_path, shards_before_kill):
+    from saeuron_core.store import ActivationStore
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a {c} {o}" for c in ("red", "blue", "green") for o in ("cat", "dog", "tree")))
+    args = ["collect", "--model", "tiny", "--prompts", str(prompts), "--steps", "6", "--seeds", "0-3",
+            "--batch-size", "2", "--rows-per-shard", "12"]
+    p = _saeuron(*args, "--out", str(tmp_path / "full"))
+    assert p.wait() == 0
+    p = _saeuron(*args, "--out", str(tmp_path / "killed"))
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        manifest = tmp_path / "killed" / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= shards_before_kill:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL, "collection finished before it could be killed"
+    assert _saeuron(*args, "--out", str(tmp_path / "killed")).wait() == 0
+    full, resumed = ActivationStore(tmp_path / "full"), ActivationStore(tmp_path / "killed")
+    assert resumed.complete and [s.__dict__ for s in full.shards] == [s.__dict__ for s in resumed.shards]
+    for i in range(len(full.shards)):
+        (a, ra), (b, rb) = full.load_shard(i), resumed.load_shard(i)
+        assert torch.equal(a, b) and all(torch.equal(ra[k], rb[k]) for k in ra)

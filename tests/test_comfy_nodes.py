@@ -230,3 +230,15 @@ def test_load_diffusers_model_matches_the_diffusers_components(host, tmp_path):
     assert model.model.latent_format.scale_factor == pipe.vae.config.scaling_factor
     with pytest.raises(ConfigError, match="outside the diffusers model folder"):
         loader.load("../sae")
+
+
+def test_unloading_and_reloading_the_model_keeps_the_behaviour(host):
+    import comfy.model_management
+
+    erased_model = node(host, "SAeUronConceptEraser").erase(host["model"], host["sae"], "cat", "replace", 1.0, 0.0,
+                                                            1.0, "both")[0]
+    first, plain = sample(host, erased_model), sample(host, host["model"])
+    comfy.model_management.unload_all_models()
+    assert torch.equal(sample(host, erased_model), first)
+    comfy.model_management.unload_all_models()
+    assert torch.equal(sample(host, host["model"]), plain)

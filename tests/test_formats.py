@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import struct
 
 import pytest
@@ -235,3 +236,23 @@ def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path)
             assert load_sae(path).training_summary == {"note": "x" * pad}
             return
     pytest.fail("no header length with a 0x80 first byte was produced")
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    import saeuron_core.formats as formats
+
+    path = tmp_path / "s.safetensors"
+    sae = random_sae()
+    save_sae(sae, path)
+    before = path.read_bytes()
+
+    def half_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(formats, "save_file", half_write)
+    sae.concepts = {"new": {}}
+    with pytest.raises(OSError, match="disk full"):
+        save_sae(sae, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temp file left behind

@@ -146,3 +146,56 @@ def test_graphs_are_isolated_in_one_server(server):
             graph = {"plain": plain, "erase": erase, "other": other}[name]
             assert pixels(graph, f"o{i}{j}") == alone[name], f"{name} changed when run after {order[:j]}"
     assert alone["erase"]["12"] == alone["plain"]["12"]  # the "before" branch of the erase graph is the plain graph
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+LOAD_PROMPTS = int(__import__("os").environ.get("SAEURON_LOAD_PROMPTS", "200"))
+RSS_GROWTH_BOUND_MB = 64
+
+
+def test_many_queued_prompts_with_erasers_keep_memory_bounded(server, capsys):
+    """Queue LOAD_PROMPTS erase graphs at once (varying seeds so nothing is cached); memory stays bounded."""
+    import time
+
+    api = json.loads((ROOT / "workflows" / "compare_ablate_replace.api.json").read_text())
+    graph = {k: v for k, v in api.items() if k in {"1", "2", "3", "4", "5", "6", "7", "20", "21", "22", "30", "31", "32"}}
+    for node in graph.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+        if node["class_type"] == "SaveImage":
+            node["class_type"], node["inputs"] = "PreviewImage", {"images": node["inputs"]["images"]}
+
+    def queue(seed):
+        g = json.loads(json.dumps(graph))
+        for node in g.values():
+            if node["class_type"] == "KSampler":
+                node["inputs"]["seed"] = seed
+        status, reply = server.post("/prompt", {"prompt": g})
+        assert status == 200, reply
+        return reply["prompt_id"]
+
+    server.run(json.loads(json.dumps(graph)), timeout=120)  # warm up: models loaded, caches filled
+    for seed in range(1, 10):
+        queue(seed)
+    while server.get("/queue")["queue_running"] or server.get("/queue")["queue_pending"]:
+        time.sleep(0.5)
+    before = _rss_mb(server.proc.pid)
+    start = time.time()
+    ids = [queue(1000 + i) for i in range(LOAD_PROMPTS)]
+    while server.get("/queue")["queue_running"] or server.get("/queue")["queue_pending"]:
+        assert time.time() - start < 1200, "the queue did not drain"
+        time.sleep(1.0)
+    after = _rss_mb(server.proc.pid)
+    history = server.get("/history")
+    done = [i for i in ids if history.get(i, {}).get("status", {}).get("status_str") == "success"]
+    with capsys.disabled():
+        print(f"\n{LOAD_PROMPTS} queued erase graphs: {len(done)} succeeded in {time.time() - start:.0f} s; "
+              f"server RSS {before:.0f} MB -> {after:.0f} MB ({after - before:+.0f} MB)")
+    assert len(done) == LOAD_PROMPTS
+    assert after - before < RSS_GROWTH_BOUND_MB

@@ -1,0 +1,105 @@
+"""The benchmark scripts work: each ``--quick`` mode runs (tiny sizes) and prints its table rows.
+
+No timing is asserted: the numbers live in BENCHMARKS.md.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(module: str, *extra: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SPARSIFY_DISABLE_TRITON="1")
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--threads", "1", *extra], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(text: str, title: str) -> list[str]:
+    """First cells of the Markdown table under the ``### title...`` heading."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### " + title))
+    rows = []
+    for line in lines[start + 4:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1].strip())
+    return rows
+
+
+@pytest.mark.slow
+def test_eraser_overhead_quick():
+    out = run_quick("benchmarks.eraser_overhead")
+    variants = ["no hook", "ablate, 1 concept", "ablate, 10 concepts", "replace, 1 concept"]
+    assert table_rows(out, "Eraser overhead per UNet call: tiny SD1.5") == variants + ["(SAE encode, all tokens)"]
+    assert table_rows(out, "Eraser overhead per UNet call: tiny SDXL") == variants + ["(SAE encode, all tokens)"]
+    assert table_rows(out, "Eraser overhead per model call through ComfyUI") == variants
+    assert "GFLOP/s" in out
+
+
+@pytest.mark.slow
+def test_training_throughput_quick():
+    out = run_quick("benchmarks.training_throughput")
+    rows = table_rows(out, "SAE training throughput")
+    assert rows[0].startswith("saeuron _train_step (current)")
+    assert rows[1].startswith("saeuron + sparse-backward encoder (proposed")
+    # The anchors are an optional extra: a row each when installed, a note when not.
+    for dist, label in (("sparsify", "eai-sparsify SparseCoder"), ("sae_lens", "SAELens TopKTrainingSAE")):
+        try:
+            __import__(dist)
+        except ImportError:
+            assert "is not installed" in out
+        else:
+            assert any(r.startswith(label) for r in rows)
+
+
+@pytest.mark.slow
+def test_scoring_scale_quick():
+    out = run_quick("benchmarks.scoring_scale")
+    assert table_rows(out, "Concept scoring at scale") == ["1,000", "10,000", "100,000"]
+
+
+@pytest.mark.slow
+def test_collection_overhead_quick():
+    out = run_quick("benchmarks.collection_overhead")
+    assert table_rows(out, "Collection overhead") == ["generate", "generate + no-op hook", "collect_activations"]
+
+
+@pytest.mark.slow
+def test_run_all_quick_runs_the_chosen_benchmarks(tmp_path):
+    out = run_quick("benchmarks.run_all", "--only", "scoring_scale", "--out", str(tmp_path / "r.md"))
+    assert table_rows(out, "Concept scoring at scale") == ["1,000", "10,000", "100,000"]
+    assert "Concept scoring at scale" in (tmp_path / "r.md").read_text()
+
+
+def test_proposed_sparse_backward_matches_autograd():
+    """The prototype step in benchmarks/proposed.py gives the current step's update (also with AuxK)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.proposed import train_step
+    from saeuron_core.sae import SAEConfig, TopKSAE
+    from saeuron_core.training import TrainConfig, _train_step
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=16, n_latents=128, k=4))
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.1)
+        sae.b_dec.normal_()
+    x = torch.randn(64, 16)
+    for n_dead in (0, 50):
+        config = TrainConfig(steps=1, dead_tokens_threshold=10)
+        a, b = copy.deepcopy(sae), copy.deepcopy(sae)
+        since = torch.zeros(128, dtype=torch.long)
+        since[:n_dead] = 100
+        ma = _train_step(a, torch.optim.SGD(a.parameters(), lr=0.1), x, since.clone(), config, 0.1)
+        mb = train_step(b, torch.optim.SGD(b.parameters(), lr=0.1), x, since.clone(), config, 0.1)
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6) and ma["auxk"] == pytest.approx(mb["auxk"], rel=1e-6)
+        for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
