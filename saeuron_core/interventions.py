@@ -53,19 +53,21 @@ def normalize_concepts(concepts: ConceptsArg, strength: float) -> dict[str, floa
     return out
 
 
-def _check_strength(method: str, name: str, value: float) -> None:
+def _check_strength(method: str, name: Optional[str], value: float) -> None:
     upper = MAX_ABLATE_STRENGTH if method == "ablate" else 1.0
     if not math.isfinite(value) or not 0.0 <= value <= upper:
         meaning = "the negative multiplier gamma = -strength" if method == "ablate" else "the share of replacement"
-        raise ConfigError(f"strength for {name!r} must be between 0 and {upper:g} for method {method!r} "
-                          f"({meaning}), got {value}")
+        which = f"strength for {name!r}" if name is not None else "strength"
+        raise ConfigError(f"{which} must be between 0 and {upper:g} for method {method!r} ({meaning}), got {value}")
 
 
-def check_options(method: str, strength: float, start: float = 0.0, end: float = 1.0, cfg: str = "both") -> None:
+def check_options(method: str, strength: Optional[float], start: float = 0.0, end: float = 1.0,
+                  cfg: str = "both") -> None:
     """Validate an eraser's options (raises :class:`ConfigError` saying what is expected)."""
     if method not in ("ablate", "replace"):
         raise ConfigError(f"method must be 'ablate' or 'replace', got {method!r}")
-    _check_strength(method, "the concepts", strength)
+    if strength is not None:
+        _check_strength(method, None, strength)
     if not (0.0 <= start <= end <= 1.0):
         raise ConfigError(f"the window needs 0 <= start <= end <= 1 (fractions of the denoising), got {start}..{end}")
     if cfg not in ("both", "cond", "uncond"):
@@ -90,7 +92,7 @@ class ConceptEraser:
                  threshold_scale: float = 1.0, dilation: int = 0,
                  source: Literal["sample", "nearest", "uncond"] = "sample", seed: int = 0,
                  record_masks: bool = False) -> None:
-        check_options(method, strength, start, end, cfg)
+        check_options(method, None, start, end, cfg)
         if source not in ("sample", "nearest", "uncond"):
             raise ConfigError(f"source must be 'sample', 'nearest' or 'uncond', got {source!r}")
         if not math.isfinite(threshold_scale) or threshold_scale < 0 or dilation < 0:
