@@ -3,6 +3,10 @@ remove-concept, erase, inspect.
 
 The CLI only translates arguments; the work happens in the library. A user error exits with
 status 2 and one line ``error: ...``.
+
+``collect`` and ``train`` also run under ``torchrun`` (``torchrun --nproc_per_node N -m
+saeuron_core.cli train ...`` or ``torchrun --no-python ... saeuron train ...``): they join the
+process group torchrun describes and split the work; only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -58,16 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--rows-per-shard", type=int, default=256)
     c.add_argument("--dtype", default="float16", help="storage dtype: float16, bfloat16 or float32")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="under torchrun, 'cuda' means cuda:LOCAL_RANK")
+    c.add_argument("--rank", type=int, default=None,
+                   help="without torchrun: this job's share of the work (with --world-size; e.g. a SLURM array task)")
+    c.add_argument("--world-size", type=int, default=None, help="without torchrun: number of jobs sharing the work")
 
-    t = sub.add_parser("train", help="train a TopK SAE on a collected activation store")
-    t.add_argument("--store", required=True, help="folder written by 'saeuron collect'")
+    t = sub.add_parser("train", help="train a TopK SAE on a collected activation store (or --online)")
+    t.add_argument("--store", default=None, help="folder written by 'saeuron collect' (required unless --online)")
     t.add_argument("--out", required=True, help="output .safetensors SAE file")
     t.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT + '.ckpt.safetensors'); resumes if present")
     t.add_argument("--expansion-factor", type=int, default=16)
     t.add_argument("--n-latents", type=int, default=None)
     t.add_argument("--k", type=int, default=32)
-    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--batch-size", type=int, default=4096,
+                   help="tokens per optimizer step over all ranks (under torchrun each rank gets batch/ranks)")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--epochs", type=float, default=None)
     t.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(n_latents / 2^14)")
@@ -80,7 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shuffle-shards", type=int, default=4, help="shards shuffled together")
     t.add_argument("--checkpoint-every", type=int, default=1000)
     t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help="under torchrun, 'cuda' means cuda:LOCAL_RANK")
+    o = t.add_argument_group("online mode (--online: sample with the pipeline and train, no activation store)")
+    o.add_argument("--online", action="store_true", help="generate activations while training instead of reading a store")
+    o.add_argument("--model", default=None, help="local diffusers pipeline folder, single-file .safetensors checkpoint "
+                                                 "(with --config) or 'tiny[:SEED]'")
+    o.add_argument("--config", default=None, help="for a single-file checkpoint: a local diffusers pipeline folder")
+    o.add_argument("--prompts", default=None, help="text file (one prompt per line) or JSON list")
+    o.add_argument("--hook-point", default="up_blocks.1.attentions.1")
+    o.add_argument("--model-family", default="")
+    o.add_argument("--sampling-steps", type=int, default=50, help="denoising steps per generation")
+    o.add_argument("--guidance", type=float, default=7.5)
+    o.add_argument("--scheduler", default="ddim")
+    o.add_argument("--seeds", type=_seeds, default=[0], help="'0,1,2' or '0-9'")
+    o.add_argument("--every-n-steps", type=int, default=1)
+    o.add_argument("--halves", choices=["cond", "both"], default="cond")
+    o.add_argument("--tokens-per-map", type=int, default=None)
+    o.add_argument("--height", type=int, default=None)
+    o.add_argument("--width", type=int, default=None)
+    o.add_argument("--gen-batch-size", type=int, default=4, help="prompts per pipeline call")
+    o.add_argument("--buffer-tokens", type=int, default=2 ** 18, help="shuffling buffer size per rank (tokens)")
+    o.add_argument("--dtype", default="float16", help="precision tokens are kept in (as a store would)")
 
     i = sub.add_parser("info", help="describe an SAE file or folder")
     i.add_argument("path")
@@ -166,6 +194,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_collect(a: argparse.Namespace) -> int:
+    import os
+
+    from . import distributed
     from .collection import CollectConfig, collect_activations, read_prompts
     from .pipelines import load_pipeline
 
@@ -175,18 +206,38 @@ def _cmd_collect(a: argparse.Namespace) -> int:
                            rows_per_shard=a.rows_per_shard, dtype=a.dtype, model=a.model, model_family=a.model_family)
     config.validate()
     prompts = read_prompts(a.prompts)
-    pipe = load_pipeline(a.model, device=a.device)
-    store = collect_activations(pipe, prompts, a.out, config)
-    print(f"collected {store.n_rows} maps, {store.n_tokens} tokens of {store.d_in} channels "
-          f"in {len(store.shards)} shards -> {a.out}")
+    if (a.rank is None) != (a.world_size is None):
+        return _fail("collect: give both --rank and --world-size, or neither")
+    if a.rank is not None and distributed.launched_world_size() > 1:
+        return _fail("collect: --rank/--world-size are for independent jobs; under torchrun the ranks are known")
+    # Ranks only meet at the end (no GPU collectives), and may finish far apart: gloo, a long timeout.
+    info, device = distributed.init_from_env(
+        a.device, backend="gloo", timeout_minutes=float(os.environ.get(distributed.TIMEOUT_ENV, 24 * 60)))
+    try:
+        pipe = load_pipeline(a.model, device=device)
+        store = collect_activations(pipe, prompts, a.out, config, rank=a.rank, world_size=a.world_size)
+        if a.rank is not None:
+            total = len(prompts) * len(a.seeds)
+            state = "complete" if store.complete else f"{store.manifest['items_done']} of {total} items so far"
+            print(f"rank {a.rank} of {a.world_size} done; store {state}: {store.n_rows} maps in "
+                  f"{len(store.shards)} shards -> {a.out}")
+        elif info.is_main:
+            ranks = f" by {info.world_size} ranks" if info.world_size > 1 else ""
+            print(f"collected {store.n_rows} maps, {store.n_tokens} tokens of {store.d_in} channels "
+                  f"in {len(store.shards)} shards{ranks} -> {a.out}")
+    finally:
+        distributed.shutdown()
     return 0
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .store import ActivationStore
-    from .training import StoreSource, TrainConfig, train_sae
+    from . import distributed
+    from .training import TrainConfig
 
-    store = ActivationStore(a.store)
+    if a.online == (a.store is not None):
+        return _fail("train: give --store STORE, or --online with --model and --prompts")
+    if a.online and (a.model is None or a.prompts is None):
+        return _fail("train --online: --model and --prompts are required")
     config = TrainConfig(expansion_factor=a.expansion_factor, n_latents=a.n_latents, k=a.k, batch_size=a.batch_size,
                          steps=a.steps, epochs=a.epochs if a.steps is None else None, lr=a.lr,
                          warmup_steps=a.warmup_steps, lr_end_factor=a.lr_end_factor, auxk_alpha=a.auxk_alpha,
@@ -194,17 +245,53 @@ def _cmd_train(a: argparse.Namespace) -> int:
                          checkpoint_every=a.checkpoint_every, log_every=a.log_every)
     if not str(a.out).endswith(".safetensors"):
         return _fail(f"--out {a.out}: expected a path ending in .safetensors")
-    collect_cfg = store.manifest.get("config", {})
-    result = train_sae(StoreSource(store, a.shuffle_shards), config, hook_point=collect_cfg.get("hook_point", ""),
-                       model_family=collect_cfg.get("model_family", ""),
-                       checkpoint=a.checkpoint or f"{a.out}.ckpt.safetensors", out=a.out, device=a.device,
-                       source_info={"store": str(a.store), "model": collect_cfg.get("model", ""),
-                                    "tokens_in_store": store.n_tokens})
-    final = result.sae.training_summary["final"]
-    print(f"trained {result.sae.n_latents} latents (k={result.sae.k}) for {config.steps or 'epochs'} steps: "
-          f"FVU {final.get('fvu', float('nan')):.4f}, L0 {final.get('l0', 0):.1f}, "
-          f"dead {final.get('dead_frac', 0):.3f} -> {a.out}")
+    info, device = distributed.init_from_env(a.device)
+    try:
+        result = (_train_online if a.online else _train_store)(a, config, device)
+        if info.is_main:
+            final = result.sae.training_summary["final"]
+            ranks = f" on {info.world_size} ranks" if info.world_size > 1 else ""
+            print(f"trained {result.sae.n_latents} latents (k={result.sae.k}) for {config.steps or 'epochs'} steps"
+                  f"{ranks}: FVU {final.get('fvu', float('nan')):.4f}, L0 {final.get('l0', 0):.1f}, "
+                  f"dead {final.get('dead_frac', 0):.3f} -> {a.out}"
+                  + (f" ({result.tokens_per_second:,.0f} tokens/s)" if result.tokens_per_second else ""))
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _train_store(a: argparse.Namespace, config, device):
+    from .store import ActivationStore
+    from .training import StoreSource, train_sae
+
+    store = ActivationStore(a.store)
+    collect_cfg = store.manifest.get("config", {})
+    return train_sae(StoreSource(store, a.shuffle_shards), config, hook_point=collect_cfg.get("hook_point", ""),
+                     model_family=collect_cfg.get("model_family", ""),
+                     checkpoint=a.checkpoint or f"{a.out}.ckpt.safetensors", out=a.out, device=device,
+                     source_info={"store": str(a.store), "model": collect_cfg.get("model", ""),
+                                  "tokens_in_store": store.n_tokens})
+
+
+def _train_online(a: argparse.Namespace, config, device):
+    from .collection import CollectConfig, read_prompts
+    from .online import OnlineSource
+    from .pipelines import load_pipeline
+    from .training import train_sae
+
+    sampling = CollectConfig(hook_point=a.hook_point, steps=a.sampling_steps, guidance_scale=a.guidance,
+                             scheduler=a.scheduler, seeds=a.seeds, every_n_steps=a.every_n_steps, halves=a.halves,
+                             tokens_per_map=a.tokens_per_map, height=a.height, width=a.width,
+                             batch_size=a.gen_batch_size, dtype=a.dtype, model=a.model, model_family=a.model_family)
+    sampling.validate()
+    prompts = read_prompts(a.prompts)
+    pipe = load_pipeline(a.model, device=device, config=a.config)
+    source = OnlineSource(pipe, prompts, sampling, buffer_tokens=a.buffer_tokens)
+    return train_sae(source, config, hook_point=a.hook_point, model_family=a.model_family,
+                     checkpoint=a.checkpoint or f"{a.out}.ckpt.safetensors", out=a.out, device=device,
+                     source_info={"online": True, "model": a.model, "prompts": len(prompts), "seeds": a.seeds,
+                                  "sampling_steps": a.sampling_steps, "guidance": a.guidance,
+                                  "scheduler": a.scheduler, "buffer_tokens": a.buffer_tokens})
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
