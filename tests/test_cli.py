@@ -10,23 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saeuron_core.cli import main
+from cli_helpers import assert_user_error, run_cli
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.sae import SAEConfig, TopKSAE
 
 
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def assert_user_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert pattern in lines[0], lines[0]
 
 
 @pytest.fixture()

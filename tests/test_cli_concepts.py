@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from saeuron_core.cli import main
+from cli_helpers import assert_user_error, run_cli
 from saeuron_core.errors import ConfigError
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.pipelines import load_pipeline, make_tiny_pipeline
@@ -24,17 +24,8 @@ from conftest import HOOK
 STEPS = "4"
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def assert_user_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert pattern in lines[0], lines[0]
 
 
 def px(path):
