@@ -1,0 +1,1 @@
+"""Procedural demo data set, tiny text encoder and pixel-space diffusion model (plain torch)."""
