@@ -234,7 +234,7 @@ class ConceptEraser:
         firing feature stay bit-for-bit equal.
         """
         ri, ti = tok
-        delta = torch.einsum("ms,msc->mc", change, sae.W_dec[ids])
+        delta = F.embedding_bag(ids, sae.W_dec, per_sample_weights=change.to(sae.dtype), mode="sum")
         ri, ti = ri.to(x.device), ti.to(x.device)
         new = (x[ri, ti].to(delta.dtype) + delta.to(x.device)).to(x.dtype)
         # Tokens whose result would overflow the model's dtype (or an fp16 SAE's) stay as they were.

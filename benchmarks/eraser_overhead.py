@@ -1,0 +1,375 @@
+"""Eraser overhead per UNet call: no hook vs ablate (1 and 10 concepts) vs replace.
+
+Diffusers ``UNet2DConditionModel`` with SD 1.5's config (64x64 latent) and SDXL's config (128x128
+latent, with SDXL's added text/time conditioning), random weights, batch 2 (CFG), and the same SD 1.5
+model built through ComfyUI's own classes (ModelPatcher + the Concept Eraser node, timed per model
+call through ComfyUI's sampler). The SAE is 1280 -> 20480, k 32, random weights; its concepts are
+real library entries (``add_concept`` of ``ConceptData``) whose features are the ones that actually
+fire on the hooked block's activations, with SAeUron's threshold (mean activation over all tokens).
+
+    python -m benchmarks.eraser_overhead [--quick] [--only sd15,sdxl,comfy] [--reps N] [--sdxl-reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from saeuron_core.hooks import BlockCall, BlockHook
+from saeuron_core.interventions import ConceptEraser
+from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.scoring import ConceptData, add_concept
+
+from .common import (NO_PAUSE, Pauser, add_common_args, best_ratio, emit, encode_flops, fmt_s, interleaved, machine_line,
+                     matmul_gflops, median, paired_ratio, setup_threads, sparse_decode_flops, spread, table,
+                     timed)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", center_input_sample=False,
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
+    freq_shift=0,
+)
+# ComfyUI's description of SD 1.5's UNet (what its model detection produces for an SD 1.5 checkpoint).
+SD15_COMFY_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+# Quick mode: the same code paths on tiny models.
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=32,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32,
+)
+
+VARIANTS = ("no hook", "ablate, 1 concept", "ablate, 10 concepts", "replace, 1 concept")
+FEATURES_PER_CONCEPT = 3
+N_CONCEPTS = 10
+TIMESTEP = 500
+
+
+class Case:
+    """One model: how to call it, where to hook, and the SAE size."""
+
+    def __init__(self, label: str, unet: Any, hook_point: str, inputs: dict[str, Any], d_in: int, n_latents: int,
+                 k: int) -> None:
+        self.label, self.unet, self.hook_point, self.inputs = label, unet, hook_point, inputs
+        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+
+    def __call__(self) -> Any:
+        with torch.no_grad():
+            return self.unet(**self.inputs)
+
+
+def build_unet(config: dict[str, Any], seed: int = 0) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval().requires_grad_(False)
+
+
+def sd_inputs(config: dict[str, Any], latent: int, text_dim: int, *, sdxl: bool, pooled: int = 1280) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1)
+    inputs = {"sample": torch.randn(2, 4, latent, latent, generator=g), "timestep": torch.tensor(TIMESTEP),
+              "encoder_hidden_states": torch.randn(2, 77, text_dim, generator=g), "return_dict": False}
+    if sdxl:
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g),
+                                       "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8,
+                                                                  latent * 8]] * 2, dtype=torch.float32)}
+    return inputs
+
+
+def capture(case: Case) -> BlockCall:
+    """One real call of the hooked block (the no-hook output), for concept building and eraser-only timing."""
+    seen: list[BlockCall] = []
+    with BlockHook(case.unet, case.hook_point, lambda call: seen.append(call), cfg_layout="uncond_cond"):
+        case()
+    return seen[0]
+
+
+def concept_data(name: str, feats: list[int], mu: list[float], thr: list[float], n_buckets: int = 50) -> ConceptData:
+    m = len(feats)
+    return ConceptData(name=name, bucket_width=1000 / n_buckets, max_timestep=1000,
+                       feature_ids=torch.tensor(feats, dtype=torch.long).expand(n_buckets, m).clone(),
+                       scores=torch.linspace(1.0, 0.5, m).expand(n_buckets, m).clone(),
+                       mu=torch.tensor(mu).expand(n_buckets, m).clone(),
+                       threshold=torch.tensor(thr).expand(n_buckets, m).clone(),
+                       n_selected=torch.full((n_buckets,), min(FEATURES_PER_CONCEPT, m), dtype=torch.long),
+                       observed=torch.ones(n_buckets, dtype=torch.bool), info={"benchmark": True})
+
+
+def make_sae(case: Case, call: BlockCall) -> TopKSAE:
+    """Random SAE centred on the block's activations, with 10 library concepts built from its firing features."""
+    torch.manual_seed(2)
+    sae = TopKSAE(SAEConfig(d_in=case.d_in, n_latents=case.n_latents, k=case.k, hook_point=case.hook_point)).eval()
+    tokens = call.tokens.reshape(-1, case.d_in).float()
+    with torch.no_grad():
+        sae.b_dec.copy_(tokens.mean(0))
+        code = sae.encode(tokens)
+    values, ids = code.values.flatten().double(), code.indices.flatten()
+    active = values > 0
+    count = torch.bincount(ids[active], minlength=case.n_latents)
+    total = torch.zeros(case.n_latents, dtype=torch.float64).index_add_(0, ids, values)
+    order = count.argsort(descending=True)
+    per = FEATURES_PER_CONCEPT + 1  # the last candidate is scored but not selected, as in a real entry
+    for c in range(N_CONCEPTS):
+        feats = order[c * per:(c + 1) * per].tolist()
+        mu = [float(total[f] / tokens.shape[0]) for f in feats]          # mean activation on the concept
+        thr = [float(total[f] / tokens.shape[0]) for f in feats]         # mean activation over all tokens
+        add_concept(sae, concept_data(f"concept{c}", feats, mu, thr))
+    return sae
+
+
+def erasers(sae: TopKSAE) -> dict[str, ConceptEraser]:
+    names = [f"concept{c}" for c in range(N_CONCEPTS)]
+    return {"ablate, 1 concept": ConceptEraser(sae, names[:1], "ablate"),
+            "ablate, 10 concepts": ConceptEraser(sae, names, "ablate"),
+            "replace, 1 concept": ConceptEraser(sae, names[:1], "replace")}
+
+
+def with_hook(case: Case, fn: Callable) -> Callable[[], Any]:
+    hook = BlockHook(case.unet, case.hook_point, fn, cfg_layout="uncond_cond")
+
+    def run() -> Any:
+        with hook:
+            return case()
+    return run
+
+
+def edited_fraction(eraser: ConceptEraser, call: BlockCall) -> float:
+    out = eraser(call)
+    return 0.0 if out is None else float((out != call.tokens).any(-1).float().mean())
+
+
+def measure_diffusers(case: Case, reps: int, gflops: float, pauser: Pauser, log: bool, warmup: int = 1) -> str:
+    call = capture(case)  # also the first warm-up call
+    sae = make_sae(case, call)
+    setup = median([timed(lambda: erasers(sae)) for _ in range(3)])
+    made = erasers(sae)
+    fns = {"no hook": case, **{name: with_hook(case, e) for name, e in made.items()}}
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(fns, reps, warmup=warmup, pauser=pauser, log=log, cpu=cpu)
+    # The eraser alone on the captured block call: the same work without the UNet's noise around it.
+    alone_fns = {"SAE encode, all tokens": lambda: sae.encode(call.tokens),
+                 **{name: (lambda e=e: e(call)) for name, e in made.items()}}
+    with torch.no_grad():
+        alone = interleaved(alone_fns, max(reps, 7), warmup=1, pauser=pauser)
+    gflops = max(gflops, matmul_gflops(512, case.d_in, case.n_latents))
+    tokens = call.tokens.shape[0] * call.tokens.shape[1]
+    floor_encode = encode_flops(tokens, case.d_in, case.n_latents) / (gflops * 1e9)
+    floor_decode = sparse_decode_flops(tokens, case.d_in, case.k) / (gflops * 1e9)
+    base = median(times["no hook"])
+    rows = []
+    for name in VARIANTS:
+        t = median(times[name])
+        if name == "no hook":
+            rows.append([name, fmt_s(t), fmt_s(median(cpu[name])), "1.000", "1.000", "1.000", "-", "-", "-", "-",
+                         f"{spread(times[name]):.1f}%"])
+            continue
+        floor = floor_encode + (floor_decode if name.startswith("ablate") else 0.0)
+        own = median(alone[name])
+        rows.append([name, fmt_s(t), fmt_s(median(cpu[name])), f"{paired_ratio(times, name, 'no hook'):.3f}",
+                     f"{paired_ratio(cpu, name, 'no hook'):.3f}", f"{best_ratio(times, name, 'no hook'):.3f}",
+                     f"{fmt_s(own)} ({1 + own / base:.3f}x)",
+                     f"{100 * edited_fraction(made[name], call):.1f}%", fmt_s(floor), f"{own / floor:.2f}x",
+                     f"{spread(times[name]):.1f}%"])
+    rows.append(["(SAE encode, all tokens)", "-", "-", "-", "-", "-", fmt_s(median(alone["SAE encode, all tokens"])),
+                 "-", fmt_s(floor_encode), f"{median(alone['SAE encode, all tokens']) / floor_encode:.2f}x", "-"])
+    title = (f"Eraser overhead per UNet call: {case.label}, hook {case.hook_point} ({tokens} tokens = batch 2 x "
+             f"{call.tokens.shape[1]}), SAE {case.d_in}->{case.n_latents} k={case.k}, {reps} interleaved reps, "
+             f"{warmup} warm-up round")
+    headers = ["variant", "wall / call (median)", "process CPU / call (median)", "wall ratio to no hook (paired)",
+               "CPU ratio to no hook (paired)", "best-of ratio (min / min)",
+               "eraser alone, wall (1 + its share of a no-hook call)",
+               "tokens edited", "floor (encode+decode)", "eraser alone / floor", "wall spread"]
+    note = (f"\nEraser set-up (once per sampling run): {fmt_s(setup)} for all three erasers. Floors use the best "
+            f"fp32 matmul rate measured in this run: {gflops:.1f} GFLOP/s.\n")
+    return table(title, headers, rows) + note
+
+
+# -- ComfyUI path -------------------------------------------------------------------------------
+
+def start_comfy(tmp: Path) -> Any:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import comfy_host
+
+    return comfy_host.start(tmp)
+
+
+def comfy_model(diffusers_unet: Any, unet_config: dict[str, Any]) -> Any:
+    """A ComfyUI ModelPatcher (its SD15 class, a ``supported_models_base.BASE``) with the diffusers UNet's weights."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+
+    config = dict(unet_config, dtype=torch.float32)
+    model = comfy.supported_models.SD15(dict(config)).get_model({}, device="cpu")
+    mapping = comfy.utils.unet_to_diffusers(dict(config))
+    converted = {"diffusion_model." + mapping[k]: v for k, v in diffusers_unet.state_dict().items() if k in mapping}
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if k.startswith("diffusion_model.")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights did not map onto ComfyUI's UNet: {missing[:5]} {unexpected[:5]}")
+    model.eval().requires_grad_(False)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def measure_comfy(pack: Any, patcher: Any, sae: TopKSAE, latent: int, text_dim: int, steps: int, reps: int,
+                  label: str, pauser: Pauser, log: bool) -> str:
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(3)
+    positive = [[torch.randn(1, 77, text_dim, generator=g), {}]]
+    negative = [[torch.randn(1, 77, text_dim, generator=g), {}]]
+    noise = torch.randn(1, 4, latent, latent, generator=g)
+    empty = torch.zeros(1, 4, latent, latent)
+    node = pack.NODE_CLASS_MAPPINGS["SAeUronConceptEraser"]()
+    names = [f"concept{c}" for c in range(N_CONCEPTS)]
+    models = {"no hook": patcher,
+              "ablate, 1 concept": node.erase(patcher, sae, names[0], "ablate", 1.0, 0.0, 1.0, "both")[0],
+              "ablate, 10 concepts": node.erase(patcher, sae, ", ".join(names), "ablate", 1.0, 0.0, 1.0, "both")[0],
+              "replace, 1 concept": node.erase(patcher, sae, names[0], "replace", 1.0, 0.0, 1.0, "both")[0]}
+
+    # Per model call = the time between consecutive step callbacks (euler: one model call per step); the
+    # first step of each sample, which also pays for loading/patching that clone, is left out.
+    per_call: dict[str, list[float]] = {name: [] for name in models}
+    cpu_call: dict[str, list[float]] = {name: [] for name in models}
+
+    def sampler(name: str, model: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            stamps: list[tuple[float, float]] = []
+            with torch.inference_mode():
+                result = comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, empty,
+                                             disable_pbar=True, seed=0, callback=lambda *a: stamps.append(
+                                                 (time.perf_counter(), time.process_time())))
+            per_call[name].extend(b[0] - a[0] for a, b in zip(stamps, stamps[1:]))
+            cpu_call[name].extend(b[1] - a[1] for a, b in zip(stamps, stamps[1:]))
+            return result
+        return run
+
+    interleaved({name: sampler(name, m) for name, m in models.items()}, reps, warmup=0, pauser=pauser, log=log)
+    base = median(per_call["no hook"])
+    rows = []
+    for name in VARIANTS:
+        t = median(per_call[name])
+        ratio = "1.000" if name == "no hook" else f"{paired_ratio(per_call, name, 'no hook'):.3f}"
+        cpu_ratio = "1.000" if name == "no hook" else f"{paired_ratio(cpu_call, name, 'no hook'):.3f}"
+        rows.append([name, fmt_s(t), fmt_s(median(cpu_call[name])), ratio, cpu_ratio,
+                     f"{best_ratio(per_call, name, 'no hook'):.3f}",
+                     "-" if name == "no hook" else fmt_s(t - base), f"{spread(per_call[name]):.1f}%"])
+    title = (f"Eraser overhead per model call through ComfyUI: {label} (ComfyUI's SD15 model class, ModelPatcher, "
+             f"Concept Eraser node, comfy.sample.sample euler/normal, cfg 5 = batch 2), {reps} interleaved samples of "
+             f"{steps} steps per variant, timed between step callbacks ({steps - 1} model calls per sample)")
+    return table(title, ["variant", "wall / model call (median)", "process CPU / model call (median)",
+                         "wall ratio to no hook (paired)", "CPU ratio to no hook (paired)",
+                         "best-of ratio (min / min)", "wall overhead",
+                         "wall spread"], rows)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> str:
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser.add_argument("--only", default="sd15,comfy,sdxl", help="comma-separated: sd15, comfy, sdxl")
+    parser.add_argument("--sdxl-reps", type=int, default=None, help="reps for SDXL (one call can take a minute)")
+    parser.add_argument("--comfy-steps", type=int, default=None, help="sampling steps per timed ComfyUI sample")
+    parser.add_argument("--comfy-reps", type=int, default=None, help="timed ComfyUI samples per variant")
+    parser.add_argument("--log", action="store_true", help="print every sample to stderr (always on without --quick)")
+    args = parser.parse_args(argv)
+    threads = setup_threads(args)
+    args.log = args.log or not args.quick
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    reps = args.reps or (2 if args.quick else 5)
+    pauser = Pauser(args.pause_pid) if args.pause_pid else NO_PAUSE
+    out = [f"{machine_line()}\n"]
+    emit(out[0])
+    with pauser:
+        gflops = matmul_gflops(*((64, 64, 1024) if args.quick else (512, 1280, 20480)))
+    line = f"measured fp32 matmul rate (SAE-encode shape): {gflops:.1f} GFLOP/s with {threads} threads\n"
+    out.append(line)
+    emit(line)
+    tmp = Path(tempfile.mkdtemp(prefix="saeuron-bench-"))
+    try:
+        if only & {"sd15", "comfy"}:
+            if args.quick:
+                from saeuron_core.pipelines import make_tiny_pipeline
+
+                unet = make_tiny_pipeline(seed=0).unet.eval().requires_grad_(False)
+                case = Case("tiny SD1.5-layout UNet (quick)", unet, "up_blocks.1.attentions.1",
+                            sd_inputs({}, 8, 32, sdxl=False), d_in=32, n_latents=256, k=8)
+            else:
+                unet = build_unet(SD15_UNET)
+                case = Case("SD1.5-size UNet (diffusers, random weights), 64x64 latent", unet,
+                            "up_blocks.1.attentions.1", sd_inputs(SD15_UNET, 64, 768, sdxl=False),
+                            d_in=1280, n_latents=20480, k=32)
+            if "sd15" in only:
+                with pauser:
+                    text = measure_diffusers(case, reps, gflops, pauser, args.log)
+                out.append(text)
+                emit(text)
+            if "comfy" in only:
+                pack = start_comfy(tmp)
+                if args.quick:
+                    from comfy_host import TINY_UNET_CONFIG
+                    comfy_cfg, label, latent, text_dim = TINY_UNET_CONFIG, "tiny SD1.5-layout model (quick)", 8, 32
+                else:
+                    comfy_cfg, label, latent, text_dim = SD15_COMFY_CONFIG, "SD1.5-size, 64x64 latent", 64, 768
+                patcher = comfy_model(case.unet, comfy_cfg)
+                with pauser:
+                    sae = make_sae(case, capture(case))
+                    text = measure_comfy(pack, patcher, sae, latent, text_dim, args.comfy_steps or 3,
+                                         args.comfy_reps or (reps if args.quick else 2), label, pauser, args.log)
+                out.append(text)
+                emit(text)
+                del patcher, sae
+            del case, unet
+            gc.collect()
+        if "sdxl" in only:
+            if args.quick:
+                case = Case("tiny SDXL-layout UNet (quick)", build_unet(TINY_SDXL_UNET), "up_blocks.0.attentions.1",
+                            sd_inputs({}, 8, 32, sdxl=True, pooled=32), d_in=64, n_latents=256, k=8)
+            else:
+                case = Case("SDXL-size UNet (diffusers, random weights), 128x128 latent", build_unet(SDXL_UNET),
+                            "up_blocks.0.attentions.1", sd_inputs(SDXL_UNET, 128, 2048, sdxl=True),
+                            d_in=1280, n_latents=20480, k=32)
+            with pauser:
+                # One SDXL call at 128x128 takes minutes on 2 CPU cores: fewer reps, and the capture call
+                # is the only warm-up.
+                text = measure_diffusers(case, args.sdxl_reps or (reps if args.quick else 2), gflops, pauser, args.log,
+                                         warmup=1 if args.quick else 0)
+            out.append(text)
+            emit(text)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
