@@ -409,6 +409,19 @@ def _device_type(device: str | torch.device) -> str:
     return torch.device(device).type
 
 
+def _auxk_numerator(sae: TopKSAE, pre: Tensor, recon: Tensor, x: Tensor, dead: Tensor, n_dead: int,
+                    config: TrainConfig) -> Tensor:
+    """AuxK's squared error before dividing by the batch variance: the top ``d_in // 2`` pre-activations
+    of dead latents predict the residual ``x - recon`` (scaled down while few latents are dead)."""
+    if not n_dead or config.auxk_alpha <= 0:
+        return torch.zeros((), device=x.device)
+    k_aux = min(sae.d_in // 2, n_dead)
+    scale = min(n_dead / (sae.d_in // 2), 1.0)
+    aux_values, aux_indices = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False)
+    e_hat = sae.decode(aux_values, aux_indices, bias=False)
+    return scale * (e_hat - (x - recon).detach()).pow(2).sum()
+
+
 def _train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, since_fired: Tensor,
                 config: TrainConfig, lr: float, dist: Optional[DistInfo] = None) -> dict[str, float]:
     if dist is not None and dist.enabled:
@@ -422,14 +435,7 @@ def _train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, since_fired
 
     dead = since_fired > config.dead_tokens_threshold
     n_dead = int(dead.sum())
-    auxk = torch.zeros((), device=x.device)
-    if n_dead and config.auxk_alpha > 0:
-        k_aux = min(sae.d_in // 2, n_dead)
-        scale = min(n_dead / (sae.d_in // 2), 1.0)
-        aux_values, aux_indices = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False)
-        residual = (x - recon).detach()
-        e_hat = sae.decode(aux_values, aux_indices, bias=False)
-        auxk = scale * (e_hat - residual).pow(2).sum() / total_var
+    auxk = _auxk_numerator(sae, pre, recon, x, dead, n_dead, config) / total_var
     loss = fvu + config.auxk_alpha * auxk
 
     opt.zero_grad(set_to_none=True)
@@ -468,14 +474,7 @@ def _train_step_distributed(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor,
 
     dead = since_fired > config.dead_tokens_threshold
     n_dead = int(dead.sum())
-    aux = torch.zeros((), device=x.device)
-    if n_dead and config.auxk_alpha > 0:
-        k_aux = min(sae.d_in // 2, n_dead)
-        scale = min(n_dead / (sae.d_in // 2), 1.0)
-        aux_values, aux_indices = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False)
-        residual = (x - recon).detach()
-        e_hat = sae.decode(aux_values, aux_indices, bias=False)
-        aux = scale * (e_hat - residual).pow(2).sum()
+    aux = _auxk_numerator(sae, pre, recon, x, dead, n_dead, config)
     loss = (err + config.auxk_alpha * aux) / total_var
 
     opt.zero_grad(set_to_none=True)
