@@ -30,7 +30,7 @@ from saeuron_core.demo.textenc import build_text_encoder, build_tokenizer, token
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_assets", help="output folder (train_state/, model/, train_log.txt)")
-    p.add_argument("--total-steps", type=int, default=12000)
+    p.add_argument("--total-steps", type=int, default=6000)
     p.add_argument("--stop-at", type=int, default=None, help="exit after this step (default: total-steps)")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=50)
@@ -43,6 +43,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--threads-file",
+        default=None,
+        help="file holding a thread count (0 pauses), re-read before every step (lets a long run yield cores to other jobs)",
+    )
     return p.parse_args()
 
 
@@ -199,6 +204,20 @@ class Trainer:
         return loss.item()
 
 
+def _follow_threads_file(path: str | None) -> None:
+    """Apply the thread count in `path`; 0 pauses training until the file says otherwise."""
+    while path and os.path.exists(path):
+        try:
+            n = int(open(path).read().strip())
+        except ValueError:
+            return
+        if n >= 1:
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
+            return
+        time.sleep(5)
+
+
 def main() -> None:
     a = parse_args()
     import transformers
@@ -223,10 +242,16 @@ def main() -> None:
     losses: list[float] = []
     t0 = time.time()
     while tr.step < stop:
+        paused = time.time()
+        _follow_threads_file(a.threads_file)
+        t0 += time.time() - paused
         losses.append(tr.train_step())
         if tr.step % a.log_every == 0:
             dt = (time.time() - t0) / len(losses)
-            line = f"step {tr.step} loss {sum(losses) / len(losses):.4f} lr {lr_at(tr.step - 1, a):.2e} s/step {dt:.2f}"
+            line = (
+                f"step {tr.step} loss {sum(losses) / len(losses):.4f} lr {lr_at(tr.step - 1, a):.2e} "
+                f"s/step {dt:.2f} threads {torch.get_num_threads()}"
+            )
             print(line, flush=True)
             log.write(line + "\n")
             losses, t0 = [], time.time()
