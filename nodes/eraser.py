@@ -28,7 +28,8 @@ class ConceptEraserNode:
             "model": ("MODEL", {"tooltip": "The diffusion model to erase from (it is not modified)."}),
             "sae": ("SAE", {"tooltip": "An SAE trained on this model's block, with the concepts in its library."}),
             "concepts": ("STRING", {"default": "", "multiline": False,
-                                    "tooltip": "Concept names from the SAE's library, separated by commas."}),
+                                    "tooltip": "Concept names from the SAE's library, separated by commas. In the "
+                                               "page, click to pick them from the SAE chosen in Load SAE."}),
             "method": (["ablate", "replace"], {"default": "ablate",
                                               "tooltip": "ablate: push features negative; replace: detect and swap patches."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_ABLATE_STRENGTH, "step": 0.1,

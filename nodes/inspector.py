@@ -39,7 +39,8 @@ class FeatureInspector:
             "latent_image": ("LATENT", {"tooltip": "Starting latent (e.g. Empty Latent Image)."}),
             "vae": ("VAE", {"tooltip": "Decodes the result for the overlay."}),
             "concepts": ("STRING", {"default": "", "tooltip": "Concept names from the SAE's library, comma separated; "
-                                                             "the first one is drawn."}),
+                                                             "the first one is drawn. In the page, click to pick "
+                                                             "them from the SAE chosen in Load SAE."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Sampling seed."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),

@@ -1,0 +1,476 @@
+"""ComfyUI's own page in headless Chromium against a real ComfyUI server with the pack loaded.
+
+Every UI-format workflow is loaded the way a dropped file is (``app.loadGraphData``), checked (no
+missing node types, every widget holds the file's value and is a valid choice, every link and
+required input connected), queued with the page's Queue button and run until its output shows in
+the page. Screenshots of each graph and its result go to docs/screenshots/ (the README shows them;
+``SAEURON_SCREENSHOT_DIR`` overrides). Also: the concept picker follows the SAE chosen in Load SAE,
+and the pack's errors show in the page's error dialog with their message.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (scripts/setup_env.sh installs them as root);
+without them these tests are skipped, except in CI, where they fail.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from saeuron_core.formats import save_sae
+from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.scoring import learn_concept, remove_concept
+
+from conftest import HOOK
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+UI_FILES = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith(".api.json"))
+SCREENSHOTS = Path(os.environ.get("SAEURON_SCREENSHOT_DIR", ROOT / "docs" / "screenshots"))
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# Without the networking flags Chromium's background services fail in a closed network.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,800"]
+VIEWPORT = (1280, 720)
+RUN_TIMEOUT_S = 300
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_pipe):
+    """A ComfyUI server with the workflows' model (the tiny pipeline as ``saeuron-demo``) and two SAEs
+    with different concept libraries: ``saeuron-demo`` (star, stripes) and ``saeuron-other`` (circle, star)."""
+    import comfy_host
+
+    srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("browser"))
+    tiny_pipe.save_pretrained(str(srv.models / "diffusers" / "saeuron-demo"), safe_serialization=True)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK, model_family="tiny"))
+    for name, pos, neg in (("stripes", "a star in stripes style", "a star in solid style"),
+                           ("star", "a star in stripes style", "a circle in stripes style")):
+        learn_concept(tiny_pipe, sae, name, [pos], [neg], steps=8, guidance_scale=5.0, progress=False)
+    save_sae(sae, srv.models / "sae" / "saeuron-demo.safetensors")
+    learn_concept(tiny_pipe, sae, "circle", ["a circle in stripes style"], ["a star in stripes style"], steps=8,
+                  guidance_scale=5.0, progress=False)
+    remove_concept(sae, "stripes")
+    save_sae(sae, srv.models / "sae" / "saeuron-other.safetensors")
+    # An SAE of another width: it does not fit the model's block.
+    save_sae(TopKSAE(SAEConfig(d_in=48, n_latents=96, k=4, hook_point=HOOK)), srv.models / "sae" / "wide.safetensors")
+    with srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} is missing; scripts/setup_env.sh installs them as root")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False})
+    driver.set_script_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture()
+def page(server, browser):
+    """ComfyUI's page, freshly loaded and connected to the server."""
+    browser.get(server.url)
+    wait_for(browser, "return !!(window.app && app.graph && app.canvas && "
+                      "app.extensions.some(e => e.name === 'SAeUron.ConceptPicker') && "
+                      "/^Queue size: \\d+$/.test(document.querySelector('.comfy-menu-queue-size')?.textContent))",
+             timeout=60, what="ComfyUI's page to load and connect")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+    assert not errors, f"the page logged errors while loading: {errors}"
+    return browser
+
+
+# -- page helpers --------------------------------------------------------------------------
+
+def wait_for(driver, script: str, *, timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``script`` in the page until it returns something truthy."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def load_workflow(driver, workflow: dict) -> None:
+    """Load a workflow with the page's own function for dropped files, then fit it into view."""
+    error = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "app.loadGraphData(arguments[0]).then(() => done(null), (e) => done(String(e)));", workflow)
+    assert error is None, f"app.loadGraphData failed: {error}"
+    fit_view(driver)
+
+
+def fit_view(driver, node_ids: list[int] | None = None) -> None:
+    """Zoom and pan the canvas so the nodes (all by default) fill the space left of the menu."""
+    driver.execute_script("""
+        const ids = arguments[0];
+        const nodes = app.graph._nodes.filter(n => !ids || ids.includes(n.id));
+        const title = LiteGraph.NODE_TITLE_HEIGHT, pad = 30;
+        const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
+        const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+        const menu = document.querySelector('.comfy-menu').getBoundingClientRect();
+        const width = Math.min(menu.left, app.canvas.canvas.clientWidth) - 2 * pad;
+        const height = app.canvas.canvas.clientHeight - 2 * pad;
+        const scale = Math.min(width / (x1 - x0), height / (y1 - y0), 1.25);
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [pad / scale - x0 + (width / scale - (x1 - x0)) / 2, pad / scale - y0];
+        app.graph.setDirtyCanvas(true, true);
+        app.canvas.draw(true, true);
+    """, node_ids)
+
+
+PAGE_STATE_JS = """
+const modal = document.querySelector('.comfy-modal');
+const shown = modal && getComputedStyle(modal).display !== 'none';
+return {
+  dialog: shown ? modal.innerText : null,
+  missing_dialog: shown && !!modal.querySelector('.comfy-missing-nodes'),
+  nodes: app.graph._nodes.map(n => {
+    const required = n.constructor.nodeData?.input?.required ?? {};
+    return {
+      id: n.id, type: n.type, title: n.title, registered: n.type in LiteGraph.registered_node_types,
+      widgets: (n.widgets ?? []).map(w => ({
+        name: w.name, value: w.value,
+        choices: Array.isArray(w.options?.values) ? w.options.values : null,
+        min: w.options?.min ?? null, max: w.options?.max ?? null})),
+      inputs: (n.inputs ?? []).map(i => ({name: i.name, link: i.link, required: i.name in required})),
+      outputs: (n.outputs ?? []).map(o => ({name: o.name, links: o.links ?? []})),
+    };
+  }),
+  links: Object.values(app.graph.links).filter(Boolean).map(
+    l => [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]),
+};
+"""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return a == b
+
+
+def graph_problems(state: dict, workflow: dict) -> list[str]:
+    """What differs between the graph in the page and the workflow file; each line names its node."""
+    problems = []
+    if state["missing_dialog"]:
+        problems.append(f"the page shows the missing-node-types dialog: {state['dialog'].strip()!r}")
+    page_nodes = {n["id"]: n for n in state["nodes"]}
+    for node in workflow["nodes"]:
+        label = f"node {node['id']} ({node['type']})"
+        got = page_nodes.get(node["id"])
+        if got is None:
+            problems.append(f"{label}: not in the page's graph")
+            continue
+        if not got["registered"]:
+            problems.append(f"{label}: node type {node['type']!r} is unknown to this ComfyUI and the pack")
+            continue
+        values = node.get("widgets_values", [])
+        if len(got["widgets"]) != len(values):
+            problems.append(f"{label}: the page has {len(got['widgets'])} widgets, the file {len(values)} values")
+        for widget, value in zip(got["widgets"], values):
+            name = widget["name"]
+            if not _same(widget["value"], value):
+                problems.append(f"{label}: widget {name} holds {widget['value']!r}, the file has {value!r}")
+            if widget["choices"] is not None and widget["value"] not in widget["choices"]:
+                problems.append(f"{label}: widget {name} = {widget['value']!r} is not one of {widget['choices']}")
+            number = isinstance(widget["value"], (int, float)) and not isinstance(widget["value"], bool)
+            if number and widget["min"] is not None and widget["value"] < widget["min"]:
+                problems.append(f"{label}: widget {name} = {widget['value']!r} is below its minimum {widget['min']}")
+            if number and widget["max"] is not None and widget["value"] > widget["max"]:
+                problems.append(f"{label}: widget {name} = {widget['value']!r} is above its maximum {widget['max']}")
+        for slot in got["inputs"]:
+            if slot["required"] and slot["link"] is None:
+                problems.append(f"{label}: required input {slot['name']} is not connected")
+    page_links = {link[0]: link for link in state["links"]}
+    for link in workflow["links"]:
+        link_id, src, src_slot, dst, dst_slot, _ = link
+        label = f"link {link_id} from node {src} to node {dst} ({page_nodes.get(dst, {}).get('type', '?')})"
+        if page_links.get(link_id) is None or list(page_links[link_id][:5]) != link[:5]:
+            problems.append(f"{label}: not connected in the page")
+            continue
+        dst_node, src_node = page_nodes.get(dst), page_nodes.get(src)
+        if dst_node is None or src_node is None or dst_node["inputs"][dst_slot]["link"] != link_id \
+                or link_id not in src_node["outputs"][src_slot]["links"]:
+            problems.append(f"{label}: the nodes' slots do not hold it")
+    return problems
+
+
+def check_loaded_graph(driver, workflow: dict, name: str) -> None:
+    """Fail, naming every offending node, unless the page holds exactly the workflow file's graph."""
+    problems = graph_problems(driver.execute_script(PAGE_STATE_JS), workflow)
+    if problems:
+        raise AssertionError(f"{name} does not load cleanly in ComfyUI's page:\n  " + "\n  ".join(problems))
+
+
+def screenshot(driver, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    # Without the canvas's frame-rate corner the pictures only change when the page does.
+    driver.execute_script("app.canvas.show_info = false; app.canvas.draw(true, true);")
+    png = driver.get_screenshot_as_png()
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:  # a 256-colour palette keeps the README's pictures small
+        image.convert("RGB").quantize(256).save(path, optimize=True)
+    return path
+
+
+def dialog_text(driver, timeout: float = 60) -> str:
+    return wait_for(driver, "const m = document.querySelector('.comfy-modal');"
+                            "return m && getComputedStyle(m).display !== 'none' ? m.innerText : null;",
+                    timeout=timeout, what="ComfyUI's error dialog")
+
+
+def queue_from_page(driver) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "queue-button").click()
+
+
+OUTPUTS_JS = """
+const modal = document.querySelector('.comfy-modal');
+if (modal && getComputedStyle(modal).display !== 'none') return {error: modal.innerText};
+const outputs = app.graph._nodes.filter(n => n.constructor.nodeData?.output_node);
+const shown = outputs.map(n => {
+  const images = (n.imgs ?? []).filter(img => img.complete && img.naturalWidth > 0);
+  const ui = app.nodeOutputs[n.id];
+  return {id: n.id, type: n.type, images: images.map(img => [img.naturalWidth, img.naturalHeight, img.src]),
+          text: ui?.text ?? null, ran: !!ui, expected: ui?.images?.length ?? null};
+});
+const done = shown.length > 0 && shown.every(s => s.ran && (s.expected === null || s.images.length === s.expected));
+return {done, shown};
+"""
+
+
+def run_from_page(driver, timeout: float = RUN_TIMEOUT_S) -> list[dict]:
+    """Press Queue and wait until every output node shows what it made (images loaded in the page)."""
+    queue_from_page(driver)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = driver.execute_script(OUTPUTS_JS)
+        if state.get("error"):
+            raise AssertionError(f"the page shows an error dialog: {state['error']}")
+        if state["done"]:
+            fit_view(driver)
+            return state["shown"]
+        time.sleep(0.5)
+    raise AssertionError(f"outputs did not appear within {timeout} s: {driver.execute_script(OUTPUTS_JS)}")
+
+
+def widget_point(driver, node_id: int, widget: str) -> tuple[float, float]:
+    """Viewport coordinates of the middle of a node's widget (as drawn on the canvas)."""
+    return tuple(driver.execute_script("""
+        const node = app.graph.getNodeById(arguments[0]);
+        const w = node.widgets.find(w => w.name === arguments[1]);
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas(
+            [node.pos[0] + node.size[0] / 2, node.pos[1] + w.last_y + LiteGraph.NODE_WIDGET_HEIGHT / 2]);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        return [r.left + x, r.top + y];
+    """, node_id, widget))
+
+
+def click_at(driver, point: tuple[float, float]) -> None:
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    actions = ActionBuilder(driver)
+    actions.pointer_action.move_to_location(int(point[0]), int(point[1])).click()
+    actions.perform()
+
+
+def open_widget_menu(driver, node_id: int, widget: str) -> list[str]:
+    """Click a widget on the canvas and return the entries of the menu it opens."""
+    driver.execute_script("LiteGraph.closeAllContextMenus(window);")
+    click_at(driver, widget_point(driver, node_id, widget))
+    return wait_for(driver, "const m = document.querySelector('.litecontextmenu');"
+                            "return m ? [...m.querySelectorAll('.litemenu-entry')].map(e => e.innerText.trim()) : null;",
+                    timeout=20, what=f"the menu of widget {widget} on node {node_id}")
+
+
+def click_menu_entry(driver, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    for entry in driver.find_elements(By.CSS_SELECTOR, ".litecontextmenu .litemenu-entry"):
+        if entry.text.strip() == text:
+            entry.click()
+            return
+    raise AssertionError(f"no menu entry {text!r}")
+
+
+def widget_value(driver, node_id: int, widget: str) -> Any:
+    return driver.execute_script("return app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === arguments[1]).value;",
+                                 node_id, widget)
+
+
+def set_widget(driver, node_id: int, widget: str, value: Any) -> None:
+    """Set a widget's value as typing it in would (value and the widget's callback)."""
+    driver.execute_script("""
+        const node = app.graph.getNodeById(arguments[0]);
+        const w = node.widgets.find(w => w.name === arguments[1]);
+        w.value = arguments[2];
+        w.callback?.(w.value, app.canvas, node);
+        app.graph.setDirtyCanvas(true, true);
+    """, node_id, widget, value)
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_workflow_loads_and_runs_in_the_page(page, server, path):
+    workflow = json.loads(path.read_text())
+    load_workflow(page, workflow)
+    check_loaded_graph(page, workflow, path.name)
+    screenshot(page, f"{path.stem}-graph")
+
+    shown = run_from_page(page)
+    saves = [n for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")]
+    images = {s["id"]: s["images"] for s in shown}
+    for node in saves:
+        assert len(images[node["id"]]) == 1, f"node {node['id']} shows {images[node['id']]}"
+        width, height, src = images[node["id"]][0]
+        assert (width, height) == (16, 16) and "/view?" in src
+        with urllib.request.urlopen(src, timeout=30) as r:  # what the page shows is the saved file
+            assert r.headers["Content-Type"] == "image/png" and len(r.read()) > 50
+    if path.stem == "learn_concept":
+        texts = {s["id"]: s["text"] for s in shown}
+        assert texts[7] == ["saved saeuron-demo-learned.safetensors"]
+    else:
+        assert saves, f"{path.name} has no image output"
+    check_loaded_graph(page, workflow, path.name)  # running changed no widget (seeds are fixed)
+    screenshot(page, f"{path.stem}-result")
+
+
+def _broken(kind: str) -> dict:
+    workflow = json.loads((ROOT / "workflows" / "erase_style.json").read_text())
+    eraser = next(n for n in workflow["nodes"] if n["id"] == 6)
+    if kind == "unknown node type":
+        eraser["type"] = "SAeUronConceptEraserTypo"
+    else:
+        eraser["widgets_values"][1] = "erase"  # method: not one of ablate / replace
+    return workflow
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("unknown node type", r"node 6 \(SAeUronConceptEraserTypo\): node type 'SAeUronConceptEraserTypo' is unknown"),
+    ("wrong widget value", r"node 6 \(SAeUronConceptEraser\): widget method = 'erase' is not one of \['ablate', 'replace'\]"),
+])
+def test_a_broken_workflow_fails_the_check_naming_the_node(page, kind, message):
+    workflow = _broken(kind)
+    load_workflow(page, workflow)
+    with pytest.raises(AssertionError, match=message) as failure:
+        check_loaded_graph(page, workflow, "broken.json")
+    if kind == "unknown node type":
+        assert "missing-node-types dialog" in str(failure.value) and "SAeUronConceptEraserTypo" in str(failure.value)
+
+
+def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
+    workflow = json.loads((ROOT / "workflows" / "erase_style.json").read_text())
+    load_workflow(page, workflow)
+    fit_view(page, [1, 2, 6])  # close up on Load SAE and the eraser
+    assert widget_value(page, 6, "concepts") == "stripes"
+
+    entries = open_widget_menu(page, 6, "concepts")
+    assert entries[:2] == ["☐ star", "☑ stripes"] and "Edit as text…" in entries
+    assert page.execute_script("return document.querySelector('.litecontextmenu .litemenu-title').innerText") \
+        == "Concepts in saeuron-demo.safetensors"
+    click_menu_entry(page, "☐ star")  # the menu stays open: several names can be chosen
+    assert widget_value(page, 6, "concepts") == "star, stripes"
+    screenshot(page, "concept-picker")
+
+    # Another SAE in Load SAE: the eraser now offers that SAE's names and flags the one it lacks.
+    assert "saeuron-other.safetensors" in open_widget_menu(page, 2, "sae_name")
+    click_menu_entry(page, "saeuron-other.safetensors")
+    assert widget_value(page, 2, "sae_name") == "saeuron-other.safetensors"
+    entries = open_widget_menu(page, 6, "concepts")
+    assert entries[:3] == ["☐ circle", "☑ star", "☑ stripes (not in this SAE)"]
+    click_menu_entry(page, "☐ circle")
+    click_menu_entry(page, "☑ stripes (not in this SAE)")
+    assert widget_value(page, 6, "concepts") == "circle, star"
+
+    # The Feature Inspector offers them too; what the picker wrote is what /prompt gets.
+    inspect = json.loads((ROOT / "workflows" / "inspect_features.json").read_text())
+    load_workflow(page, inspect)
+    assert open_widget_menu(page, 6, "concepts")[:2] == ["☐ star", "☑ stripes"]
+    click_menu_entry(page, "☐ star")
+    prompt = page.execute_async_script("const done = arguments[arguments.length - 1];"
+                                       "app.graphToPrompt().then(p => done(p.output));")
+    assert prompt["6"]["inputs"]["concepts"] == "star, stripes"
+
+    # An eraser fed by Learn Concept also offers the concept being learned.
+    load_workflow(page, json.loads((ROOT / "workflows" / "learn_concept.json").read_text()))
+    eraser_id = page.execute_script("""
+        const eraser = LiteGraph.createNode('SAeUronConceptEraser');
+        eraser.pos = [700, 420];
+        app.graph.add(eraser);
+        app.graph.getNodeById(6).connect(0, eraser, 1);
+        return eraser.id;
+    """)
+    fit_view(page)
+    assert open_widget_menu(page, eraser_id, "concepts")[:3] == ["☐ circle", "☐ star", "☐ stripes"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"concepts": "horse"}, "unknown concept 'horse'; this SAE knows: 'star', 'stripes'"),
+    ({"method": "replace", "strength": 5.0}, "between 0 and 1"),
+    ({"sae_name": "wide.safetensors"}, "the SAE expects 48 channels but"),
+], ids=["unknown-concept", "bad-strength", "sae-does-not-fit"])
+def test_pack_errors_show_in_the_page_with_their_message(page, request, change, message):
+    workflow = json.loads((ROOT / "workflows" / "erase_style.json").read_text())
+    load_workflow(page, workflow)
+    for name, value in change.items():
+        set_widget(page, 2 if name == "sae_name" else 6, name, value)
+    queue_from_page(page)
+    text = dialog_text(page)
+    # The execution error names the class, the validation dialog the node's title.
+    assert message in text and ("SAeUronConceptEraser" in text or "Concept Eraser (SAE) (node 6)" in text), text
+    if request.node.callspec.id == "unknown-concept":
+        screenshot(page, "error-unknown-concept")
+
+
+def test_concept_route_over_http(server):
+    def get(query: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"{server.url}/saeuron/concepts{query}", timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    assert get("?sae=saeuron-demo.safetensors") == (200, {"sae": "saeuron-demo.safetensors", "concepts": ["star", "stripes"]})
+    assert get("?sae=saeuron-other.safetensors")[1]["concepts"] == ["circle", "star"]
+    assert get("")[0] == 400
+    for name in ("../extra_model_paths.yaml", "%2Fetc%2Fpasswd", "..%2F..%2Fserver.log", "nope.safetensors"):
+        status, body = get(f"?sae={name}")
+        assert status == 404 and "is not in the sae model folders" in body["error"], (name, body)
+    req = urllib.request.Request(f"{server.url}/saeuron/concepts?sae=saeuron-demo.safetensors", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:  # read-only: no other method is routed
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 405
