@@ -103,8 +103,7 @@ def page(server, browser):
                       "app.extensions.some(e => e.name === 'SAeUron.ConceptPicker') && "
                       "/^Queue size: \\d+$/.test(document.querySelector('.comfy-menu-queue-size')?.textContent))",
              timeout=60, what="ComfyUI's page to load and connect")
-    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
-    assert not errors, f"the page logged errors while loading: {errors}"
+    assert_no_page_errors(browser, "while loading")
     return browser
 
 
@@ -119,6 +118,12 @@ def wait_for(driver, script: str, *, timeout: float, what: str, interval: float 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def assert_no_page_errors(driver, when: str) -> None:
+    """No script errors or failed requests in the page's console since the last look."""
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+    assert not errors, f"the page logged errors {when}: {errors}"
 
 
 def load_workflow(driver, workflow: dict) -> None:
@@ -367,6 +372,7 @@ def test_workflow_loads_and_runs_in_the_page(page, server, path):
         assert saves, f"{path.name} has no image output"
     check_loaded_graph(page, workflow, path.name)  # running changed no widget (seeds are fixed)
     screenshot(page, f"{path.stem}-result")
+    assert_no_page_errors(page, f"while loading and running {path.name}")
 
 
 def _broken(kind: str) -> dict:
@@ -436,6 +442,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     """)
     fit_view(page)
     assert open_widget_menu(page, eraser_id, "concepts")[:3] == ["☐ circle", "☐ star", "☐ stripes"]
+    assert_no_page_errors(page, "while picking concepts")
 
 
 @pytest.mark.parametrize("change, message", [
