@@ -69,4 +69,8 @@ class FeatureInspector:
         heat = result.heatmap(names[0])
         overlay = torch.from_numpy(np.asarray(result.overlay(names[0]), dtype=np.float32) / 255.0)
         summary = result.summary()
-        return {"ui": {"text": [summary]}, "result": (overlay[None], heat[None].float(), summary)}
+        # A temp preview, like Preview Image's, shown on this node by nodes/web/inspector_preview.js. Not under
+        # "images": API clients read those from /history as the graph's saved outputs.
+        preview = comfy_nodes.PreviewImage().save_images(overlay[None], filename_prefix="saeuron_inspect")["ui"]["images"]
+        return {"ui": {"text": [summary], "saeuron_overlay": preview},
+                "result": (overlay[None], heat[None].float(), summary)}

@@ -365,6 +365,11 @@ def test_workflow_loads_and_runs_in_the_page(page, server, path):
         assert (width, height) == (16, 16) and "/view?" in src
         with urllib.request.urlopen(src, timeout=30) as r:  # what the page shows is the saved file
             assert r.headers["Content-Type"] == "image/png" and len(r.read()) > 50
+    if path.stem == "inspect_features":  # the heat-map overlay also shows in the inspector node itself
+        preview = wait_for(page, "const n = app.graph.getNodeById(6);"
+                                 "return n.imgs?.length ? n.imgs.map(i => [i.naturalWidth, i.naturalHeight, i.src]) : null;",
+                           timeout=30, what="the Feature Inspector's preview")
+        assert len(preview) == 1 and preview[0][:2] == [16, 16] and "type=temp" in preview[0][2]
     if path.stem == "learn_concept":
         texts = {s["id"]: s["text"] for s in shown}
         assert texts[7] == ["saved saeuron-demo-learned.safetensors"]

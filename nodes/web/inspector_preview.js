@@ -1,0 +1,20 @@
+// Feature Inspector shows its heat-map overlay in the node itself, as Preview Image does.
+// The server sends it under `saeuron_overlay` (temp files); handing it to the page's own image
+// preview (`app.nodeOutputs[id].images`) lets the page load, size and draw it as usual.
+import { app } from "../../scripts/app.js";
+
+app.registerExtension({
+	name: "SAeUron.InspectorPreview",
+	nodeCreated(node) {
+		if (node.comfyClass !== "SAeUronFeatureInspector") return;
+		const onExecuted = node.onExecuted;
+		node.onExecuted = function (output) {
+			onExecuted?.apply(this, arguments);
+			const outputs = app.nodeOutputs[this.id + ""];
+			if (outputs && output?.saeuron_overlay?.length) {
+				outputs.images = output.saeuron_overlay;
+				app.graph.setDirtyCanvas(true, false);
+			}
+		};
+	},
+});
