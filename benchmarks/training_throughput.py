@@ -24,9 +24,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from saeuron_core.sae import SAEConfig, TopKSAE, auto_lr
-from saeuron_core.training import TrainConfig, _train_step, geometric_median, lr_at
+from saeuron_core.training import TrainConfig, TrainStep, geometric_median, lr_at, make_optimizer
 
-from . import proposed
 from .common import (NO_PAUSE, Pauser, add_common_args, emit, encode_flops, fmt_s, machine_line, matmul_gflops,
                      median, setup_threads, spread, table, timed)
 
@@ -103,27 +102,27 @@ def _version(dist: str) -> str:
 
 
 class Saeuron(Trainer):
-    """``saeuron_core.training._train_step`` with the optimizer and state ``train_sae`` builds."""
+    """``saeuron_core.training.TrainStep`` with the SAE, optimizer and state ``train_sae`` builds."""
 
     def __init__(self, first: torch.Tensor, n_latents: int, k: int, total: int, warmup: int,
-                 step_fn: Callable = _train_step, label: str = "saeuron _train_step (current)") -> None:
-        self.name, self.version = label, _version("comfyui-saeuron")
+                 select_dtype: str = "auto") -> None:
         self.config = TrainConfig(n_latents=n_latents, k=k, batch_size=first.shape[0], steps=total,
-                                  warmup_steps=warmup)
+                                  warmup_steps=warmup, select_dtype=select_dtype)
         torch.manual_seed(0)
         self.sae = TopKSAE(SAEConfig(d_in=first.shape[1], n_latents=n_latents, k=k))
         self.base_lr = auto_lr(n_latents)
-        fused = {"fused": True} if step_fn is not _train_step else {}
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, eps=6.25e-10, **fused)
-        self.since_fired = torch.zeros(n_latents, dtype=torch.int64)
         with torch.no_grad():
             self.sae.b_dec.copy_(geometric_median(first, self.config.geometric_median_iters))
         self.sae.train()
-        self.step_fn, self.total, self.warmup, self.i = step_fn, total, warmup, 0
+        self.train_step = TrainStep(self.sae, make_optimizer(self.sae, self.base_lr),
+                                    torch.zeros(n_latents, dtype=torch.int64), self.config)
+        selected = str(self.train_step.select_dtype).replace("torch.", "")
+        self.name = f"saeuron TrainStep ({selected} selection{', auto' if select_dtype == 'auto' else ''})"
+        self.version = _version("comfyui-saeuron")
+        self.total, self.warmup, self.i = total, warmup, 0
 
     def step(self, x: torch.Tensor) -> float:
-        lr = lr_at(self.i, self.total, self.base_lr, self.warmup, 0.0)
-        metrics = self.step_fn(self.sae, self.opt, x, self.since_fired, self.config, lr)
+        metrics = self.train_step(x, lr_at(self.i, self.total, self.base_lr, self.warmup, 0.0))
         self.i += 1
         return metrics["fvu"]
 
@@ -228,11 +227,9 @@ class SAELens(Trainer):
 
 def contenders(first: torch.Tensor, n_latents: int, k: int, total: int, warmup: int,
                notes: list[str]) -> list[Trainer]:
-    made: list[Trainer] = [
-        Saeuron(first, n_latents, k, total, warmup),
-        Saeuron(first, n_latents, k, total, warmup, step_fn=proposed.train_step,
-                label="saeuron + sparse-backward encoder (proposed, benchmarks/proposed.py)"),
-    ]
+    made: list[Trainer] = [Saeuron(first, n_latents, k, total, warmup)]
+    if made[0].train_step.select_dtype != torch.float32:  # the exact-selection variant, for comparison
+        made.append(Saeuron(first, n_latents, k, total, warmup, select_dtype="float32"))
     for cls, dist in ((Sparsify, "eai-sparsify"), (SAELens, "sae-lens")):
         try:
             made.append(cls(first, n_latents, k, total, warmup))

@@ -180,10 +180,12 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Project out the gradient component along each (unit) decoder row, so steps keep the norm."""
-        if self.W_dec.grad is None:
+        grad = self.W_dec.grad
+        if grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        # Row dot products as a batched matmul, then an in-place update: no [n_latents, d_in] temporaries.
+        parallel = torch.bmm(grad.unsqueeze(1), self.W_dec.unsqueeze(2)).squeeze(2)
+        grad.addcmul_(parallel, self.W_dec, value=-1)
 
     # -- construction helpers --------------------------------------------------------
     @classmethod

@@ -1,11 +1,15 @@
+import copy
+import math
+
 import pytest
 import torch
 
 from saeuron_core.collection import CollectConfig, collect_activations
 from saeuron_core.errors import ConfigError
 from saeuron_core.formats import load_sae
-from saeuron_core.sae import fvu
-from saeuron_core.training import StoreSource, TensorSource, TrainConfig, geometric_median, lr_at, train_sae
+from saeuron_core.sae import SAEConfig, TopKSAE, fvu
+from saeuron_core.training import (StoreSource, TensorSource, TrainConfig, TrainStep, geometric_median, lr_at,
+                                  train_sae)
 
 from conftest import HOOK
 
@@ -53,6 +57,54 @@ def test_auxk_runs_for_dead_latents():
     result = train_sae(TensorSource(x), TrainConfig(n_latents=512, k=2, batch_size=256, steps=40, lr=1e-3,
                                                     log_every=10, dead_tokens_threshold=512), progress=False)
     assert any(h["dead_frac"] > 0 and h["auxk"] > 0 for h in result.history)
+
+
+def dense_reference_grads(sae, x, since_fired, config):
+    """The loss and gradients of a step by plain autograd through the dense pre-activations."""
+    sae.set_decoder_norm_to_unit_norm()
+    pre = sae.pre_acts(x)
+    values, indices = pre.topk(sae.k, dim=-1)
+    recon = sae.decode(values, indices)
+    total_var = (x - x.mean(0)).pow(2).sum()
+    loss = (recon - x).pow(2).sum() / total_var
+    dead = since_fired > config.dead_tokens_threshold
+    n_dead = int(dead.sum())
+    if n_dead:
+        aux_values, aux_indices = pre.masked_fill(~dead, -math.inf).topk(min(sae.d_in // 2, n_dead), dim=-1)
+        residual = (x - recon).detach()
+        scale = min(n_dead / (sae.d_in // 2), 1.0)
+        aux = scale * (sae.decode(aux_values, aux_indices, bias=False) - residual).pow(2).sum() / total_var
+        loss = loss + config.auxk_alpha * aux
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    return float(loss.detach()), {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("select_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n_dead", [0, 50, 128])
+def test_sparse_step_matches_dense_autograd(select_dtype, n_dead):
+    """TrainStep's hand-written sparse gradients (and so its update) are autograd's, AuxK included."""
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=16, n_latents=128, k=4))
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.1)
+        sae.b_dec.normal_()
+    x = torch.randn(64, 16)
+    since = torch.zeros(128, dtype=torch.long)
+    since[:n_dead] = 100
+    config = TrainConfig(steps=1, dead_tokens_threshold=10, select_dtype=select_dtype, grad_clip=1e9)
+    ref = copy.deepcopy(sae)
+    ref_loss, ref_grads = dense_reference_grads(ref, x, since, config)
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()  # (Adam's first step is about sign(grad): SGD shows more)
+
+    step = TrainStep(sae, torch.optim.SGD(sae.parameters(), lr=0.1), since.clone(), config)
+    metrics = step(x, 0.1)
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-6)
+    assert (metrics["auxk"] > 0) == (n_dead > 0)
+    for name, param in sae.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    for (name, param), ref_param in zip(sae.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(param, ref_param, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.fixture(scope="module")
