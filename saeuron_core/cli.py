@@ -124,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     lc = sub.add_parser("learn-concept", help="score the SAE's features for a concept and store it in the SAE file")
     lc.add_argument("sae", help="SAE file or sparsify/SAELens folder")
-    lc.add_argument("--concept", required=True, help="name of the concept (replaces a concept of the same name)")
-    lc.add_argument("--positive", required=True, help="prompts with the concept: text file (one per line) or JSON list")
-    lc.add_argument("--negative", required=True, help="prompts without the concept: text file or JSON list")
+    lc.add_argument("--concept", help="name of the concept (replaces a concept of the same name)")
+    lc.add_argument("--positive", help="prompts with the concept: text file (one per line) or JSON list")
+    lc.add_argument("--negative", help="prompts without the concept: text file or JSON list")
+    lc.add_argument("--library", help="instead of --concept/--positive/--negative: a JSON file "
+                                      "{name: {\"positive\": [...], \"negative\": [...]}} learning every concept "
+                                      "from one generation pass")
     _model_args(lc)
     lc.add_argument("--out", default=None, help="output .safetensors SAE file (default: update SAE in place; "
                                                 "required for sparsify/SAELens folders)")
@@ -173,6 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--top", type=int, default=10, help="features listed per step")
     n.add_argument("--hook-point", default=None, help="default: the SAE's own hook point")
     n.add_argument("--out", required=True, help="output .png: the image with the first concept's heat map")
+
+    ev = sub.add_parser("eval", help="mini-UnlearnCanvas: UA/IRA/CRA of each erasure method on the demo model")
+    ev.add_argument("--model", default=None, help="demo model folder (default: the shipped demo_assets/model)")
+    ev.add_argument("--sae", default=None, help="SAE with the concept library (default: demo_assets/sae.safetensors)")
+    ev.add_argument("--classifier", default=None, help="classifier folder (default: demo_assets/classifier)")
+    ev.add_argument("--methods", default="none,negative_prompt,ablate,replace",
+                    help="comma-separated: none, negative_prompt, ablate, replace")
+    ev.add_argument("--concepts", default=None, help="comma-separated concepts (default: every object and style)")
+    ev.add_argument("--seeds", type=_seeds, default=[1000], help="'0,1,2' or '0-9' (one image per prompt and seed)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=3.0)
+    ev.add_argument("--scheduler", default="ddim")
+    ev.add_argument("--ablate-strength", type=float, default=10.0, help="gamma = -strength")
+    ev.add_argument("--replace-strength", type=float, default=1.0)
+    ev.add_argument("--multi", default="2,4,8", help="sizes of concept sets erased at once ('' for none)")
+    ev.add_argument("--generalization", default="euler_a:30",
+                    help="SCHEDULER:STEPS to re-run the SAE methods with another sampler ('' for none)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--quick", action="store_true",
+                    help="smoke run: one seed, 8 steps, one object and one style, no multi/generalisation runs")
+    ev.add_argument("--json", default=None, help="write the full report here")
+    ev.add_argument("--markdown", default=None, help="write the tables here")
     return p
 
 
@@ -369,37 +394,66 @@ def _png_out(out: str) -> Path:
     return Path(out)
 
 
-def _cmd_learn_concept(a: argparse.Namespace) -> int:
+def _library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:
+    """``{name: (positive, negative)}`` from --library, or from --concept/--positive/--negative."""
     from .collection import read_prompts
+    from .scoring import check_concept_name
+
+    single = (a.concept, a.positive, a.negative)
+    if a.library is None:
+        if not all(single):
+            raise ConfigError("give --concept, --positive and --negative (or --library with several concepts)")
+        return {check_concept_name(a.concept): (read_prompts(a.positive), read_prompts(a.negative))}
+    if any(single):
+        raise ConfigError("--library replaces --concept/--positive/--negative; give one or the other")
+    try:
+        with open(a.library, encoding="utf-8") as f:
+            raw = json.load(f)
+    except ValueError as exc:
+        raise ConfigError(f"--library {a.library}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"--library {a.library}: expected a non-empty object {{name: {{positive, negative}}}}")
+    spec = {}
+    for name, entry in raw.items():
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(k), list) and all(isinstance(p, str) for p in entry[k]) for k in ("positive", "negative"))
+        if not ok:
+            raise ConfigError(f"--library {a.library}: concept {name!r} needs 'positive' and 'negative' lists of prompts")
+        spec[check_concept_name(name)] = (entry["positive"], entry["negative"])
+    return spec
+
+
+def _cmd_learn_concept(a: argparse.Namespace) -> int:
     from .formats import load_sae, save_sae
     from .inspection import format_concept
     from .hooks import check_sae_fits
     from .pipelines import load_pipeline
-    from .scoring import MAX_CANDIDATES, check_concept_name, learn_concept
+    from .scoring import MAX_CANDIDATES, learn_concepts
 
-    name = check_concept_name(a.concept)
+    spec = _library_spec(a)
     out = _concept_output(a.sae, a.out)
-    # learn_concept checks these only after generating; fail before the (long) generation instead.
+    # learn_concepts checks these only after generating; fail before the (long) generation instead.
     if a.top_n is not None and not 1 <= a.top_n <= MAX_CANDIDATES:
         raise ConfigError(f"--top-n must be between 1 and {MAX_CANDIDATES}, got {a.top_n}")
     if a.quantile is not None and not 0.0 < a.quantile < 1.0:
         raise ConfigError(f"--quantile must be in (0, 1), e.g. 0.9999, got {a.quantile}")
-    positive, negative = read_prompts(a.positive), read_prompts(a.negative)
     sae = load_sae(a.sae, device=a.device)
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
     hook_point = a.hook_point or sae.config.hook_point
     if hook_point:
         check_sae_fits(pipe.unet, hook_point, sae)
-    data = learn_concept(pipe, sae, name, positive, negative, hook_point=hook_point, steps=a.steps,
-                         guidance_scale=a.guidance, scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size,
-                         top_n=a.top_n, quantile=a.quantile,
-                         bucket_width=a.bucket_width, height=a.height, width=a.width, progress=sys.stderr.isatty())
+    learned = learn_concepts(pipe, sae, spec, hook_point=hook_point, steps=a.steps, guidance_scale=a.guidance,
+                             scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
+                             quantile=a.quantile, bucket_width=a.bucket_width, height=a.height, width=a.width,
+                             progress=sys.stderr.isatty())
     save_sae(sae, out)
-    counts = data.n_selected[data.observed]
-    per_t = f"{int(counts.min())}" if int(counts.min()) == int(counts.max()) else f"{int(counts.min())}-{int(counts.max())}"
-    distinct = int(data.feature_ids[data.selected_mask()].unique().numel())
-    print(f"learned concept {name!r}: {per_t} selected features per timestep ({distinct} distinct) -> {out}")
-    print(f"  {format_concept(name, data)}")
+    for data in learned:
+        counts = data.n_selected[data.observed]
+        lo, hi = int(counts.min()), int(counts.max())
+        per_t = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        distinct = int(data.feature_ids[data.selected_mask()].unique().numel())
+        print(f"learned concept {data.name!r}: {per_t} selected features per timestep ({distinct} distinct) -> {out}")
+        print(f"  {format_concept(data.name, data)}")
     return 0
 
 
@@ -457,9 +511,58 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_asset(given: Optional[str], name: str) -> str:
+    if given:
+        return given
+    path = Path(__file__).resolve().parents[1] / "demo_assets" / name
+    if not path.exists():
+        raise ConfigError(f"no shipped demo asset {path}; pass its path explicitly")
+    return str(path)
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from .demo.classifier import load_classifier
+    from .evaluation import EvalSettings, evaluate, format_report, save_report
+    from .formats import load_sae
+    from .pipelines import load_pipeline, set_scheduler
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else None
+    try:
+        multi = [int(n) for n in a.multi.split(",") if n.strip()]
+        gen = None
+        if a.generalization:
+            sched, _, steps = a.generalization.partition(":")
+            gen = (sched, int(steps or 30))
+    except ValueError:
+        raise ConfigError("--multi takes integers like '2,4,8'; --generalization SCHEDULER:STEPS like 'euler_a:30'") from None
+    settings = EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
+                            ablate_strength=a.ablate_strength, replace_strength=a.replace_strength,
+                            batch_size=a.batch_size)
+    if a.quick:
+        settings.seeds, settings.steps = settings.seeds[:1], 8
+        concepts, multi, gen = concepts or ["star", "stripes"], [], None
+    sae = load_sae(_demo_asset(a.sae, "sae.safetensors"))
+    classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
+    pipe = load_pipeline(_demo_asset(a.model, "model"))
+    set_scheduler(pipe, settings.scheduler)  # unknown names fail before anything is generated
+    if gen:
+        set_scheduler(pipe, gen[0])
+    report = evaluate(pipe, sae, classifier, settings, methods=methods, concepts=concepts, multi=multi,
+                      generalization=gen, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    text = format_report(report)
+    print(text)
+    if a.json:
+        save_report(report, a.json)
+    if a.markdown:
+        Path(a.markdown).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
 COMMANDS = {"collect": _cmd_collect, "train": _cmd_train, "info": _cmd_info, "convert": _cmd_convert,
             "make-tiny-pipeline": _cmd_make_tiny, "learn-concept": _cmd_learn_concept,
-            "remove-concept": _cmd_remove_concept, "erase": _cmd_erase, "inspect": _cmd_inspect}
+            "remove-concept": _cmd_remove_concept, "erase": _cmd_erase, "inspect": _cmd_inspect,
+            "eval": _cmd_eval}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

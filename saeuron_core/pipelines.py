@@ -141,6 +141,11 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
                 f"model {model!r}: expected a local diffusers pipeline folder containing model_index.json, a "
                 f"single-file .safetensors checkpoint (or 'tiny' for a random test pipeline); nothing is downloaded"
             )
+        elif _pipeline_class_name(path) == "PixelDiffusionPipeline":
+            from .demo.pipeline import PixelDiffusionPipeline
+
+            pipe = PixelDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                          low_cpu_mem_usage=False)
         else:
             from diffusers import DiffusionPipeline
 
@@ -152,6 +157,13 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe
+
+
+def _pipeline_class_name(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"model {str(folder)!r}: cannot read model_index.json ({exc})") from None
 
 
 def _single_file_class(config: Path | None) -> Any:

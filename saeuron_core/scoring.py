@@ -38,28 +38,46 @@ def bucket_of(timesteps: Tensor, bucket_width: float, n_buckets: int) -> Tensor:
 
 
 class ConceptStats:
-    """Streaming sums of SAE activations per timestep bucket for a positive and a negative prompt set."""
+    """Streaming sums of SAE activations per timestep bucket for groups of prompts.
 
-    def __init__(self, n_latents: int, *, bucket_width: float = 20.0, max_timestep: int = 1000) -> None:
+    Group 0 holds the prompts with the concept and group 1 those without; :meth:`result` scores
+    such a two-group table. With more groups (one per prompt, say) one generation pass serves many
+    concepts: :meth:`merge` sums groups into the two-group table of each concept.
+    """
+
+    def __init__(self, n_latents: int, *, bucket_width: float = 20.0, max_timestep: int = 1000,
+                 n_groups: int = 2) -> None:
         if bucket_width <= 0 or max_timestep <= 0:
             raise ConfigError("bucket_width and max_timestep must be positive")
         self.n_latents = n_latents
         self.bucket_width = float(bucket_width)
         self.max_timestep = int(max_timestep)
         self.n_buckets = math.ceil(max_timestep / bucket_width)
-        self.sums = torch.zeros(2, self.n_buckets, n_latents, dtype=torch.float64)
-        self.tokens = torch.zeros(2, self.n_buckets, dtype=torch.float64)
+        self.sums = torch.zeros(n_groups, self.n_buckets, n_latents, dtype=torch.float64)
+        self.tokens = torch.zeros(n_groups, self.n_buckets, dtype=torch.float64)
 
     def add(self, positive: bool, timesteps: Tensor, values: Tensor, indices: Tensor) -> None:
         """Accumulate codes ``values/indices [rows, tokens, k]`` of rows with these ``timesteps [rows]``."""
-        group = 0 if positive else 1
-        buckets = bucket_of(timesteps.cpu(), self.bucket_width, self.n_buckets)
-        per_row = torch.zeros(values.shape[0], self.n_latents, dtype=torch.float64)
-        per_row.scatter_add_(1, indices.reshape(values.shape[0], -1).cpu(),
-                             values.reshape(values.shape[0], -1).detach().cpu().double())
-        self.sums[group].index_add_(0, buckets, per_row)
-        self.tokens[group].index_add_(0, buckets, torch.full((values.shape[0],), float(values.shape[1]),
-                                                             dtype=torch.float64))
+        self.add_groups(torch.full((values.shape[0],), 0 if positive else 1, dtype=torch.long), timesteps, values,
+                        indices)
+
+    def add_groups(self, groups: Tensor, timesteps: Tensor, values: Tensor, indices: Tensor) -> None:
+        """Like :meth:`add`, each row going to its own group ``groups [rows]``."""
+        rows = values.shape[0]
+        cell = groups.cpu() * self.n_buckets + bucket_of(timesteps.cpu(), self.bucket_width, self.n_buckets)
+        per_row = torch.zeros(rows, self.n_latents, dtype=torch.float64)
+        per_row.scatter_add_(1, indices.reshape(rows, -1).cpu(), values.reshape(rows, -1).detach().cpu().double())
+        self.sums.view(-1, self.n_latents).index_add_(0, cell, per_row)
+        self.tokens.view(-1).index_add_(0, cell, torch.full((rows,), float(values.shape[1]), dtype=torch.float64))
+
+    def merge(self, positive: Sequence[int], negative: Sequence[int]) -> "ConceptStats":
+        """The two-group (with / without the concept) table summed from these groups."""
+        out = ConceptStats(self.n_latents, bucket_width=self.bucket_width, max_timestep=self.max_timestep)
+        for g, ids in enumerate((positive, negative)):
+            idx = torch.as_tensor(list(ids), dtype=torch.long)
+            out.sums[g] = self.sums.index_select(0, idx).sum(0)
+            out.tokens[g] = self.tokens.index_select(0, idx).sum(0)
+        return out
 
     def result(self, name: str, *, top_n: Optional[int] = None, quantile: Optional[float] = None,
                candidates: int = MAX_CANDIDATES, info: Optional[dict[str, Any]] = None) -> "ConceptData":
@@ -251,13 +269,56 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
 
     Activations are read from the conditional half only (as SAeUron does).
     """
+    return learn_concepts(pipe, sae, {name: (positive, negative)}, hook_point=hook_point, steps=steps,
+                          guidance_scale=guidance_scale, scheduler=scheduler, seeds=seeds, batch_size=batch_size,
+                          top_n=top_n, quantile=quantile, bucket_width=bucket_width, height=height, width=width,
+                          progress=progress)[0]
+
+
+class PromptRecorder:
+    """Block-call function that files the conditional rows of each call under the prompt that made them.
+
+    Set ``groups`` (one group id per prompt of the next pipeline call, in order) before each call.
+    """
+
+    def __init__(self, sae: TopKSAE, stats: ConceptStats) -> None:
+        self.sae, self.stats, self.groups = sae, stats, torch.zeros(0, dtype=torch.long)
+
+    def __call__(self, call: Any) -> None:
+        if call.timesteps is None:
+            raise ConfigError("scoring needs the timestep of each call: hook the UNet, not a lone block")
+        rows = call.tokens[call.is_cond]
+        if rows.shape[0] != len(self.groups):
+            raise ConfigError(f"expected {len(self.groups)} conditional rows per UNet call, got {rows.shape[0]}")
+        with torch.no_grad():
+            code = self.sae.encode(rows)
+        self.stats.add_groups(self.groups, call.timesteps[call.is_cond], code.values, code.indices)
+        return None
+
+
+def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[str], Sequence[str]]], *,
+                   hook_point: Optional[str] = None, steps: int = 50, guidance_scale: float = 7.5,
+                   scheduler: Optional[str] = None, seeds: Sequence[int] = (0,), batch_size: int = 4,
+                   top_n: Optional[int] = None, quantile: Optional[float] = None, bucket_width: float = 20.0,
+                   height: Optional[int] = None, width: Optional[int] = None,
+                   progress: bool = True) -> list[ConceptData]:
+    """Learn several concepts ``{name: (positive prompts, negative prompts)}`` from one generation pass.
+
+    Every distinct prompt is generated once per seed, whatever the number of concepts using it;
+    each concept is then scored from the statistics of its own prompts and added to ``sae``.
+    """
     from .hooks import check_sae_fits, pipeline_hook
     from .pipelines import generate, set_scheduler
 
-    name = check_concept_name(name)
-    positive, negative = [p for p in positive if p.strip()], [p for p in negative if p.strip()]
-    if not positive or not negative:
-        raise ConfigError(f"concept {name!r}: needs at least one positive and one negative prompt")
+    if not concepts:
+        raise ConfigError("learn_concepts: no concepts given")
+    cleaned: dict[str, tuple[list[str], list[str]]] = {}
+    for name, (positive, negative) in concepts.items():
+        name = check_concept_name(name)
+        pos, neg = [p for p in positive if p.strip()], [p for p in negative if p.strip()]
+        if not pos or not neg:
+            raise ConfigError(f"concept {name!r}: needs at least one positive and one negative prompt")
+        cleaned[name] = (pos, neg)
     if steps < 1 or batch_size < 1 or not seeds:
         raise ConfigError("learn_concept: steps and batch_size must be >= 1 and at least one seed is needed")
     check_selection(top_n, quantile)
@@ -265,33 +326,36 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
     check_sae_fits(pipe.unet, hook_point, sae)
+    prompts = list(dict.fromkeys(p for pos, neg in cleaned.values() for p in pos + neg))
+    group = {p: i for i, p in enumerate(prompts)}
     old_scheduler = pipe.scheduler
     if scheduler:
         set_scheduler(pipe, scheduler)
     max_t = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
-    stats = ConceptStats(sae.n_latents, bucket_width=bucket_width, max_timestep=max_t)
-    record = ConceptRecorder(sae, stats)
-
-    work = [(True, p, s) for s in seeds for p in positive] + [(False, p, s) for s in seeds for p in negative]
-    bar = tqdm(total=len(work), desc=f"learn {name}", unit="gen", disable=not progress)
+    stats = ConceptStats(sae.n_latents, bucket_width=bucket_width, max_timestep=max_t, n_groups=len(prompts))
+    record = PromptRecorder(sae, stats)
+    work = [(p, s) for s in seeds for p in prompts]
+    label = next(iter(cleaned)) if len(cleaned) == 1 else f"{len(cleaned)} concepts"
+    bar = tqdm(total=len(work), desc=f"learn {label}", unit="gen", disable=not progress)
     scheduler_name = type(pipe.scheduler).__name__
     try:
         with pipeline_hook(pipe, hook_point, record), torch.no_grad():
             for begin in range(0, len(work), batch_size):
                 chunk = work[begin:begin + batch_size]
-                for pos in (True, False):
-                    part = [(p, s) for flag, p, s in chunk if flag == pos]
-                    if part:
-                        record.positive = pos
-                        generate(pipe, [p for p, _ in part], [s for _, s in part], steps=steps,
-                                 guidance_scale=guidance_scale, height=height, width=width)
+                record.groups = torch.tensor([group[p] for p, _ in chunk], dtype=torch.long)
+                generate(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps=steps,
+                         guidance_scale=guidance_scale, height=height, width=width)
                 bar.update(len(chunk))
     finally:
         bar.close()
         pipe.scheduler = old_scheduler
-    info = {"positive": list(positive), "negative": list(negative), "hook_point": hook_point, "steps": steps,
-            "guidance_scale": guidance_scale, "scheduler": scheduler_name, "seeds": list(seeds),
-            "tokens": {"positive": float(stats.tokens[0].sum()), "negative": float(stats.tokens[1].sum())}}
-    data = stats.result(name, top_n=top_n, quantile=quantile, info=info)
-    add_concept(sae, data)
-    return data
+    learned = []
+    for name, (pos, neg) in cleaned.items():
+        merged = stats.merge([group[p] for p in pos], [group[p] for p in neg])
+        info = {"positive": pos, "negative": neg, "hook_point": hook_point, "steps": steps,
+                "guidance_scale": guidance_scale, "scheduler": scheduler_name, "seeds": list(seeds),
+                "tokens": {"positive": float(merged.tokens[0].sum()), "negative": float(merged.tokens[1].sum())}}
+        learned.append(merged.result(name, top_n=top_n, quantile=quantile, info=info))
+    for data in learned:
+        add_concept(sae, data)
+    return learned

@@ -23,14 +23,15 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from saeuron_core.demo.dataset import STYLES, OBJECTS, generate, make_prompt, to_model_range  # noqa: E402
-from saeuron_core.demo.model import UNET_CONFIG, build_unet, count_params, train_scheduler  # noqa: E402
+from saeuron_core.demo.model import UNET_CONFIG, build_unet, count_params, sample_scheduler, train_scheduler  # noqa: E402
+from saeuron_core.demo.pipeline import write_model_index  # noqa: E402
 from saeuron_core.demo.textenc import build_text_encoder, build_tokenizer, tokenize, write_tokenizer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_assets", help="output folder (train_state/, model/, train_log.txt)")
-    p.add_argument("--total-steps", type=int, default=6000)
+    p.add_argument("--total-steps", type=int, default=4500)
     p.add_argument("--stop-at", type=int, default=None, help="exit after this step (default: total-steps)")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=50)
@@ -155,7 +156,8 @@ class Trainer:
         self.ema_unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
         self.ema_te.save_pretrained(os.path.join(tmp, "text_encoder"), safe_serialization=True)
         write_tokenizer(os.path.join(tmp, "tokenizer"))
-        train_scheduler().save_pretrained(os.path.join(tmp, "scheduler"))
+        sample_scheduler().save_pretrained(os.path.join(tmp, "scheduler"))
+        write_model_index(tmp)
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump({"step": self.step, **self.config}, f, indent=1)
         shutil.rmtree(old, ignore_errors=True)

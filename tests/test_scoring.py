@@ -88,3 +88,26 @@ def test_learn_concept_on_a_pipeline(tiny_pipe):
         assert n >= 1 and (data.scores[b, :n] > 0).all()
     with pytest.raises(ConfigError, match="at least one positive and one negative"):
         learn_concept(tiny_pipe, sae, "x", ["a cat"], [" "], steps=2, progress=False)
+
+
+def test_learn_concepts_in_one_pass_equals_one_at_a_time(tiny_pipe) -> None:
+    from saeuron_core.sae import SAEConfig, TopKSAE
+    from saeuron_core.scoring import get_concept, learn_concept, learn_concepts
+
+    def fresh() -> TopKSAE:
+        torch.manual_seed(0)
+        return TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK))
+
+    spec = {"cat": (["a cat", "a small cat"], ["a dog", "a house"]),
+            "dog": (["a dog"], ["a cat", "a house", "a small cat"])}
+    together = fresh()
+    learn_concepts(tiny_pipe, together, spec, steps=4, guidance_scale=5.0, seeds=[0, 1], batch_size=3,
+                   progress=False)
+    for name, (pos, neg) in spec.items():
+        alone = fresh()
+        learn_concept(tiny_pipe, alone, name, pos, neg, steps=4, guidance_scale=5.0, seeds=[0, 1], progress=False)
+        a, b = get_concept(together, name), get_concept(alone, name)
+        assert torch.equal(a.n_selected, b.n_selected) and torch.equal(a.observed, b.observed)
+        assert torch.equal(a.feature_ids[a.selected_mask()], b.feature_ids[b.selected_mask()])
+        assert torch.allclose(a.mu, b.mu, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(a.threshold, b.threshold, rtol=1e-4, atol=1e-6)

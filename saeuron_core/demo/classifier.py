@@ -94,12 +94,18 @@ def load_classifier(folder: str) -> DemoClassifier:
 
 
 @torch.no_grad()
+def predict_proba(model: DemoClassifier, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, 32, 32) images -> (object probabilities, style probabilities)."""
+    objs, stys = [], []
+    model.eval()
+    for i in range(0, len(images), batch_size):
+        lo, ls = model(images[i : i + batch_size].float() / 127.5 - 1)
+        objs.append(lo.softmax(1))
+        stys.append(ls.softmax(1))
+    return torch.cat(objs), torch.cat(stys)
+
+
 def predict(model: DemoClassifier, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 3, 32, 32) images -> (object ids, style ids)."""
-    objs, stys = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].float() / 127.5 - 1
-        lo, ls = model(x)
-        objs.append(lo.argmax(1))
-        stys.append(ls.argmax(1))
-    return torch.cat(objs), torch.cat(stys)
+    po, ps = predict_proba(model, images, batch_size)
+    return po.argmax(1), ps.argmax(1)

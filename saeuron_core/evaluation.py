@@ -1,0 +1,370 @@
+"""Mini-UnlearnCanvas: measure concept erasure on the demo model with its classifier.
+
+Every run generates one image per (object, style) prompt and seed, so a run covers the whole
+8 x 8 grid, and the classifier reads object and style off each image. For an erased concept ``c``
+of kind K (object or style) and the other kind K':
+
+* **UA** (unlearning accuracy): share of images prompted with ``c`` where the K head does *not* read ``c``;
+* **IRA** (in-domain retain): K-head accuracy on images prompted with the other concepts of kind K;
+* **CRA** (cross-domain retain): K'-head accuracy on all images (is the object still right when a
+  style is erased, and the other way round).
+
+Artifact measures that need no VLM: the classifier's confidence in the retained (K') label on the
+erased concept's images, and how far the hooked block's activations on those images move from the
+clean activations of prompts without the concept (per-channel mean and standard deviation).
+
+Methods, on the same seeds: ``none``, ``negative_prompt`` (the concept's name as negative prompt),
+``ablate`` (SAeUron feature ablation) and ``replace`` (detect and replace).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .hooks import BlockCall, pipeline_hook
+from .interventions import ConceptEraser
+from .sae import TopKSAE
+from .scoring import concept_names
+
+METHODS = ("none", "negative_prompt", "ablate", "replace")
+
+
+@dataclass
+class EvalSettings:
+    """How images are generated and erased during an evaluation."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 20
+    guidance: float = 3.0
+    scheduler: str = "ddim"
+    ablate_strength: float = 10.0
+    replace_strength: float = 1.0
+    threshold_scale: float = 1.0
+    dilation: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class Grid:
+    """Prompts of the object x style grid with their labels."""
+
+    prompts: list[str]
+    objects: Tensor  # [P] object id of each prompt
+    styles: Tensor   # [P] style id of each prompt
+    object_names: list[str]
+    style_names: list[str]
+
+    def kind_of(self, concept: str) -> tuple[str, int]:
+        """``("object" | "style", id)`` of a concept name."""
+        if concept in self.object_names:
+            return "object", self.object_names.index(concept)
+        if concept in self.style_names:
+            return "style", self.style_names.index(concept)
+        raise ConfigError(f"concept {concept!r} is neither an object ({', '.join(self.object_names)}) "
+                          f"nor a style ({', '.join(self.style_names)}) of the demo grid")
+
+
+def demo_grid() -> Grid:
+    """The demo dataset's 8 x 8 prompts."""
+    from .demo.dataset import OBJECTS, STYLES, all_prompts
+
+    pairs = all_prompts()
+    return Grid([p for _, _, p in pairs], torch.tensor([o for o, _, _ in pairs]), torch.tensor([s for _, s, _ in pairs]),
+                list(OBJECTS), list(STYLES))
+
+
+@dataclass
+class RunOutput:
+    """Images of one run (prompt-major, seeds inner) and the classifier's reading of them."""
+
+    images: Tensor        # uint8 [P * S, 3, H, W]
+    objects: Tensor       # [P * S] predicted object
+    styles: Tensor        # [P * S] predicted style
+    object_prob: Tensor   # [P * S, n_objects] softmax
+    style_prob: Tensor    # [P * S, n_styles]
+    act_mean: Tensor      # [P, C] per-prompt mean of the hooked block's (cond) output
+    act_sq: Tensor        # [P, C] per-prompt mean of its square
+    seconds: float
+
+
+class _ActivationStats:
+    """Per-prompt running mean of the hooked block's conditional output and of its square."""
+
+    def __init__(self, n_prompts: int) -> None:
+        self.n_prompts = n_prompts
+        self.sum: Optional[Tensor] = None
+        self.sq: Optional[Tensor] = None
+        self.count = torch.zeros(n_prompts, dtype=torch.float64)
+        self.groups = torch.zeros(0, dtype=torch.long)
+
+    def add(self, tokens: Tensor) -> None:
+        rows = tokens.detach().double().cpu()
+        if self.sum is None:
+            self.sum = torch.zeros(self.n_prompts, rows.shape[-1], dtype=torch.float64)
+            self.sq = torch.zeros_like(self.sum)
+        self.sum.index_add_(0, self.groups, rows.sum(1))
+        self.sq.index_add_(0, self.groups, (rows * rows).sum(1))
+        self.count.index_add_(0, self.groups, torch.full((rows.shape[0],), float(rows.shape[1]), dtype=torch.float64))
+
+    def means(self) -> tuple[Tensor, Tensor]:
+        assert self.sum is not None and self.sq is not None, "no activations were recorded"
+        n = self.count.clamp_min(1)[:, None]
+        return self.sum / n, self.sq / n
+
+
+class Evaluator:
+    """Runs erasure methods on the demo grid and scores them with the demo classifier."""
+
+    def __init__(self, pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings,
+                 grid: Optional[Grid] = None, progress: Optional[Callable[[str], None]] = None) -> None:
+        if not settings.seeds or settings.steps < 1 or settings.batch_size < 1:
+            raise ConfigError("evaluation needs at least one seed, steps >= 1 and batch_size >= 1")
+        self.pipe, self.sae, self.classifier, self.settings = pipe, sae, classifier, settings
+        self.grid = grid or demo_grid()
+        self.progress = progress or (lambda msg: None)
+        known = set(concept_names(sae))
+        missing = [c for c in self.grid.object_names + self.grid.style_names if c not in known]
+        self.missing = missing  # concepts of the grid without a library entry cannot be erased by SAE methods
+        hook_point = sae.config.hook_point
+        if not hook_point:
+            raise ConfigError("the SAE does not say where it hooks; evaluation needs its hook point")
+        self.hook_point = hook_point
+
+    # -------------------------------------------------------------- generation
+
+    def _eraser(self, method: str, concepts: Sequence[str]) -> Optional[ConceptEraser]:
+        s = self.settings
+        if method == "ablate":
+            return ConceptEraser(self.sae, list(concepts), "ablate", strength=s.ablate_strength)
+        if method == "replace":
+            return ConceptEraser(self.sae, list(concepts), "replace", strength=s.replace_strength,
+                                 threshold_scale=s.threshold_scale, dilation=s.dilation)
+        if method in ("none", "negative_prompt"):
+            return None
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+    def run(self, method: str, concepts: Sequence[str] = (), *, scheduler: Optional[str] = None,
+            steps: Optional[int] = None) -> RunOutput:
+        """Generate the whole grid once per seed with ``concepts`` erased by ``method``."""
+        from .demo.classifier import predict_proba
+        from .demo.dataset import from_model_range
+        from .pipelines import generate, set_scheduler
+
+        s = self.settings
+        eraser = self._eraser(method, concepts)
+        negative = ", ".join(concepts) if method == "negative_prompt" else None
+        prompts = self.grid.prompts
+        work = [(i, seed) for i in range(len(prompts)) for seed in s.seeds]
+        stats = _ActivationStats(len(prompts))
+
+        def observe(call: BlockCall) -> Optional[Tensor]:
+            new = eraser(call) if eraser is not None else None
+            tokens = call.tokens if new is None else new
+            stats.add(tokens[call.is_cond])
+            return new
+
+        old = self.pipe.scheduler
+        set_scheduler(self.pipe, scheduler or s.scheduler)
+        images: list[Tensor] = []
+        t0 = time.perf_counter()
+        try:
+            with pipeline_hook(self.pipe, self.hook_point, observe), torch.no_grad():
+                for begin in range(0, len(work), s.batch_size):
+                    chunk = work[begin:begin + s.batch_size]
+                    stats.groups = torch.tensor([i for i, _ in chunk], dtype=torch.long)
+                    out = generate(self.pipe, [prompts[i] for i, _ in chunk], [seed for _, seed in chunk],
+                                   steps=steps or s.steps, guidance_scale=s.guidance, output_type="latent",
+                                   negative_prompt=[negative] * len(chunk) if negative else None)
+                    images.append(from_model_range(out.images.float().cpu()))
+        finally:
+            self.pipe.scheduler = old
+        seconds = time.perf_counter() - t0
+        imgs = torch.cat(images)
+        po, ps = predict_proba(self.classifier, imgs)
+        mean, sq = stats.means()
+        label = f"{method}" + (f" [{', '.join(concepts)}]" if concepts else "")
+        self.progress(f"{label}: {len(imgs)} images in {seconds:.1f}s")
+        return RunOutput(imgs, po.argmax(1), ps.argmax(1), po, ps, mean, sq, seconds)
+
+    # -------------------------------------------------------------- metrics
+
+    def _labels(self) -> tuple[Tensor, Tensor]:
+        n = len(self.settings.seeds)
+        return self.grid.objects.repeat_interleave(n), self.grid.styles.repeat_interleave(n)
+
+    def accuracy(self, out: RunOutput) -> dict[str, float]:
+        """Object and style accuracy over the whole grid."""
+        lo, ls = self._labels()
+        return {"object": float((out.objects == lo).float().mean()), "style": float((out.styles == ls).float().mean())}
+
+    def concept_metrics(self, out: RunOutput, concept: str, clean: RunOutput) -> dict[str, float]:
+        """UA / IRA / CRA and the artifact measures of one erased concept."""
+        kind, cid = self.grid.kind_of(concept)
+        lo, ls = self._labels()
+        label, pred = (lo, out.objects) if kind == "object" else (ls, out.styles)
+        other_label, other_pred, other_prob = (ls, out.styles, out.style_prob) if kind == "object" else \
+            (lo, out.objects, out.object_prob)
+        target = label == cid
+        ua = float((pred[target] != cid).float().mean())
+        ira = float((pred[~target] == label[~target]).float().mean())
+        cra = float((other_pred == other_label).float().mean())
+        conf = float(other_prob[target].gather(1, other_label[target][:, None]).mean())
+        return {"UA": ua, "IRA": ira, "CRA": cra, "retained_confidence": conf,
+                "activation_shift": self.activation_shift(out, clean, concept)}
+
+    def activation_shift(self, out: RunOutput, clean: RunOutput, concept: str) -> float:
+        """Distance of the block's per-channel statistics on the concept's prompts from clean concept-free ones.
+
+        Mean over channels of ``|mean - mean_ref| / std_ref + |log(std / std_ref)|``, the reference being
+        the clean run's prompts without the concept: 0 means in distribution.
+        """
+        kind, cid = self.grid.kind_of(concept)
+        prompt_label = self.grid.objects if kind == "object" else self.grid.styles
+        target = prompt_label == cid
+
+        def moments(run: RunOutput, rows: Tensor) -> tuple[Tensor, Tensor]:
+            mean, sq = run.act_mean[rows].mean(0), run.act_sq[rows].mean(0)
+            return mean, (sq - mean * mean).clamp_min(1e-12).sqrt()
+
+        m, sd = moments(out, target)
+        m_ref, sd_ref = moments(clean, ~target)
+        return float(((m - m_ref).abs() / sd_ref + (sd / sd_ref).log().abs()).mean())
+
+    def multi_metrics(self, out: RunOutput, concepts: Sequence[str]) -> dict[str, float]:
+        """UA over several erased concepts and retained accuracy of each head on the rest."""
+        lo, ls = self._labels()
+        erased = {"object": [], "style": []}
+        for c in concepts:
+            kind, cid = self.grid.kind_of(c)
+            erased[kind].append(cid)
+        ua_parts, retain = [], {}
+        for kind, label, pred in (("object", lo, out.objects), ("style", ls, out.styles)):
+            ids = torch.tensor(erased[kind], dtype=torch.long)
+            hit = torch.isin(label, ids)
+            for cid in erased[kind]:
+                ua_parts.append(float((pred[label == cid] != cid).float().mean()))
+            retain[kind] = float((pred[~hit] == label[~hit]).float().mean()) if (~hit).any() else float("nan")
+        return {"UA": sum(ua_parts) / len(ua_parts), "RA_object": retain["object"], "RA_style": retain["style"]}
+
+
+def mean_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, float]:
+    """Average of each key over rows (NaN-free rows only)."""
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), float) and not math.isnan(r[k])]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+METRIC_KEYS = ("UA", "IRA", "CRA", "retained_confidence", "activation_shift")
+
+
+def evaluate(pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings, *,
+             methods: Sequence[str] = METHODS, concepts: Optional[Sequence[str]] = None,
+             multi: Sequence[int] = (2, 4, 8), generalization: Optional[tuple[str, int]] = ("euler_a", 30),
+             progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Full mini-UnlearnCanvas evaluation; returns a JSON-ready report."""
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+    ev = Evaluator(pipe, sae, classifier, settings, progress=progress)
+    grid = ev.grid
+    concepts = list(concepts) if concepts else grid.object_names + grid.style_names
+    for c in concepts:
+        grid.kind_of(c)
+    sae_methods = [m for m in methods if m in ("ablate", "replace")]
+    lacking = [c for c in concepts if c in ev.missing]
+    if sae_methods and lacking:
+        raise ConfigError(f"the SAE's concept library lacks {', '.join(map(repr, lacking))}; learn them first "
+                          f"(saeuron learn-concept) or evaluate other concepts")
+    t0 = time.perf_counter()
+    clean = ev.run("none")
+    report: dict[str, Any] = {"settings": asdict(settings), "grid": {"objects": grid.object_names,
+                                                                     "styles": grid.style_names},
+                              "clean_accuracy": ev.accuracy(clean), "per_concept": {}, "summary": {}}
+    for method in methods:
+        rows = []
+        for c in concepts:
+            out = clean if method == "none" else ev.run(method, [c])
+            rows.append({"concept": c, "kind": grid.kind_of(c)[0], **ev.concept_metrics(out, c, clean)})
+        report["per_concept"][method] = rows
+        report["summary"][method] = {kind: mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
+                                     for kind in ("style", "object") if any(r["kind"] == kind for r in rows)}
+    if multi:
+        report["multi"] = {}
+        objs = [c for c in concepts if c in grid.object_names]
+        stys = [c for c in concepts if c in grid.style_names]
+        for method in [m for m in methods if m != "none"]:
+            rows = []
+            for n in multi:
+                chosen = objs[:n // 2] + stys[:n - n // 2]
+                if len(chosen) < n:
+                    continue
+                out = ev.run(method, chosen)
+                rows.append({"n": n, "concepts": chosen, **ev.multi_metrics(out, chosen)})
+            report["multi"][method] = rows
+    if generalization and sae_methods:
+        sched, steps = generalization
+        clean_g = ev.run("none", scheduler=sched, steps=steps)
+        report["generalization"] = {"scheduler": sched, "steps": steps, "clean_accuracy": ev.accuracy(clean_g),
+                                    "summary": {}}
+        for method in sae_methods:
+            rows = []
+            for c in concepts:
+                out = ev.run(method, [c], scheduler=sched, steps=steps)
+                rows.append({"concept": c, "kind": grid.kind_of(c)[0], **ev.concept_metrics(out, c, clean_g)})
+            report["generalization"]["summary"][method] = {
+                kind: mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
+                for kind in ("style", "object") if any(r["kind"] == kind for r in rows)}
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown tables of a report from :func:`evaluate`."""
+    s = report["settings"]
+    lines = [f"Seeds {s['seeds']}, {s['steps']} {s['scheduler']} steps, CFG {s['guidance']}, ablate strength "
+             f"{s['ablate_strength']}, replace strength {s['replace_strength']}; clean accuracy object "
+             f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
+    lines += ["| method | kind | UA | IRA | CRA | retained conf. | act. shift |", "|---|---|---|---|---|---|---|"]
+    for method, by_kind in report["summary"].items():
+        for kind, m in by_kind.items():
+            lines.append(f"| {method} | {kind} | {_pct(m['UA'])} | {_pct(m['IRA'])} | {_pct(m['CRA'])} | "
+                         f"{_pct(m['retained_confidence'])} | {m['activation_shift']:.2f} |")
+    if report.get("multi"):
+        lines += ["", "Several concepts at once (half objects, half styles):", "",
+                  "| method | n | concepts | UA | retain object | retain style |", "|---|---|---|---|---|---|"]
+        for method, rows in report["multi"].items():
+            for r in rows:
+                lines.append(f"| {method} | {r['n']} | {', '.join(r['concepts'])} | {_pct(r['UA'])} | "
+                             f"{_pct(r['RA_object'])} | {_pct(r['RA_style'])} |")
+    g = report.get("generalization")
+    if g:
+        lines += ["", f"Generalisation: {g['steps']} {g['scheduler']} steps (concepts learned with another sampler); "
+                      f"clean accuracy object {_pct(g['clean_accuracy']['object'])}% / style "
+                      f"{_pct(g['clean_accuracy']['style'])}%.", "",
+                  "| method | kind | UA | IRA | CRA | retained conf. | act. shift |", "|---|---|---|---|---|---|---|"]
+        for method, by_kind in g["summary"].items():
+            for kind, m in by_kind.items():
+                lines.append(f"| {method} | {kind} | {_pct(m['UA'])} | {_pct(m['IRA'])} | {_pct(m['CRA'])} | "
+                             f"{_pct(m['retained_confidence'])} | {m['activation_shift']:.2f} |")
+    lines += ["", f"Evaluation time: {report['seconds']:.0f} s."]
+    return "\n".join(lines)
+
+
+def save_report(report: dict[str, Any], path: str) -> None:
+    """Write the report as JSON."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
