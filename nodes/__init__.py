@@ -3,7 +3,7 @@
 from .eraser import ConceptEraserNode
 from .inspector import FeatureInspector
 from .learn import LearnConcept
-from .loader import LoadDiffusersModel
+from .loader import EmptyLatentForVAE, LoadDiffusersModel
 from .sae_io import LoadSAE, SaveSAE
 
 NODE_CLASS_MAPPINGS = {
@@ -13,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "SAeUronSaveSAE": SaveSAE,
     "SAeUronFeatureInspector": FeatureInspector,
     "SAeUronLoadDiffusersModel": LoadDiffusersModel,
+    "SAeUronEmptyLatent": EmptyLatentForVAE,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SAeUronLoadSAE": "Load SAE",
@@ -21,6 +22,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SAeUronSaveSAE": "Save SAE",
     "SAeUronFeatureInspector": "Feature Inspector (SAE)",
     "SAeUronLoadDiffusersModel": "Load Diffusers Model (any SD-style config)",
+    "SAeUronEmptyLatent": "Empty Latent (sized for the VAE)",
 }
 # The concept picker (JS, relative to the pack's root folder, where ComfyUI resolves it).
 WEB_DIRECTORY = "./nodes/web"

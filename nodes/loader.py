@@ -77,8 +77,11 @@ def load_unet(path: Path) -> Any:
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise ConfigError(f"prediction_type {prediction!r} is not supported (expected epsilon or v_prediction)")
+    # latent_channels is read by newer ComfyUI releases (e.g. to size empty latents); pixel-space
+    # models (no vae/) have the UNet's own channel count and scale 1.
     latent_format = type("DiffusersLatent", (comfy.latent_formats.LatentFormat,),
-                         {"scale_factor": float(vae_cfg.get("scaling_factor", 1.0))})
+                         {"scale_factor": float(vae_cfg.get("scaling_factor", 1.0)),
+                          "latent_channels": int(unet_cfg.get("in_channels", 4))})
     extra = {k: unet_cfg.pop(k) for k in ("num_heads", "num_head_channels")}
     model_type = comfy.model_base.ModelType.EPS if prediction == "epsilon" else comfy.model_base.ModelType.V_PREDICTION
     config_cls = type("DiffusersUNet", (comfy.supported_models_base.BASE,), {
@@ -137,10 +140,40 @@ def load_clip(path: Path) -> Any:
     return clip
 
 
+def pixel_space_vae(channels: int) -> Any:
+    """A ComfyUI ``VAE`` for pixel-space models: decode maps [-1, 1] to [0, 1] images and encode back."""
+    import comfy.model_management
+    import comfy.sd
+
+    class PixelSpaceVAE(comfy.sd.VAE):
+        def __init__(self) -> None:  # nothing to load: no autoencoder weights
+            self.latent_channels = channels
+            self.downscale_ratio = self.upscale_ratio = 1
+            self.output_device = comfy.model_management.intermediate_device()
+
+        def decode(self, samples_in: torch.Tensor) -> torch.Tensor:
+            return ((samples_in.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).to(self.output_device)
+
+        def encode(self, pixel_samples: torch.Tensor) -> torch.Tensor:
+            return (pixel_samples[..., :channels].float() * 2.0 - 1.0).movedim(-1, 1).to(self.output_device)
+
+        def decode_tiled(self, samples: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self.decode(samples)
+
+        def encode_tiled(self, pixel_samples: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self.encode(pixel_samples)
+
+    return PixelSpaceVAE()
+
+
 def load_vae(path: Path) -> Any:
+    """ComfyUI VAE from ``vae/``; for a pixel-space model (no ``vae/``) a pass-through one."""
     import comfy.diffusers_convert
     import comfy.sd
 
+    if not (path / "vae").is_dir():
+        unet_cfg = _json(path / "unet" / "config.json")
+        return pixel_space_vae(int(unet_cfg.get("in_channels", 3)))
     cfg = _json(path / "vae" / "config.json")
     levels = len(cfg["block_out_channels"])
     # ComfyUI's diffusers->LDM key conversion assumes SD's 4 levels when it reverses the decoder's
@@ -158,6 +191,33 @@ def load_vae(path: Path) -> Any:
     return vae
 
 
+class EmptyLatentForVAE:
+    DESCRIPTION = ("An empty latent sized for the given VAE (its channel count and downscale factor), e.g. 3 channels "
+                   "at full resolution for a pixel-space model, 4 channels at 1/8 for SD 1.x. ComfyUI's Empty Latent "
+                   "Image always makes SD's 4-channel 1/8 latent.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Zeros of shape [batch, channels, height / downscale, width / downscale].",)
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "vae": ("VAE", {"tooltip": "The VAE that will decode the result; it sets channels and scale."}),
+            "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image width in pixels."}),
+            "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image height in pixels."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images per batch."}),
+        }}
+
+    def generate(self, vae: Any, width: int, height: int, batch_size: int) -> tuple[dict[str, torch.Tensor]]:
+        scale = int(getattr(vae, "downscale_ratio", 8))
+        if width % scale or height % scale:
+            raise ConfigError(f"width and height must be multiples of the VAE's downscale factor {scale}, "
+                              f"got {width}x{height}")
+        channels = int(getattr(vae, "latent_channels", 4))
+        return ({"samples": torch.zeros(batch_size, channels, height // scale, width // scale)},)
+
+
 class LoadDiffusersModel:
     DESCRIPTION = ("Loads a local diffusers pipeline folder from models/diffusers (UNet, CLIP text encoder, VAE) with "
                    "ComfyUI's own model classes, built from the folder's configs, so small or custom SD-style models "
@@ -170,8 +230,8 @@ class LoadDiffusersModel:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {"model_path": (list_pipelines(), {
-            "tooltip": "A folder in models/diffusers holding model_index.json, unet/, text_encoder/, tokenizer/, vae/ "
-                       "and scheduler/ (safetensors weights)."})}}
+            "tooltip": "A folder in models/diffusers holding model_index.json, unet/, text_encoder/, tokenizer/, "
+                       "scheduler/ and vae/ (safetensors weights); without vae/ the model works in pixel space."})}}
 
     def load(self, model_path: str) -> tuple[Any, Any, Any]:
         path = _resolve(model_path)

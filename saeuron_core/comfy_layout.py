@@ -156,7 +156,9 @@ class ComfyBlockPatch:
 
 # -- diffusers configs -> ComfyUI configs (for loading any SD-style diffusers folder) -------------
 
-_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
+# ComfyUI's "cosine" (with its fixed s = 0.008 and betas capped at 0.999) is diffusers' squaredcos_cap_v2;
+# ComfyUI's own "squaredcos_cap_v2" branch returns a numpy array that some releases cannot use.
+_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
 
 
 def _per_level(value: Any, levels: int, name: str) -> list[int]:

@@ -242,3 +242,60 @@ def test_unloading_and_reloading_the_model_keeps_the_behaviour(host):
     assert torch.equal(sample(host, erased_model), first)
     comfy.model_management.unload_all_models()
     assert torch.equal(sample(host, host["model"]), plain)
+
+
+def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
+    """The demo model's layout (pixel space, no vae/) through Load Diffusers Model, KSampler and VAEDecode."""
+    import folder_paths
+    import nodes as comfy_nodes
+
+    from saeuron_core.pipelines import load_pipeline
+    from test_demo_pipeline import _save_random_demo
+
+    root = host["models"] / "diffusers"
+    _save_random_demo(root / "pixel-demo")
+    folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
+    pipe = load_pipeline(str(root / "pixel-demo"))
+    model, clip, vae = node(host, "SAeUronLoadDiffusersModel").load("pixel-demo")
+    torch.manual_seed(0)
+    x, ctx, t = torch.randn(2, 3, 32, 32), torch.randn(2, 77, 64), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.diffusion_model(x, timesteps=t, context=ctx),
+                                   pipe.unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-5, rtol=1e-5)
+        ids = pipe.tokenizer("a star in stripes style", padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        cond = clip.encode_from_tokens(clip.tokenize("a star in stripes style"))
+        assert (cond - pipe.text_encoder(ids)[0]).abs().max() < 1e-2
+    latent = node(host, "SAeUronEmptyLatent").generate(vae, 32, 32, 2)[0]
+    assert latent["samples"].shape == (2, 3, 32, 32) and not latent["samples"].any()
+    pos = comfy_nodes.CLIPTextEncode().encode(clip, "a star in stripes style")[0]
+    neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+    with torch.inference_mode():
+        out = comfy_nodes.common_ksampler(model, 0, 3, 3.0, "ddim", "normal", pos, neg, latent)[0]
+    image = comfy_nodes.VAEDecode().decode(vae, out)[0]
+    assert image.shape == (2, 32, 32, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
+    assert torch.equal(vae.encode(image), (image * 2 - 1).movedim(-1, 1))
+    import comfy_host
+
+    sd_like = comfy_host.tiny_vae()
+    f = sd_like.downscale_ratio
+    assert node(host, "SAeUronEmptyLatent").generate(sd_like, 8 * f, 8 * f, 1)[0]["samples"].shape == (1, 4, 8, 8)
+    with pytest.raises(ConfigError, match=f"multiples of the VAE's downscale factor {f}"):
+        node(host, "SAeUronEmptyLatent").generate(sd_like, 8 * f + 1, 8 * f, 1)
+
+
+def test_cosine_schedule_matches_diffusers(host):
+    import comfy.model_sampling
+
+    from saeuron_core.comfy_layout import sampling_settings_from_scheduler
+    from saeuron_core.demo.model import train_scheduler
+
+    sched = train_scheduler()
+    settings = sampling_settings_from_scheduler(dict(sched.config))
+
+    class Config:
+        sampling_settings = settings
+
+    ms = comfy.model_sampling.ModelSamplingDiscrete(Config())
+    ac = sched.alphas_cumprod.double()
+    torch.testing.assert_close(ms.sigmas.double(), ((1 - ac) / ac).sqrt(), atol=1e-5, rtol=1e-3)  # ComfyUI keeps float32
