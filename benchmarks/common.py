@@ -163,14 +163,15 @@ def spread(values: Sequence[float]) -> float:
     return 100.0 * (max(values) - min(values)) / m if m else 0.0
 
 
-def matmul_gflops(n: int = 512, d: int = 1280, m: int = 20480, reps: int = 7) -> float:
-    """Measured fp32 ``[n, d] @ [d, m]`` rate (GFLOP/s), the shape of an SAE encode.
+def matmul_gflops(n: int = 512, d: int = 1280, m: int = 20480, reps: int = 7,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Measured ``[n, d] @ [d, m]`` rate (GFLOP/s) in ``dtype`` (fp32 by default), the shape of an SAE encode.
 
     The fastest of ``reps`` runs: other processes only ever slow a run down, so the fastest is the
     closest to what the cores can do. Scripts measure it before and after their timings and keep the
     higher rate.
     """
-    a, w = torch.randn(n, d), torch.randn(m, d)
+    a, w = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
     with torch.no_grad():
         for _ in range(2):
             torch.nn.functional.linear(a, w)

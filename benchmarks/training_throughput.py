@@ -27,7 +27,7 @@ from saeuron_core.sae import SAEConfig, TopKSAE, auto_lr
 from saeuron_core.training import TrainConfig, TrainStep, geometric_median, lr_at, make_optimizer
 
 from .common import (NO_PAUSE, Pauser, add_common_args, emit, encode_flops, fmt_s, machine_line, matmul_gflops,
-                     median, setup_threads, spread, table, timed)
+                     median, paired_ratio, setup_threads, spread, table, timed)
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -85,6 +85,8 @@ def fvu_of(x: torch.Tensor, recon: torch.Tensor) -> float:
 class Trainer:
     name = ""
     version = ""
+    sae: torch.nn.Module
+    opt: torch.optim.Optimizer
 
     def step(self, x: torch.Tensor) -> float:
         """One training step; returns the batch FVU (before the step's update)."""
@@ -92,6 +94,18 @@ class Trainer:
 
     def recon(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """What the trainer keeps between steps: parameters, gradients, optimizer state (and its buffers)."""
+        params = list(self.sae.parameters())
+        state = [v for p in params for v in self.opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        return params + [p.grad for p in params if p.grad is not None] + state
+
+
+def held_mib(tensors: list[torch.Tensor]) -> float:
+    """Total size of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) / 2 ** 20
 
 
 def _version(dist: str) -> str:
@@ -114,8 +128,8 @@ class Saeuron(Trainer):
         with torch.no_grad():
             self.sae.b_dec.copy_(geometric_median(first, self.config.geometric_median_iters))
         self.sae.train()
-        self.train_step = TrainStep(self.sae, make_optimizer(self.sae, self.base_lr),
-                                    torch.zeros(n_latents, dtype=torch.int64), self.config)
+        self.opt = make_optimizer(self.sae, self.base_lr)
+        self.train_step = TrainStep(self.sae, self.opt, torch.zeros(n_latents, dtype=torch.int64), self.config)
         selected = str(self.train_step.select_dtype).replace("torch.", "")
         self.name = f"saeuron TrainStep ({selected} selection{', auto' if select_dtype == 'auto' else ''})"
         self.version = _version("comfyui-saeuron")
@@ -129,6 +143,9 @@ class Saeuron(Trainer):
     def recon(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.sae(x)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return super().held_tensors() + self.train_step.buffers
 
 
 def linear_schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> Any:
@@ -258,8 +275,10 @@ def main(argv: list[str] | None = None) -> str:
     data = make_data(batch * (total + 1), d_in)
     batches, held_out = data[: batch * total].split(batch), data[batch * total:]
     notes: list[str] = []
+    shape = (64, 64, 1024) if args.quick else (512, 1280, 20480)
     with pauser:
-        gflops = matmul_gflops(*((64, 64, 1024) if args.quick else (512, 1280, 20480)))
+        gflops = matmul_gflops(*shape)
+        bf16_gflops = matmul_gflops(*shape, dtype=torch.bfloat16)
         trainers = contenders(batches[0], n_latents, k, total, max(1, total // 4), notes)
         times: dict[str, list[float]] = {t.name: [] for t in trainers}
         mem: dict[str, list[float]] = {t.name: [] for t in trainers}
@@ -277,29 +296,35 @@ def main(argv: list[str] | None = None) -> str:
                 pauser.tick()
             print(f"  step {i + 1}/{total} done", file=sys.stderr, flush=True)
         held = {t.name: fvu_of(held_out, t.recon(held_out)) for t in trainers}
-        gflops = max(gflops, matmul_gflops(*((64, 64, 1024) if args.quick else (512, 1280, 20480))))
-    line = f"measured fp32 matmul rate (SAE-encode shape): {gflops:.1f} GFLOP/s with {threads} threads\n"
+        gflops = max(gflops, matmul_gflops(*shape))
+        bf16_gflops = max(bf16_gflops, matmul_gflops(*shape, dtype=torch.bfloat16))
+    line = (f"measured matmul rate (SAE-encode shape {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}, best of 7, "
+            f"before and after): fp32 {gflops:.1f} GFLOP/s, bf16 {bf16_gflops:.1f} GFLOP/s with {threads} threads\n")
     out.append(line)
     emit(line)
-    floor_step = encode_flops(batch, d_in, n_latents) / (gflops * 1e9)  # the forward encode; backward is sparse
+    # The floor is the forward encode matmul (the backward is sparse), at each precision's measured rate.
+    floor_fp32 = encode_flops(batch, d_in, n_latents) / (gflops * 1e9)
+    floor_bf16 = encode_flops(batch, d_in, n_latents) / (bf16_gflops * 1e9)
     ref = next((t.name for t in trainers if t.name.startswith("eai-sparsify")), None)
     rows = []
     for t in trainers:
         s = median(times[t.name])
-        tps = batch / s
-        vs = f"{median(times[ref]) / s:.2f}x" if ref else "n/a"
-        rows.append([f"{t.name} {t.version}", f"{tps:,.0f}", fmt_s(s), vs,
-                     f"{median(mem[t.name]):,.0f} MiB" if mem[t.name] else "n/a", f"{fvus[t.name]:.4f}",
-                     f"{held[t.name]:.4f}", f"{s / floor_step:.2f}x", f"{spread(times[t.name]):.0f}%"])
+        vs = f"{paired_ratio(times, ref, t.name):.2f}x" if ref else "n/a"
+        rows.append([f"{t.name} {t.version}", f"{batch / s:,.0f}", fmt_s(s), vs,
+                     f"{median(mem[t.name]):,.0f} MiB" if mem[t.name] else "n/a",
+                     f"{held_mib(t.held_tensors()):,.0f} MiB", f"{fvus[t.name]:.4f}", f"{held[t.name]:.4f}",
+                     f"{s / floor_fp32:.2f}x", f"{s / floor_bf16:.2f}x", f"{spread(times[t.name]):.0f}%"])
     title = (f"SAE training throughput: d_in {d_in}, {n_latents} latents (x{expansion}), k {k}, batch {batch} tokens, "
              f"Adam, linear warm-up {max(1, total // 4)} + decay over {total} steps; {warm} untimed + {steps} timed "
              f"steps per library, interleaved")
-    headers = ["library / step", "tokens/s", "median step", "speed vs sparsify", "step transient memory",
-               f"batch FVU at step {total}", f"held-out FVU after {total * batch} tokens", "step / floor", "spread"]
+    headers = ["library / step", "tokens/s", "median step", "speed vs sparsify (paired)", "step transient memory",
+               "held between steps", f"batch FVU at step {total}", f"held-out FVU after {total * batch} tokens",
+               "step / fp32 floor", "step / bf16 floor", "spread"]
     text = table(title, headers, rows)
     text += (f"\nFloor: one forward encode matmul ({encode_flops(batch, d_in, n_latents) / 1e9:.2f} GFLOP) at the "
-             f"measured rate = {fmt_s(floor_step)} per step = {batch / floor_step:,.0f} tokens/s; a TopK step needs "
-             f"at least that (its backward is sparse: O(batch x k x d_in)).\n")
+             f"measured rate: fp32 {fmt_s(floor_fp32)} per step = {batch / floor_fp32:,.0f} tokens/s, bf16 "
+             f"{fmt_s(floor_bf16)} = {batch / floor_bf16:,.0f} tokens/s; a TopK step needs at least that (its "
+             f"backward is sparse: O(batch x k x d_in)).\n")
     for note in notes:
         text += f"\nNote: {note}\n"
     out.append(text)
