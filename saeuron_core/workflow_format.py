@@ -23,11 +23,48 @@ def _inputs(info: dict[str, Any]) -> list[tuple[str, Any]]:
     return [*section.get("required", {}).items(), *section.get("optional", {}).items()]
 
 
+NODE_WIDTH = 320
+_IMAGE_NODES = ("SaveImage", "PreviewImage")
+
+
+def _node_height(node: dict[str, Any], info: dict[str, Any]) -> int:
+    """Rough height of a node on ComfyUI's canvas: a row per slot and widget, room for image previews."""
+    rows = max(len(info["output"]), sum(isinstance(v, list) for v in node["inputs"].values()))
+    widgets = sum(not isinstance(v, list) for v in node["inputs"].values())
+    multiline = sum(isinstance(v, str) and "\n" in v for v in node["inputs"].values())
+    preview = 300 if node["class_type"] in _IMAGE_NODES or "IMAGE" in info["output"] else 0
+    return 40 + 22 * (rows + widgets) + 60 * multiline + preview
+
+
+def auto_layout(api: dict[str, dict[str, Any]], object_info: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Left-to-right layout without overlaps: a column per graph depth, nodes stacked in each column."""
+    depth: dict[str, int] = {}
+
+    def visit(node_id: str, seen: tuple[str, ...] = ()) -> int:
+        if node_id not in depth:
+            parents = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list) and v[0] not in seen]
+            depth[node_id] = 1 + max((visit(p, seen + (node_id,)) for p in parents), default=-1)
+        return depth[node_id]
+
+    for node_id in api:
+        visit(node_id)
+    heights = {nid: _node_height(node, object_info[node["class_type"]]) for nid, node in api.items()}
+    column_y: dict[int, int] = {}
+    pos = {}
+    for node_id in api:
+        d = depth[node_id]
+        y = column_y.get(d, 40)
+        pos[node_id] = (40 + (NODE_WIDTH + 60) * d, y)
+        column_y[d] = y + heights[node_id] + 50
+    return pos
+
+
 def api_to_ui(api: dict[str, dict[str, Any]], object_info: dict[str, Any],
               positions: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """A UI-format workflow (version 0.4) for an API-format graph."""
     nodes, links = [], []
     outputs: dict[tuple[int, int], list[int]] = {}
+    layout = positions or auto_layout(api, object_info)
     for order, (node_id, node) in enumerate(api.items()):
         info = object_info[node["class_type"]]
         ui_inputs, widgets = [], []
@@ -47,8 +84,9 @@ def api_to_ui(api: dict[str, dict[str, Any]], object_info: dict[str, Any],
                 outputs.setdefault((src, slot), []).append(link_id)
                 ui_inputs.append({"name": name, "type": spec[0] if not isinstance(spec[0], list) else "COMBO",
                                   "link": link_id})
-        x, y = (positions or {}).get(node_id, (40 + 320 * (order % 4), 40 + 260 * (order // 4)))
-        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [x, y], "size": [300, 120],
+        x, y = layout.get(node_id, (40 + 360 * (order % 4), 40 + 300 * (order // 4)))
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [x, y],
+                      "size": [NODE_WIDTH, _node_height(node, info)],
                       "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": [],
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     for entry in nodes:

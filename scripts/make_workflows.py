@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "saeuron-demo"                 # models/diffusers/<MODEL>
 SAE = "saeuron-demo.safetensors"       # models/sae/<SAE>
 STYLE, OBJECT = "stripes", "star"
-SIZE = 64                              # EmptyLatentImage size in pixels
+SIZE = 32                              # the demo model's image size in pixels
+BATCH = 4                              # images per run (seeds seed, seed+1, ...)
+ABLATE_STRENGTH = 10.0                 # the evaluation's setting (EVALUATION.md)
+STEPS, CFG = 25, 3.0
 
 
 def base(prompt: str) -> dict:
@@ -25,17 +28,21 @@ def base(prompt: str) -> dict:
         "2": {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": SAE}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": {"class_type": "SAeUronEmptyLatent", "inputs": {"vae": ["1", 2], "width": SIZE, "height": SIZE,
+                                                            "batch_size": BATCH}},
     }
 
 
 def sample(graph: dict, first_id: int, model: list, prefix: str) -> None:
-    k, d, s = str(first_id), str(first_id + 1), str(first_id + 2)
+    """KSampler -> VAEDecode -> nearest-neighbour upscale (32 px images are small on screen) -> SaveImage."""
+    k, d, u, s = (str(first_id + i) for i in range(4))
     graph[k] = {"class_type": "KSampler", "inputs": {
-        "model": model, "seed": 0, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+        "model": model, "seed": 0, "steps": STEPS, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal",
         "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
     graph[d] = {"class_type": "VAEDecode", "inputs": {"samples": [k, 0], "vae": ["1", 2]}}
-    graph[s] = {"class_type": "SaveImage", "inputs": {"images": [d, 0], "filename_prefix": prefix}}
+    graph[u] = {"class_type": "ImageScaleBy", "inputs": {"image": [d, 0], "upscale_method": "nearest-exact",
+                                                         "scale_by": 4.0}}
+    graph[s] = {"class_type": "SaveImage", "inputs": {"images": [u, 0], "filename_prefix": prefix}}
 
 
 def eraser(concepts: str, method: str, strength: float) -> dict:
@@ -46,7 +53,7 @@ def eraser(concepts: str, method: str, strength: float) -> dict:
 
 def erase(name: str, prompt: str, concept: str) -> dict:
     g = base(prompt)
-    g["6"] = eraser(concept, "ablate", 1.0)
+    g["6"] = eraser(concept, "replace", 1.0)
     sample(g, 10, ["1", 0], f"saeuron/{name}_before")
     sample(g, 20, ["6", 0], f"saeuron/{name}_after")
     return g
@@ -54,7 +61,7 @@ def erase(name: str, prompt: str, concept: str) -> dict:
 
 def compare() -> dict:
     g = base(f"a {OBJECT} in {STYLE} style")
-    g["6"] = eraser(STYLE, "ablate", 1.0)
+    g["6"] = eraser(STYLE, "ablate", ABLATE_STRENGTH)
     g["7"] = eraser(STYLE, "replace", 1.0)
     sample(g, 10, ["1", 0], "saeuron/compare_original")
     sample(g, 20, ["6", 0], "saeuron/compare_ablate")
@@ -66,10 +73,10 @@ def learn() -> dict:
     g = base("")
     del g["3"], g["4"]
     g["6"] = {"class_type": "SAeUronLearnConcept", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "sae": ["2", 0], "latent_image": ["5", 0], "concept_name": "circle",
-        "positive_prompts": f"a circle in {STYLE} style\na circle in solid style",
-        "negative_prompts": f"a square in {STYLE} style\na square in solid style",
-        "seed": 0, "steps": 10, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "top_n": 3}}
+        "model": ["1", 0], "clip": ["1", 1], "sae": ["2", 0], "latent_image": ["5", 0], "concept_name": "round things",
+        "positive_prompts": f"a circle in {STYLE} style\na ring in solid style\na circle in grid style",
+        "negative_prompts": f"a square in {STYLE} style\na triangle in solid style\na cross in grid style",
+        "seed": 0, "steps": 10, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal", "top_n": 3}}
     g["7"] = {"class_type": "SAeUronSaveSAE", "inputs": {"sae": ["6", 0], "filename": "saeuron-demo-learned.safetensors",
                                                          "overwrite": True}}
     return g
@@ -79,9 +86,11 @@ def inspect() -> dict:
     g = base(f"a {OBJECT} in {STYLE} style")
     g["6"] = {"class_type": "SAeUronFeatureInspector", "inputs": {
         "model": ["1", 0], "sae": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
-        "vae": ["1", 2], "concepts": STYLE, "seed": 0, "steps": 20, "cfg": 5.0, "sampler_name": "euler",
+        "vae": ["1", 2], "concepts": STYLE, "seed": 0, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
         "scheduler": "normal", "top_features": 8}}
-    g["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "saeuron/inspect_overlay"}}
+    g["7"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["6", 0], "upscale_method": "nearest-exact",
+                                                       "scale_by": 8.0}}
+    g["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "saeuron/inspect_overlay"}}
     return g
 
 

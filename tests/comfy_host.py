@@ -250,3 +250,21 @@ def tiny_vae():
         for p in vae.first_stage_model.parameters():  # ComfyUI's ops leave weights uninitialised
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return vae
+
+
+def expected_images(api: dict) -> dict[str, tuple[int, int]]:
+    """``{SaveImage node id: (image count, side in pixels)}`` of one of the project's workflows (API format).
+
+    Every SaveImage is fed by an ImageScaleBy of a decoded batch (``batch_size`` of node 5) or of the
+    Feature Inspector's single overlay; node 5 sets the image size.
+    """
+    out = {}
+    for node_id, node in api.items():
+        if node["class_type"] != "SaveImage":
+            continue
+        scale = api[node["inputs"]["images"][0]]
+        assert scale["class_type"] == "ImageScaleBy", f"SaveImage {node_id} is not fed by ImageScaleBy"
+        source = api[scale["inputs"]["image"][0]]
+        count = 1 if source["class_type"] == "SAeUronFeatureInspector" else api["5"]["inputs"]["batch_size"]
+        out[node_id] = (count, int(api["5"]["inputs"]["width"] * scale["inputs"]["scale_by"]))
+    return out

@@ -31,6 +31,7 @@ from saeuron_core.sae import SAEConfig, TopKSAE
 from saeuron_core.scoring import learn_concept, remove_concept
 
 from conftest import HOOK
+import comfy_host
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,17 +360,21 @@ def test_workflow_loads_and_runs_in_the_page(page, server, path):
     shown = run_from_page(page)
     saves = [n for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")]
     images = {s["id"]: s["images"] for s in shown}
+    api = json.loads(path.with_suffix("").with_suffix(".api.json").read_text())
+    expected = comfy_host.expected_images(api)
+    side = api["5"]["inputs"]["width"]
     for node in saves:
-        assert len(images[node["id"]]) == 1, f"node {node['id']} shows {images[node['id']]}"
-        width, height, src = images[node["id"]][0]
-        assert (width, height) == (16, 16) and "/view?" in src
-        with urllib.request.urlopen(src, timeout=30) as r:  # what the page shows is the saved file
-            assert r.headers["Content-Type"] == "image/png" and len(r.read()) > 50
+        count, size = expected[str(node["id"])]
+        assert len(images[node["id"]]) == count, f"node {node['id']} shows {images[node['id']]}"
+        for width, height, src in images[node["id"]]:
+            assert (width, height) == (size, size) and "/view?" in src
+            with urllib.request.urlopen(src, timeout=30) as r:  # what the page shows is the saved file
+                assert r.headers["Content-Type"] == "image/png" and len(r.read()) > 50
     if path.stem == "inspect_features":  # the heat-map overlay also shows in the inspector node itself
         preview = wait_for(page, "const n = app.graph.getNodeById(6);"
                                  "return n.imgs?.length ? n.imgs.map(i => [i.naturalWidth, i.naturalHeight, i.src]) : null;",
                            timeout=30, what="the Feature Inspector's preview")
-        assert len(preview) == 1 and preview[0][:2] == [16, 16] and "type=temp" in preview[0][2]
+        assert len(preview) == 1 and preview[0][:2] == [side, side] and "type=temp" in preview[0][2]
     if path.stem == "learn_concept":
         texts = {s["id"]: s["text"] for s in shown}
         assert texts[7] == ["saved saeuron-demo-learned.safetensors"]
@@ -446,7 +451,8 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
         return eraser.id;
     """)
     fit_view(page)
-    assert open_widget_menu(page, eraser_id, "concepts")[:3] == ["☐ circle", "☐ star", "☐ stripes"]
+    learned = json.loads((ROOT / "workflows" / "learn_concept.api.json").read_text())["6"]["inputs"]["concept_name"]
+    assert open_widget_menu(page, eraser_id, "concepts")[:3] == [f"☐ {n}" for n in sorted(["star", "stripes", learned])]
     assert_no_page_errors(page, "while picking concepts")
 
 
