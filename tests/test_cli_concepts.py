@@ -331,3 +331,34 @@ def test_installed_script(files):
     p = subprocess.run([*cmd, "remove-concept", str(files / "s.safetensors"), "--concept", "nope"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and p.stderr.strip() == "error: unknown concept 'nope'; this SAE knows: 'cat'"
+
+
+def test_learn_concept_library_learns_several_from_one_file(capsys, files):
+    spec = {"cat": {"positive": ["a cat", "a red cat"], "negative": ["a dog", "a green tree"]},
+            "dog": {"positive": ["a dog"], "negative": ["a cat", "a green tree"]}}
+    (files / "lib.json").write_text(json.dumps(spec))
+    code, out, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--library", files / "lib.json",
+                             "--model", "tiny", "--steps", STEPS)
+    assert code == 0, err
+    assert "learned concept 'cat'" in out and "learned concept 'dog'" in out
+    sae = load_sae(files / "s.safetensors")
+    assert concept_names(sae) == ["cat", "dog"]
+    assert get_concept(sae, "dog").info["positive"] == ["a dog"]
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    ("{not json", [], "not valid JSON"),
+    ("[]", [], "expected a non-empty object"),
+    ('{"cat": {"positive": ["a cat"]}}', [], "concept 'cat' needs 'positive' and 'negative' lists"),
+    ('{"cat": {"positive": ["a cat"], "negative": ["a dog"]}}', ["--concept", "cat"], "--library replaces"),
+])
+def test_learn_concept_library_errors(capsys, files, content, extra, message):
+    (files / "lib.json").write_text(content)
+    code, _, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--library", files / "lib.json",
+                           "--model", "tiny", "--steps", STEPS, *extra)
+    assert_user_error(code, err, message)
+
+
+def test_learn_concept_needs_a_concept_or_a_library(capsys, files):
+    code, _, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--model", "tiny")
+    assert_user_error(code, err, "give --concept, --positive and --negative")
