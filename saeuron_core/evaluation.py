@@ -343,6 +343,14 @@ def format_report(report: dict[str, Any]) -> str:
         for kind, m in by_kind.items():
             lines.append(f"| {method} | {kind} | {_pct(m['UA'])} | {_pct(m['IRA'])} | {_pct(m['CRA'])} | "
                          f"{_pct(m['retained_confidence'])} | {m['activation_shift']:.2f} |")
+    per = {m: rows for m, rows in report.get("per_concept", {}).items() if m != "none"}
+    if per:
+        methods = list(per)
+        lines += ["", "Per concept (UA / IRA / CRA):", "",
+                  "| concept | kind | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+        for i, row in enumerate(next(iter(per.values()))):
+            cells = [f"{_pct(per[m][i]['UA'])} / {_pct(per[m][i]['IRA'])} / {_pct(per[m][i]['CRA'])}" for m in methods]
+            lines.append(f"| {row['concept']} | {row['kind']} | " + " | ".join(cells) + " |")
     if report.get("multi"):
         lines += ["", "Several concepts at once (half objects, half styles):", "",
                   "| method | n | concepts | UA | retain object | retain style |", "|---|---|---|---|---|---|"]
