@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scheduler", default="ddim")
     ev.add_argument("--ablate-strength", type=float, default=10.0, help="gamma = -strength")
     ev.add_argument("--replace-strength", type=float, default=1.0)
+    ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="sample",
+                    help="where replacement patches come from")
+    ev.add_argument("--dilation", type=int, default=0, help="grow the detection mask by this many patches")
+    ev.add_argument("--threshold-scale", type=float, default=1.0, help="multiply the firing thresholds")
     ev.add_argument("--multi", default="2,4,8", help="sizes of concept sets erased at once ('' for none)")
     ev.add_argument("--generalization", default="euler_a:30",
                     help="SCHEDULER:STEPS to re-run the SAE methods with another sampler ('' for none)")
@@ -538,6 +542,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         raise ConfigError("--multi takes integers like '2,4,8'; --generalization SCHEDULER:STEPS like 'euler_a:30'") from None
     settings = EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
                             ablate_strength=a.ablate_strength, replace_strength=a.replace_strength,
+                            replace_source=a.replace_source, dilation=a.dilation, threshold_scale=a.threshold_scale,
                             batch_size=a.batch_size)
     if a.quick:
         settings.seeds, settings.steps = settings.seeds[:1], 8

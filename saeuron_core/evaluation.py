@@ -49,6 +49,7 @@ class EvalSettings:
     replace_strength: float = 1.0
     threshold_scale: float = 1.0
     dilation: int = 0
+    replace_source: str = "sample"
     batch_size: int = 64
 
 
@@ -146,7 +147,7 @@ class Evaluator:
             return ConceptEraser(self.sae, list(concepts), "ablate", strength=s.ablate_strength)
         if method == "replace":
             return ConceptEraser(self.sae, list(concepts), "replace", strength=s.replace_strength,
-                                 threshold_scale=s.threshold_scale, dilation=s.dilation)
+                                 threshold_scale=s.threshold_scale, dilation=s.dilation, source=s.replace_source)
         if method in ("none", "negative_prompt"):
             return None
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -336,7 +337,8 @@ def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a report from :func:`evaluate`."""
     s = report["settings"]
     lines = [f"Seeds {s['seeds']}, {s['steps']} {s['scheduler']} steps, CFG {s['guidance']}, ablate strength "
-             f"{s['ablate_strength']}, replace strength {s['replace_strength']}; clean accuracy object "
+             f"{s['ablate_strength']}, replace strength {s['replace_strength']} (source {s.get('replace_source')}, "
+             f"dilation {s.get('dilation')}, threshold x{s.get('threshold_scale')}); clean accuracy object "
              f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
     lines += ["| method | kind | UA | IRA | CRA | retained conf. | act. shift |", "|---|---|---|---|---|---|---|"]
     for method, by_kind in report["summary"].items():
