@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=3.0)
     ev.add_argument("--scheduler", default="ddim")
-    ev.add_argument("--ablate-strength", type=float, default=10.0, help="gamma = -strength")
+    ev.add_argument("--ablate-strength", type=float, default=3.0, help="gamma = -strength")
     ev.add_argument("--replace-strength", type=float, default=1.0)
     ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="sample",
                     help="where replacement patches come from")

@@ -18,7 +18,7 @@ SAE = "saeuron-demo.safetensors"       # models/sae/<SAE>
 STYLE, OBJECT = "stripes", "star"
 SIZE = 32                              # the demo model's image size in pixels
 BATCH = 4                              # images per run (seeds seed, seed+1, ...)
-ABLATE_STRENGTH = 10.0                 # the evaluation's setting (EVALUATION.md)
+ABLATE_STRENGTH = 3.0                  # the evaluation's setting (EVALUATION.md)
 STEPS, CFG = 25, 3.0
 
 

@@ -268,3 +268,15 @@ def expected_images(api: dict) -> dict[str, tuple[int, int]]:
         count = 1 if source["class_type"] == "SAeUronFeatureInspector" else api["5"]["inputs"]["batch_size"]
         out[node_id] = (count, int(api["5"]["inputs"]["width"] * scale["inputs"]["scale_by"]))
     return out
+
+
+DEMO_ASSETS = ROOT / "demo_assets"
+
+
+def install_demo(models: Path) -> None:
+    """Copy the shipped demo model and SAE where the workflows expect them.
+
+    Copies, not links: the pack refuses model files that resolve outside its model folders.
+    """
+    shutil.copytree(DEMO_ASSETS / "model", models / "diffusers" / "saeuron-demo")
+    shutil.copy(DEMO_ASSETS / "sae.safetensors", models / "sae" / "saeuron-demo.safetensors")

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import torch
 
-from saeuron_core.formats import save_sae
+from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import learn_concept, remove_concept
+from saeuron_core.scoring import concept_names, remove_concept
 
 from conftest import HOOK
 import comfy_host
@@ -42,29 +42,25 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,800"]
-VIEWPORT = (1280, 720)
+VIEWPORT = (1920, 1080)  # large enough that LiteGraph draws node text at the fitted zoom
 RUN_TIMEOUT_S = 300
 
 
 # -- fixtures ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_pipe):
-    """A ComfyUI server with the workflows' model (the tiny pipeline as ``saeuron-demo``) and two SAEs
-    with different concept libraries: ``saeuron-demo`` (star, stripes) and ``saeuron-other`` (circle, star)."""
+def server(tmp_path_factory):
+    """A ComfyUI server with the workflows' model and SAE (the shipped demo ones, ``saeuron-demo``: every
+    object and style of the demo), ``saeuron-other`` (the same SAE keeping only circle and star) and an SAE
+    of another width."""
     import comfy_host
 
     srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("browser"))
-    tiny_pipe.save_pretrained(str(srv.models / "diffusers" / "saeuron-demo"), safe_serialization=True)
-    torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK, model_family="tiny"))
-    for name, pos, neg in (("stripes", "a star in stripes style", "a star in solid style"),
-                           ("star", "a star in stripes style", "a circle in stripes style")):
-        learn_concept(tiny_pipe, sae, name, [pos], [neg], steps=8, guidance_scale=5.0, progress=False)
-    save_sae(sae, srv.models / "sae" / "saeuron-demo.safetensors")
-    learn_concept(tiny_pipe, sae, "circle", ["a circle in stripes style"], ["a star in stripes style"], steps=8,
-                  guidance_scale=5.0, progress=False)
-    remove_concept(sae, "stripes")
+    comfy_host.install_demo(srv.models)
+    sae = load_sae(srv.models / "sae" / "saeuron-demo.safetensors")
+    for name in concept_names(sae):
+        if name not in ("circle", "star"):
+            remove_concept(sae, name)
     save_sae(sae, srv.models / "sae" / "saeuron-other.safetensors")
     # An SAE of another width: it does not fit the model's block.
     save_sae(TopKSAE(SAEConfig(d_in=48, n_latents=96, k=4, hook_point=HOOK)), srv.models / "sae" / "wide.safetensors")
@@ -415,7 +411,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     assert widget_value(page, 6, "concepts") == "stripes"
 
     entries = open_widget_menu(page, 6, "concepts")
-    assert entries[:2] == ["☐ star", "☑ stripes"] and "Edit as text…" in entries
+    assert {"☐ star", "☑ stripes", "☐ circle", "☐ noise"} <= set(entries) and "Edit as text…" in entries
     assert page.execute_script("return document.querySelector('.litecontextmenu .litemenu-title').innerText") \
         == "Concepts in saeuron-demo.safetensors"
     click_menu_entry(page, "☐ star")  # the menu stays open: several names can be chosen
@@ -435,7 +431,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     # The Feature Inspector offers them too; what the picker wrote is what /prompt gets.
     inspect = json.loads((ROOT / "workflows" / "inspect_features.json").read_text())
     load_workflow(page, inspect)
-    assert open_widget_menu(page, 6, "concepts")[:2] == ["☐ star", "☑ stripes"]
+    assert {"☐ star", "☑ stripes"} <= set(open_widget_menu(page, 6, "concepts"))
     click_menu_entry(page, "☐ star")
     prompt = page.execute_async_script("const done = arguments[arguments.length - 1];"
                                        "app.graphToPrompt().then(p => done(p.output));")
@@ -452,12 +448,12 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     """)
     fit_view(page)
     learned = json.loads((ROOT / "workflows" / "learn_concept.api.json").read_text())["6"]["inputs"]["concept_name"]
-    assert open_widget_menu(page, eraser_id, "concepts")[:3] == [f"☐ {n}" for n in sorted(["star", "stripes", learned])]
+    assert {f"☐ {learned}", "☐ star", "☐ stripes"} <= set(open_widget_menu(page, eraser_id, "concepts"))
     assert_no_page_errors(page, "while picking concepts")
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"concepts": "horse"}, "unknown concept 'horse'; this SAE knows: 'star', 'stripes'"),
+    ({"concepts": "horse"}, "unknown concept 'horse'; this SAE knows: 'checkerboard', 'circle'"),
     ({"method": "replace", "strength": 5.0}, "between 0 and 1"),
     ({"sae_name": "wide.safetensors"}, "the SAE expects 48 channels but"),
 ], ids=["unknown-concept", "bad-strength", "sae-does-not-fit"])
@@ -482,7 +478,10 @@ def test_concept_route_over_http(server):
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    assert get("?sae=saeuron-demo.safetensors") == (200, {"sae": "saeuron-demo.safetensors", "concepts": ["star", "stripes"]})
+    from saeuron_core.demo.dataset import OBJECTS, STYLES
+
+    assert get("?sae=saeuron-demo.safetensors") == (200, {"sae": "saeuron-demo.safetensors",
+                                                           "concepts": sorted(OBJECTS + STYLES)})
     assert get("?sae=saeuron-other.safetensors")[1]["concepts"] == ["circle", "star"]
     assert get("")[0] == 400
     for name in ("../extra_model_paths.yaml", "%2Fetc%2Fpasswd", "..%2F..%2Fserver.log", "nope.safetensors"):

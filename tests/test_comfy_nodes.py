@@ -101,16 +101,23 @@ def raw_outputs(host, hook_point, sae, method="ablate"):
     """One UNet call on the same inputs through diffusers hooks and through the ComfyUI patch."""
     import comfy.utils
 
-    model, unet = host["model"], host["pipe"].unet
-    strength = 10.0 if method == "ablate" else 1.0
     torch.manual_seed(3)
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    out = erased_outputs(host, host["model"], host["pipe"].unet, sae, hook_point, "cat", method, x, ctx)
+    assert isinstance(comfy.utils.get_attr(host["model"].model, "diffusion_model.output_blocks.5.1"),
+                      __import__("comfy.ldm.modules.attention", fromlist=["x"]).SpatialTransformer)
+    return out
+
+
+def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx):
+    """``(diffusers output, ComfyUI output, plain output)`` of one CFG-batched UNet call with ``concept`` erased."""
+    strength = 10.0 if method == "ablate" else 1.0
     sigma = model.model.model_sampling.sigma(torch.tensor([620.0]))
     t = model.model.model_sampling.timestep(sigma).float()
-    with torch.no_grad(), BlockHook(unet, hook_point, ConceptEraser(sae, ["cat"], method, strength=strength),
+    with torch.no_grad(), BlockHook(unet, hook_point, ConceptEraser(sae, [concept], method, strength=strength),
                                     cfg_layout="uncond_cond"):
         diffusers_out = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
-    patched = node(host, "SAeUronConceptEraser").erase(model, sae, "cat", method, strength, 0.0, 1.0, "both")[0]
+    patched = node(host, "SAeUronConceptEraser").erase(model, sae, concept, method, strength, 0.0, 1.0, "both")[0]
     options = {"patches": patched.model_options["transformer_options"].get("patches", {}),
                "cond_or_uncond": [1, 0], "sigmas": sigma}
     patched.patch_model()
@@ -122,8 +129,6 @@ def raw_outputs(host, hook_point, sae, method="ablate"):
         patched.unpatch_model()
     with torch.no_grad():
         plain = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
-    assert isinstance(comfy.utils.get_attr(model.model, "diffusion_model.output_blocks.5.1"),
-                      __import__("comfy.ldm.modules.attention", fromlist=["x"]).SpatialTransformer)
     return diffusers_out, comfy_out, plain
 
 
@@ -299,3 +304,32 @@ def test_cosine_schedule_matches_diffusers(host):
     ms = comfy.model_sampling.ModelSamplingDiscrete(Config())
     ac = sched.alphas_cumprod.double()
     torch.testing.assert_close(ms.sigmas.double(), ((1 - ac) / ac).sqrt(), atol=1e-5, rtol=1e-3)  # ComfyUI keeps float32
+
+
+@pytest.mark.parametrize("method", ["ablate", "replace"])
+def test_shipped_demo_erasure_agrees_between_comfyui_and_diffusers(host, method):
+    """The shipped demo model and SAE: erasing "stripes" gives the same UNet output in both hosts."""
+    import shutil
+
+    import folder_paths
+
+    from saeuron_core.pipelines import load_pipeline
+    from comfy_host import DEMO_ASSETS
+
+    root = host["models"] / "diffusers"
+    if not (root / "shipped-demo").exists():
+        shutil.copytree(DEMO_ASSETS / "model", root / "shipped-demo")
+    folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
+    model = node(host, "SAeUronLoadDiffusersModel").load("shipped-demo")[0]
+    pipe = load_pipeline(str(DEMO_ASSETS / "model"))
+    sae = load_sae(DEMO_ASSETS / "sae.safetensors")
+    ids = pipe.tokenizer(["", "a star in stripes style"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        ctx = pipe.text_encoder(ids)[0]
+    torch.manual_seed(5)
+    x = torch.randn(1, 3, 32, 32).expand(2, -1, -1, -1) * 2.0
+    diffusers_out, comfy_out, plain = erased_outputs(host, model, pipe.unet, sae, sae.config.hook_point, "stripes",
+                                                     method, x, ctx)
+    assert not torch.allclose(diffusers_out, plain, atol=1e-4), "nothing was erased"
+    torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)

@@ -20,23 +20,12 @@ UI_FILES = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.e
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_pipe):
-    """A ComfyUI server whose models folder holds the workflows' model and SAE.
-
-    Until the demo model ships, ``saeuron-demo`` is the tiny random SD-layout pipeline saved in the
-    same diffusers layout, with an SAE whose concepts are learned on it: the graphs run for real,
-    the pictures are noise.
-    """
+def server(tmp_path_factory):
+    """A ComfyUI server whose models folder holds the workflows' model and SAE: the shipped demo ones."""
     import comfy_host
 
     srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("workflows"))
-    tiny_pipe.save_pretrained(str(srv.models / "diffusers" / "saeuron-demo"), safe_serialization=True)
-    torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK, model_family="tiny"))
-    for name, pos, neg in (("stripes", "a star in stripes style", "a star in solid style"),
-                           ("star", "a star in stripes style", "a circle in stripes style")):
-        learn_concept(tiny_pipe, sae, name, [pos], [neg], steps=8, guidance_scale=5.0, progress=False)
-    save_sae(sae, srv.models / "sae" / "saeuron-demo.safetensors")
+    comfy_host.install_demo(srv.models)
     with srv:
         srv.object_info = srv.get("/object_info")
         yield srv
@@ -119,7 +108,8 @@ def test_unknown_concept_and_unfit_sae_fail_with_the_message(server):
     api["6"]["inputs"]["concepts"] = "horse"
     entry = server.run(api)
     error = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
-    assert error["node_id"] == "6" and "unknown concept 'horse'; this SAE knows: 'star', 'stripes'" in error["exception_message"]
+    assert error["node_id"] == "6" and "unknown concept 'horse'; this SAE knows: 'checkerboard', 'circle'" \
+        in error["exception_message"]
 
 
 def test_graphs_are_isolated_in_one_server(server):

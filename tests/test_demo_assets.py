@@ -1,0 +1,53 @@
+"""The shipped demo model, classifier and SAE still load, generate, classify and erase (``saeuron eval --quick``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import run_cli
+from saeuron_core.demo.classifier import load_classifier, predict
+from saeuron_core.demo.dataset import OBJECTS, STYLES, generate
+from saeuron_core.formats import load_sae
+from saeuron_core.scoring import concept_names
+
+ASSETS = Path(__file__).resolve().parents[1] / "demo_assets"
+
+
+def test_shipped_sae_has_every_object_and_style_and_fits_the_model():
+    sae = load_sae(ASSETS / "sae.safetensors")
+    assert sorted(concept_names(sae)) == sorted(OBJECTS + STYLES)
+    unet_cfg = json.loads((ASSETS / "model" / "unet" / "config.json").read_text())
+    assert sae.config.hook_point == "up_blocks.1.attentions.1"
+    assert sae.config.d_in == unet_cfg["block_out_channels"][-2]  # up_blocks.1 runs at the second-deepest width
+
+
+def test_shipped_classifier_reads_generator_images():
+    clf = load_classifier(str(ASSETS / "classifier"))
+    imgs, objs, stys, _ = generate(256, seed=12345)
+    po, ps = predict(clf, imgs)
+    assert (po == objs).float().mean() >= 0.97 and (ps == stys).float().mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "eval", "--quick", "--json", tmp_path / "report.json")
+    assert code == 0, err
+    assert "| ablate | style |" in out and "| replace | object |" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["seeds"] == [1000] and report["settings"]["steps"] == 8
+    concepts = [r["concept"] for r in report["per_concept"]["none"]]
+    assert concepts == ["star", "stripes"]
+
+    def ua(method: str) -> float:
+        return sum(r["UA"] for r in report["per_concept"][method]) / 2
+
+    # Erasure does something: the better SAE method removes the concepts far more often than doing nothing.
+    assert max(ua("ablate"), ua("replace")) >= ua("none") + 0.25
+    for method in ("ablate", "replace"):
+        for row in report["per_concept"][method]:
+            assert 0.0 <= row["IRA"] <= 1.0 and 0.0 <= row["CRA"] <= 1.0 and row["activation_shift"] >= 0
+    assert torch.isfinite(torch.tensor([r["retained_confidence"] for r in report["per_concept"]["ablate"]])).all()
