@@ -239,6 +239,15 @@ class Evaluator:
         m_ref, sd_ref = moments(clean, ~target)
         return float(((m - m_ref).abs() / sd_ref + (sd / sd_ref).log().abs()).mean())
 
+    def per_concept(self, method: str, concepts: Sequence[str], clean: RunOutput, *, scheduler: Optional[str] = None,
+                    steps: Optional[int] = None) -> list[dict[str, Any]]:
+        """One run per concept erased alone (``none`` reuses ``clean``), with its metrics."""
+        rows = []
+        for c in concepts:
+            out = clean if method == "none" else self.run(method, [c], scheduler=scheduler, steps=steps)
+            rows.append({"concept": c, "kind": self.grid.kind_of(c)[0], **self.concept_metrics(out, c, clean)})
+        return rows
+
     def multi_metrics(self, out: RunOutput, concepts: Sequence[str]) -> dict[str, float]:
         """UA over several erased concepts and retained accuracy of each head on the rest."""
         lo, ls = self._labels()
@@ -268,6 +277,12 @@ def mean_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[st
 METRIC_KEYS = ("UA", "IRA", "CRA", "retained_confidence", "activation_shift")
 
 
+def summary_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean metrics of per-concept rows, separately for styles and objects (kinds present only)."""
+    return {kind: mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
+            for kind in ("style", "object") if any(r["kind"] == kind for r in rows)}
+
+
 def evaluate(pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings, *,
              methods: Sequence[str] = METHODS, concepts: Optional[Sequence[str]] = None,
              multi: Sequence[int] = (2, 4, 8), generalization: Optional[tuple[str, int]] = ("euler_a", 30),
@@ -292,13 +307,9 @@ def evaluate(pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings, *
                                                                      "styles": grid.style_names},
                               "clean_accuracy": ev.accuracy(clean), "per_concept": {}, "summary": {}}
     for method in methods:
-        rows = []
-        for c in concepts:
-            out = clean if method == "none" else ev.run(method, [c])
-            rows.append({"concept": c, "kind": grid.kind_of(c)[0], **ev.concept_metrics(out, c, clean)})
+        rows = ev.per_concept(method, concepts, clean)
         report["per_concept"][method] = rows
-        report["summary"][method] = {kind: mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
-                                     for kind in ("style", "object") if any(r["kind"] == kind for r in rows)}
+        report["summary"][method] = summary_by_kind(rows)
     if multi:
         report["multi"] = {}
         objs = [c for c in concepts if c in grid.object_names]
@@ -318,19 +329,23 @@ def evaluate(pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings, *
         report["generalization"] = {"scheduler": sched, "steps": steps, "clean_accuracy": ev.accuracy(clean_g),
                                     "summary": {}}
         for method in sae_methods:
-            rows = []
-            for c in concepts:
-                out = ev.run(method, [c], scheduler=sched, steps=steps)
-                rows.append({"concept": c, "kind": grid.kind_of(c)[0], **ev.concept_metrics(out, c, clean_g)})
-            report["generalization"]["summary"][method] = {
-                kind: mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
-                for kind in ("style", "object") if any(r["kind"] == kind for r in rows)}
+            rows = ev.per_concept(method, concepts, clean_g, scheduler=sched, steps=steps)
+            report["generalization"]["summary"][method] = summary_by_kind(rows)
     report["seconds"] = time.perf_counter() - t0
     return report
 
 
 def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["| method | kind | UA | IRA | CRA | retained conf. | act. shift |", "|---|---|---|---|---|---|---|"]
+    for method, by_kind in summary.items():
+        for kind, m in by_kind.items():
+            lines.append(f"| {method} | {kind} | {_pct(m['UA'])} | {_pct(m['IRA'])} | {_pct(m['CRA'])} | "
+                         f"{_pct(m['retained_confidence'])} | {m['activation_shift']:.2f} |")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -340,11 +355,7 @@ def format_report(report: dict[str, Any]) -> str:
              f"{s['ablate_strength']}, replace strength {s['replace_strength']} (source {s.get('replace_source')}, "
              f"dilation {s.get('dilation')}, threshold x{s.get('threshold_scale')}); clean accuracy object "
              f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
-    lines += ["| method | kind | UA | IRA | CRA | retained conf. | act. shift |", "|---|---|---|---|---|---|---|"]
-    for method, by_kind in report["summary"].items():
-        for kind, m in by_kind.items():
-            lines.append(f"| {method} | {kind} | {_pct(m['UA'])} | {_pct(m['IRA'])} | {_pct(m['CRA'])} | "
-                         f"{_pct(m['retained_confidence'])} | {m['activation_shift']:.2f} |")
+    lines += _summary_table(report["summary"])
     per = {m: rows for m, rows in report.get("per_concept", {}).items() if m != "none"}
     if per:
         methods = list(per)
@@ -364,12 +375,8 @@ def format_report(report: dict[str, Any]) -> str:
     if g:
         lines += ["", f"Generalisation: {g['steps']} {g['scheduler']} steps (concepts learned with another sampler); "
                       f"clean accuracy object {_pct(g['clean_accuracy']['object'])}% / style "
-                      f"{_pct(g['clean_accuracy']['style'])}%.", "",
-                  "| method | kind | UA | IRA | CRA | retained conf. | act. shift |", "|---|---|---|---|---|---|---|"]
-        for method, by_kind in g["summary"].items():
-            for kind, m in by_kind.items():
-                lines.append(f"| {method} | {kind} | {_pct(m['UA'])} | {_pct(m['IRA'])} | {_pct(m['CRA'])} | "
-                             f"{_pct(m['retained_confidence'])} | {m['activation_shift']:.2f} |")
+                      f"{_pct(g['clean_accuracy']['style'])}%.", ""]
+        lines += _summary_table(g["summary"])
     lines += ["", f"Evaluation time: {report['seconds']:.0f} s."]
     return "\n".join(lines)
 
