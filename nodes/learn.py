@@ -6,7 +6,8 @@ from typing import Any
 
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae import TopKSAE
-from saeuron_core.scoring import ConceptRecorder, ConceptStats, check_concept_name, with_concept
+from saeuron_core.scoring import (DEFAULT_MIN_SPECIFICITY, ConceptRecorder, ConceptStats, check_concept_name,
+                                  with_concept)
 
 from .common import CATEGORY, block_target, patch_block, validation
 
@@ -50,6 +51,12 @@ class LearnConcept:
             "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler used while scoring."}),
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule used while scoring."}),
             "top_n": ("INT", {"default": 3, "min": 1, "max": 64, "tooltip": "Features kept per timestep."}),
+        }, "optional": {
+            "min_specificity": ("FLOAT", {
+                "default": DEFAULT_MIN_SPECIFICITY, "min": 0.0, "max": 0.99, "step": 0.05,
+                "tooltip": "Keep only features that fire mostly with the concept: (with - without) / (with + without) "
+                           "of their mean activations must reach this. Higher erases less but leaves other "
+                           "pictures alone; 0 is SAeUron's original selection."}),
         }}
 
     @classmethod
@@ -62,7 +69,7 @@ class LearnConcept:
 
     def learn(self, model: Any, clip: Any, sae: TopKSAE, latent_image: dict, concept_name: str, positive_prompts: str,
               negative_prompts: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-              top_n: int) -> tuple[TopKSAE]:
+              top_n: int, min_specificity: float = DEFAULT_MIN_SPECIFICITY) -> tuple[TopKSAE]:
         import comfy.utils
         import nodes as comfy_nodes
 
@@ -86,4 +93,4 @@ class LearnConcept:
                 bar.update(1)
         info = {"positive": positive, "negative": negative, "hook_point": sae.config.hook_point, "steps": steps,
                 "guidance_scale": cfg, "scheduler": f"comfyui {sampler_name}/{scheduler}", "seeds": [seed]}
-        return (with_concept(sae, stats.result(name, top_n=top_n, info=info)),)
+        return (with_concept(sae, stats.result(name, top_n=top_n, min_specificity=min_specificity, info=info)),)

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     sel = lc.add_mutually_exclusive_group()
     sel.add_argument("--top-n", type=int, default=None, help="features selected per timestep (default 3)")
     sel.add_argument("--quantile", type=float, default=None, help="select features scoring above this quantile, e.g. 0.9999")
+    lc.add_argument("--min-specificity", type=float, default=None,
+                    help="select only features with (m_c - m_o) / (m_c + m_o) at least this, from their mean "
+                         "activations with (m_c) and without (m_o) the concept; 0 = SAeUron's selection "
+                         "(default: saeuron_core.scoring.DEFAULT_MIN_SPECIFICITY)")
     lc.add_argument("--bucket-width", type=float, default=20.0, help="timesteps per bucket")
     lc.add_argument("--height", type=int, default=None)
     lc.add_argument("--width", type=int, default=None)
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=3.0)
     ev.add_argument("--scheduler", default="ddim")
-    ev.add_argument("--ablate-strength", type=float, default=3.0, help="gamma = -strength")
+    ev.add_argument("--ablate-strength", type=float, default=10.0, help="gamma = -strength")
     ev.add_argument("--replace-strength", type=float, default=1.0)
     ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="sample",
                     help="where replacement patches come from")
@@ -432,15 +436,14 @@ def _cmd_learn_concept(a: argparse.Namespace) -> int:
     from .inspection import format_concept
     from .hooks import check_sae_fits
     from .pipelines import load_pipeline
-    from .scoring import MAX_CANDIDATES, learn_concepts
+    from .scoring import DEFAULT_MIN_SPECIFICITY, check_selection, learn_concepts
 
     spec = _library_spec(a)
     out = _concept_output(a.sae, a.out)
-    # learn_concepts checks these only after generating; fail before the (long) generation instead.
-    if a.top_n is not None and not 1 <= a.top_n <= MAX_CANDIDATES:
-        raise ConfigError(f"--top-n must be between 1 and {MAX_CANDIDATES}, got {a.top_n}")
-    if a.quantile is not None and not 0.0 < a.quantile < 1.0:
-        raise ConfigError(f"--quantile must be in (0, 1), e.g. 0.9999, got {a.quantile}")
+    if a.min_specificity is None:
+        a.min_specificity = DEFAULT_MIN_SPECIFICITY
+    # Fail before loading the model and the (long) generation.
+    check_selection(a.top_n, a.quantile, min_specificity=a.min_specificity)
     sae = load_sae(a.sae, device=a.device)
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
     hook_point = a.hook_point or sae.config.hook_point
@@ -448,8 +451,8 @@ def _cmd_learn_concept(a: argparse.Namespace) -> int:
         check_sae_fits(pipe.unet, hook_point, sae)
     learned = learn_concepts(pipe, sae, spec, hook_point=hook_point, steps=a.steps, guidance_scale=a.guidance,
                              scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
-                             quantile=a.quantile, bucket_width=a.bucket_width, height=a.height, width=a.width,
-                             progress=sys.stderr.isatty())
+                             quantile=a.quantile, min_specificity=a.min_specificity, bucket_width=a.bucket_width,
+                             height=a.height, width=a.width, progress=sys.stderr.isatty())
     save_sae(sae, out)
     for data in learned:
         counts = data.n_selected[data.observed]

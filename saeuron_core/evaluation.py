@@ -45,7 +45,7 @@ class EvalSettings:
     steps: int = 20
     guidance: float = 3.0
     scheduler: str = "ddim"
-    ablate_strength: float = 3.0
+    ablate_strength: float = 10.0
     replace_strength: float = 1.0
     threshold_scale: float = 1.0
     dilation: int = 0

@@ -6,6 +6,12 @@ generations whose prompts contain c, normalised to sum to 1 over features, and `
 for prompts without c. Per feature and bucket we also keep ``mu`` (mean activation on c, zeros
 included) and a firing threshold (the mean activation over all prompts, with and without c).
 
+SAeUron's score favours strong features: one that is 5x as large as the others but fires almost as
+often without c as with it wins over a weaker feature that fires only with c. Such a feature, used
+as a detector, fires on concept-free images too, and erasing it damages them. So a feature is only
+selected when its *specificity* ``(m_c - m_o) / (m_c + m_o)`` (unnormalised means, in [-1, 1]) is at
+least ``min_specificity``; 0 keeps SAeUron's selection.
+
 Everything is keyed by the diffusion *timestep value*, bucketed (``bucket_width`` timesteps per
 bucket), not by the index of the sampling step: a concept learned with 50 DDIM steps applies with
 20 Euler steps or in ComfyUI's samplers. Buckets never observed take the nearest observed bucket.
@@ -30,6 +36,7 @@ from .sae import TopKSAE
 
 MAX_CANDIDATES = 64
 MAX_NAME_LENGTH = 200
+DEFAULT_MIN_SPECIFICITY = 0.5
 
 
 def bucket_of(timesteps: Tensor, bucket_width: float, n_buckets: int) -> Tensor:
@@ -80,9 +87,14 @@ class ConceptStats:
         return out
 
     def result(self, name: str, *, top_n: Optional[int] = None, quantile: Optional[float] = None,
-               candidates: int = MAX_CANDIDATES, info: Optional[dict[str, Any]] = None) -> "ConceptData":
-        """Scores, selection, ``mu`` and thresholds per bucket (unobserved buckets copy the nearest)."""
-        top_n = check_selection(top_n, quantile, candidates)
+               min_specificity: float = DEFAULT_MIN_SPECIFICITY, candidates: int = MAX_CANDIDATES,
+               info: Optional[dict[str, Any]] = None) -> "ConceptData":
+        """Scores, selection, ``mu`` and thresholds per bucket (unobserved buckets copy the nearest).
+
+        Candidates are the features with the highest score among those at least ``min_specificity``
+        specific, followed by the others (kept for inspection, never selected).
+        """
+        top_n = check_selection(top_n, quantile, candidates, min_specificity)
         observed = (self.tokens[0] > 0) & (self.tokens[1] > 0)
         if not observed.any():
             raise ConfigError(f"concept {name!r}: no timestep saw both positive and negative prompts")
@@ -91,14 +103,25 @@ class ConceptStats:
         p_c = mean[0] / (mean[0].sum(-1, keepdim=True) + 1e-8)
         p_o = mean[1] / (mean[1].sum(-1, keepdim=True) + 1e-8)
         score = p_c - p_o
+        specific = (mean[0] - mean[1]) >= min_specificity * (mean[0] + mean[1])
+        usable = specific & (score > 0)  # a feature must also be more active with c
         pooled = self.sums.sum(0) / self.tokens.sum(0).clamp_min(1)[:, None]
-        top_scores, ids = score.topk(m, dim=-1)
+        # Usable features rank first (score lies in [-1, 1], so +4 lifts them above all others).
+        ids = (score + 4.0 * usable).topk(m, dim=-1).indices
+        top_scores = score.gather(1, ids)
+        n_usable = usable.gather(1, ids).sum(-1)
         if quantile is not None:
             cut = torch.quantile(score.float(), quantile, dim=-1, keepdim=True).double()
-            n_sel = (top_scores > cut).sum(-1)
+            n_sel = (top_scores > cut).cumprod(-1).sum(-1)
         else:
             n_sel = torch.full((self.n_buckets,), top_n, dtype=torch.long)
-        n_sel = torch.minimum(n_sel, (top_scores > 0).sum(-1))  # a feature must be more active with c
+        n_sel = torch.minimum(n_sel, n_usable)
+        if not n_sel[observed].any():
+            raise ConfigError(
+                f"concept {name!r}: no SAE feature is more active with the concept than without it"
+                + (f" and at least {min_specificity} specific; lower min_specificity" if min_specificity else "")
+                + ", or give more (or more distinct) positive and negative prompts"
+            )
         # Nearest observed bucket for every bucket.
         obs_idx = observed.nonzero().squeeze(1)
         nearest = obs_idx[(torch.arange(self.n_buckets)[:, None] - obs_idx[None]).abs().argmin(1)]
@@ -107,12 +130,16 @@ class ConceptStats:
             feature_ids=ids[nearest], scores=top_scores[nearest].float(),
             mu=mean[0].gather(1, ids)[nearest].float(), threshold=pooled.gather(1, ids)[nearest].float(),
             n_selected=n_sel[nearest], observed=observed,
-            info={**(info or {}), "selection": {"top_n": top_n, "quantile": quantile}},
+            info={**(info or {}), "selection": {"top_n": top_n, "quantile": quantile,
+                                                 "min_specificity": min_specificity}},
         )
 
 
-def check_selection(top_n: Optional[int], quantile: Optional[float], candidates: int = MAX_CANDIDATES) -> Optional[int]:
+def check_selection(top_n: Optional[int], quantile: Optional[float], candidates: int = MAX_CANDIDATES,
+                    min_specificity: float = DEFAULT_MIN_SPECIFICITY) -> Optional[int]:
     """Validate the feature selection; returns ``top_n`` (3 when neither is given)."""
+    if not isinstance(min_specificity, (int, float)) or not 0.0 <= min_specificity < 1.0:
+        raise ConfigError(f"min_specificity must be in [0, 1), e.g. 0.5, got {min_specificity!r}")
     if top_n is not None and quantile is not None:
         raise ConfigError("select features with exactly one of top_n or quantile")
     if top_n is None and quantile is None:
@@ -263,7 +290,8 @@ class ConceptRecorder:
 def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], negative: Sequence[str], *,
                   hook_point: Optional[str] = None, steps: int = 50, guidance_scale: float = 7.5,
                   scheduler: Optional[str] = None, seeds: Sequence[int] = (0,), batch_size: int = 4,
-                  top_n: Optional[int] = None, quantile: Optional[float] = None, bucket_width: float = 20.0,
+                  top_n: Optional[int] = None, quantile: Optional[float] = None,
+                  min_specificity: float = DEFAULT_MIN_SPECIFICITY, bucket_width: float = 20.0,
                   height: Optional[int] = None, width: Optional[int] = None, progress: bool = True) -> ConceptData:
     """Generate ``positive`` and ``negative`` prompts, score the SAE's features and add the concept to ``sae``.
 
@@ -271,8 +299,8 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
     """
     return learn_concepts(pipe, sae, {name: (positive, negative)}, hook_point=hook_point, steps=steps,
                           guidance_scale=guidance_scale, scheduler=scheduler, seeds=seeds, batch_size=batch_size,
-                          top_n=top_n, quantile=quantile, bucket_width=bucket_width, height=height, width=width,
-                          progress=progress)[0]
+                          top_n=top_n, quantile=quantile, min_specificity=min_specificity,
+                          bucket_width=bucket_width, height=height, width=width, progress=progress)[0]
 
 
 class PromptRecorder:
@@ -299,7 +327,8 @@ class PromptRecorder:
 def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[str], Sequence[str]]], *,
                    hook_point: Optional[str] = None, steps: int = 50, guidance_scale: float = 7.5,
                    scheduler: Optional[str] = None, seeds: Sequence[int] = (0,), batch_size: int = 4,
-                   top_n: Optional[int] = None, quantile: Optional[float] = None, bucket_width: float = 20.0,
+                   top_n: Optional[int] = None, quantile: Optional[float] = None,
+                   min_specificity: float = DEFAULT_MIN_SPECIFICITY, bucket_width: float = 20.0,
                    height: Optional[int] = None, width: Optional[int] = None,
                    progress: bool = True) -> list[ConceptData]:
     """Learn several concepts ``{name: (positive prompts, negative prompts)}`` from one generation pass.
@@ -321,7 +350,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
         cleaned[name] = (pos, neg)
     if steps < 1 or batch_size < 1 or not seeds:
         raise ConfigError("learn_concept: steps and batch_size must be >= 1 and at least one seed is needed")
-    check_selection(top_n, quantile)
+    check_selection(top_n, quantile, min_specificity=min_specificity)
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
@@ -355,7 +384,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
         info = {"positive": pos, "negative": neg, "hook_point": hook_point, "steps": steps,
                 "guidance_scale": guidance_scale, "scheduler": scheduler_name, "seeds": list(seeds),
                 "tokens": {"positive": float(merged.tokens[0].sum()), "negative": float(merged.tokens[1].sum())}}
-        learned.append(merged.result(name, top_n=top_n, quantile=quantile, info=info))
+        learned.append(merged.result(name, top_n=top_n, quantile=quantile, min_specificity=min_specificity, info=info))
     for data in learned:
         add_concept(sae, data)
     return learned

@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--learn-seeds", default="100-103")
     p.add_argument("--learn-steps", type=int, default=25)
     p.add_argument("--top-n", type=int, default=3)
+    p.add_argument("--min-specificity", type=float, default=None, help="default: the library's")
     return p.parse_args()
 
 
@@ -78,7 +79,7 @@ def main() -> None:
             "--checkpoint-every", "500", "--log-every", "250")
     run("learn-concept", trained, "--library", lib, "--model", a.model, "--out", a.out, "--steps",
         str(a.learn_steps), "--guidance", "3.0", "--scheduler", "ddim", "--seeds", a.learn_seeds, "--batch-size", "64",
-        "--top-n", str(a.top_n))
+        "--top-n", str(a.top_n), *(["--min-specificity", str(a.min_specificity)] if a.min_specificity is not None else []))
     run("info", a.out)
 
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ASSETS = os.path.join(ROOT, "demo_assets")
-ABLATE_STRENGTH = 3.0  # the evaluation's setting (EVALUATION.md)
+ABLATE_STRENGTH = 10.0  # the evaluation's setting (EVALUATION.md)
 
 
 def parse_args() -> argparse.Namespace:

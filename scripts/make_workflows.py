@@ -18,7 +18,7 @@ SAE = "saeuron-demo.safetensors"       # models/sae/<SAE>
 STYLE, OBJECT = "stripes", "star"
 SIZE = 32                              # the demo model's image size in pixels
 BATCH = 4                              # images per run (seeds seed, seed+1, ...)
-ABLATE_STRENGTH = 3.0                  # the evaluation's setting (EVALUATION.md)
+ABLATE_STRENGTH = 10.0                 # the evaluation's setting (EVALUATION.md)
 STEPS, CFG = 25, 3.0
 
 
@@ -76,7 +76,8 @@ def learn() -> dict:
         "model": ["1", 0], "clip": ["1", 1], "sae": ["2", 0], "latent_image": ["5", 0], "concept_name": "round things",
         "positive_prompts": f"a circle in {STYLE} style\na ring in solid style\na circle in grid style",
         "negative_prompts": f"a square in {STYLE} style\na triangle in solid style\na cross in grid style",
-        "seed": 0, "steps": 10, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal", "top_n": 3}}
+        "seed": 0, "steps": 10, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal", "top_n": 3,
+        "min_specificity": 0.5}}
     g["7"] = {"class_type": "SAeUronSaveSAE", "inputs": {"sae": ["6", 0], "filename": "saeuron-demo-learned.safetensors",
                                                          "overwrite": True}}
     return g

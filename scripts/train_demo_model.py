@@ -23,7 +23,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from saeuron_core.demo.dataset import STYLES, OBJECTS, generate, make_prompt, to_model_range  # noqa: E402
-from saeuron_core.demo.model import UNET_CONFIG, build_unet, count_params, sample_scheduler, train_scheduler  # noqa: E402
+from saeuron_core.demo.model import PREDICTION_TYPE, UNET_CONFIG, build_unet, count_params, sample_scheduler, train_scheduler  # noqa: E402
 from saeuron_core.demo.pipeline import write_model_index  # noqa: E402
 from saeuron_core.demo.textenc import build_text_encoder, build_tokenizer, tokenize, write_tokenizer  # noqa: E402
 
@@ -38,6 +38,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
+    p.add_argument(
+        "--restart-at",
+        type=int,
+        default=0,
+        help="warm restart: the lr schedule (warm-up, cosine decay to --total-steps) and the EMA start again at this step",
+    )
+    p.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="training target (default: the resumed state's, v_prediction for a new run); changing it fine-tunes",
+    )
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0)
@@ -53,10 +65,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def lr_at(step: int, a: argparse.Namespace) -> float:
-    """Linear warm-up, then cosine decay to min_lr_frac * lr at total_steps."""
+    """Linear warm-up, then cosine decay to min_lr_frac * lr at total_steps (from --restart-at)."""
+    step -= a.restart_at
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
-    prog = min(1.0, (step - a.warmup) / max(1, a.total_steps - a.warmup))
+    prog = min(1.0, (step - a.warmup) / max(1, a.total_steps - a.restart_at - a.warmup))
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
@@ -81,7 +94,8 @@ class Trainer:
             m.requires_grad_(False).eval()
         self.params = list(self.unet.parameters()) + list(self.te.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.01)
-        sched = train_scheduler()
+        self.prediction_type = a.prediction_type or PREDICTION_TYPE
+        sched = train_scheduler(self.prediction_type)
         self.alphas_cumprod = sched.alphas_cumprod.float()
         self.num_t = sched.config.num_train_timesteps
         self.step = 0
@@ -100,6 +114,8 @@ class Trainer:
             "ema": a.ema,
             "snr_gamma": a.snr_gamma,
             "p_uncond": a.p_uncond,
+            "prediction_type": self.prediction_type,
+            "restarts": [a.restart_at] if a.restart_at else [],
         }
 
     # ------------------------------------------------------------ state I/O
@@ -134,6 +150,20 @@ class Trainer:
             saved_cfg = json.loads(meta["config"])
             if saved_cfg["unet"] != self.config["unet"]:
                 raise SystemExit(f"UNet config in {self.state_path} differs from the current one; refusing to resume")
+            saved_pred = saved_cfg.get("prediction_type", "epsilon")
+            if self.a.prediction_type is None:
+                self.prediction_type = self.config["prediction_type"] = saved_pred
+                self.alphas_cumprod = train_scheduler(saved_pred).alphas_cumprod.float()
+            elif saved_pred != self.prediction_type and not self.a.restart_at:
+                raise SystemExit(
+                    f"{self.state_path} was trained for {saved_pred}; switching to {self.prediction_type} "
+                    "is a fine-tune: give --restart-at"
+                )
+            history = saved_cfg.get("history", [])
+            if saved_pred != self.prediction_type or saved_cfg.get("restarts", []) != self.config["restarts"]:
+                done = {"total_steps": saved_cfg["total_steps"], "lr": saved_cfg["lr"], "prediction_type": saved_pred}
+                history = history + [{**done, "restarts": saved_cfg.get("restarts", [])}]
+            self.config["history"] = history
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         for prefix, mod in self._modules().items():
             sd = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -146,6 +176,10 @@ class Trainer:
                     "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"],
                 }
         self.step = int(meta["step"])
+        if self.a.restart_at and self.step == self.a.restart_at:
+            # A new cycle (or a new target): its EMA starts from the live weights, not the old average.
+            self.ema_unet.load_state_dict(self.unet.state_dict())
+            self.ema_te.load_state_dict(self.te.state_dict())
         return True
 
     def export_model(self) -> None:
@@ -156,7 +190,7 @@ class Trainer:
         self.ema_unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
         self.ema_te.save_pretrained(os.path.join(tmp, "text_encoder"), safe_serialization=True)
         write_tokenizer(os.path.join(tmp, "tokenizer"))
-        sample_scheduler().save_pretrained(os.path.join(tmp, "scheduler"))
+        sample_scheduler(self.prediction_type).save_pretrained(os.path.join(tmp, "scheduler"))
         write_model_index(tmp)
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump({"step": self.step, **self.config}, f, indent=1)
@@ -170,7 +204,8 @@ class Trainer:
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        decay = min(self.a.ema, (1 + self.step) / (10 + self.step))
+        k = self.step - self.a.restart_at
+        decay = min(self.a.ema, (1 + k) / (10 + k))
         for src, dst in ((self.unet, self.ema_unet), (self.te, self.ema_te)):
             for ps, pd in zip(src.parameters(), dst.parameters()):
                 pd.lerp_(ps, 1 - decay)
@@ -189,13 +224,17 @@ class Trainer:
         ac = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         snr = ac.view(-1) / (1 - ac.view(-1))
-        weight = torch.clamp(snr, max=a.snr_gamma) / snr  # min-SNR for eps-prediction
+        if self.prediction_type == "epsilon":
+            target, weight = noise, torch.clamp(snr, max=a.snr_gamma) / snr  # min-SNR weights
+        else:
+            target = ac.sqrt() * noise - (1 - ac).sqrt() * x0
+            weight = torch.clamp(snr, max=a.snr_gamma) / (snr + 1)
 
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, a)
         ctx = self.te(ids).last_hidden_state
         pred = self.unet(xt, t, encoder_hidden_states=ctx).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * weight).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

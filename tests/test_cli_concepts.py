@@ -68,7 +68,8 @@ def learned(capsys, files):
 
 def test_learn_concept_in_place_and_info(capsys, files):
     before = load_sae(files / "s.safetensors")
-    code, out, err = learn(capsys, files)
+    # A random SAE has few concept-specific features: SAeUron's own selection (no specificity floor) takes 3.
+    code, out, err = learn(capsys, files, "cat", "--min-specificity", "0")
     assert code == 0, err
     assert f"learned concept 'cat': 3 selected features per timestep" in out and str(files / "s.safetensors") in out
     assert "t=" in out.splitlines()[1]
@@ -90,7 +91,8 @@ def test_learn_concept_in_place_and_info(capsys, files):
 def test_second_concept_keeps_the_first_and_out_leaves_the_source(capsys, learned):
     first = get_concept(load_sae(learned / "s.safetensors"), "cat")
     out_path = learned / "copy.safetensors"
-    code, out, err = learn(capsys, learned, "red things", "--quantile", "0.9", "--seeds", "0,1", "--out", out_path)
+    code, out, err = learn(capsys, learned, "red things", "--quantile", "0.9", "--seeds", "0,1", "--out", out_path,
+                           "--min-specificity", "0")
     assert code == 0, err
     assert concept_names(load_sae(learned / "s.safetensors")) == ["cat"]
     sae = load_sae(out_path)
@@ -98,7 +100,7 @@ def test_second_concept_keeps_the_first_and_out_leaves_the_source(capsys, learne
     again = get_concept(sae, "cat")
     for field in ("feature_ids", "scores", "mu", "threshold", "n_selected", "observed"):
         assert torch.equal(getattr(first, field), getattr(again, field)), field
-    assert get_concept(sae, "red things").info["selection"] == {"top_n": None, "quantile": 0.9}
+    assert get_concept(sae, "red things").info["selection"] == {"top_n": None, "quantile": 0.9, "min_specificity": 0.0}
 
 
 def test_learn_concept_on_a_sparsify_folder(capsys, files):
@@ -190,7 +192,7 @@ def test_user_errors_exit_2_with_one_line(capsys, learned):
     assert_user_error(*run_cli(capsys, "learn-concept", f / "s.safetensors", "--concept", "x", "--positive", f / "pos.txt",
                                "--negative", f / "neg.txt", "--model", "tiny", "--top-n", "2", "--quantile", "0.9")[::2],
                       "not allowed with argument")
-    for bad in (["--top-n", "0"], ["--quantile", "1.5"]):
+    for bad in (["--top-n", "0"], ["--quantile", "1.5"], ["--min-specificity", "1"]):
         assert_user_error(*run_cli(capsys, "learn-concept", f / "s.safetensors", "--concept", "x", "--positive",
                                    f / "pos.txt", "--negative", f / "neg.txt", "--model", "tiny", *bad)[::2],
                           "must be")
@@ -322,7 +324,8 @@ def test_installed_script(files):
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "saeuron_core"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([*cmd, "learn-concept", str(files / "s.safetensors"), "--concept", "cat", "--positive",
-                        str(files / "pos.txt"), "--negative", str(files / "neg.txt"), "--model", "tiny", "--steps", "3"],
+                        str(files / "pos.txt"), "--negative", str(files / "neg.txt"), "--model", "tiny", "--steps", "3",
+                        "--min-specificity", "0"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("learned concept 'cat': 3 selected features per timestep")

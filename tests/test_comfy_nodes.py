@@ -22,9 +22,9 @@ def host(comfy, tiny_pipe, tmp_path_factory):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK, model_family="sd1"))
     learn_concept(tiny_pipe, sae, "cat", ["a cat", "a small cat"], ["a dog", "a house"], steps=10,
-                  guidance_scale=5.0, progress=False)
+                  guidance_scale=5.0, min_specificity=0.0, progress=False)
     learn_concept(tiny_pipe, sae, "dog", ["a dog", "a big dog"], ["a cat", "a house"], steps=10,
-                  guidance_scale=5.0, progress=False)
+                  guidance_scale=5.0, min_specificity=0.0, progress=False)
     models = comfy_host._STATE["models"]
     save_sae(sae, models / "sae" / "tiny.safetensors")
     clip = comfy_host.tiny_clip(tiny_pipe, tmp_path_factory.mktemp("clip"))
@@ -177,7 +177,7 @@ def test_eraser_errors(host):
 def test_learn_concept_and_save_sae(host):
     learned = node(host, "SAeUronLearnConcept").learn(
         host["model"], host["clip"], host["sae"], {"samples": torch.zeros(1, 4, 8, 8)}, "tree",
-        "a tree\na tall tree", "a house\na car", 0, 3, 5.0, "euler", "normal", 2)[0]
+        "a tree\na tall tree", "a house\na car", 0, 3, 5.0, "euler", "normal", 2, min_specificity=0.0)[0]
     assert concept_names(learned) == ["cat", "dog", "tree"]
     assert concept_names(host["sae"]) == ["cat", "dog"]  # the input SAE is not changed
     save = node(host, "SAeUronSaveSAE")

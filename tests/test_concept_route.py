@@ -28,8 +28,9 @@ def sae_with_concepts(tiny_pipe):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, hook_point=HOOK))
     learn_concept(tiny_pipe, sae, "stripes", ["a star in stripes style"], ["a star in solid style"], steps=4,
-                  guidance_scale=5.0, progress=False)
-    learn_concept(tiny_pipe, sae, "star", ["a star"], ["a circle"], steps=4, guidance_scale=5.0, progress=False)
+                  guidance_scale=5.0, min_specificity=0.0, progress=False)
+    learn_concept(tiny_pipe, sae, "star", ["a star"], ["a circle"], steps=4, guidance_scale=5.0, min_specificity=0.0,
+                  progress=False)
     return sae
 
 

@@ -27,7 +27,7 @@ def sae(tiny_pipe):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK, model_family="tiny"))
     learn_concept(tiny_pipe, sae, "cat", ["a cat", "a red cat"], ["a dog", "a green tree"], steps=STEPS,
-                  progress=False)
+                  min_specificity=0.0, progress=False)
     nb, m = 50, 4
     add_concept(sae, ConceptData(name="nothing", bucket_width=20.0, max_timestep=1000,
                                  feature_ids=torch.zeros(nb, m, dtype=torch.long), scores=torch.zeros(nb, m),

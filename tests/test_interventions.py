@@ -165,7 +165,7 @@ def learned(tiny_pipe):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK))
     learn_concept(tiny_pipe, sae, "cat", ["a cat", "a small cat"], ["a dog", "a house"], steps=10,
-                  guidance_scale=5.0, scheduler="ddim", progress=False)
+                  guidance_scale=5.0, scheduler="ddim", min_specificity=0.0, progress=False)
     return sae
 
 

@@ -34,6 +34,33 @@ def test_score_formula_mu_threshold_and_selection():
     assert data.features_at(10.0) == [1]
 
 
+def test_min_specificity_drops_strong_features_that_also_fire_without_the_concept():
+    stats = ConceptStats(8, bucket_width=100, max_timestep=1000)
+    t = torch.tensor([950.0, 950.0])
+    # Feature 1 is large with and without the concept (mean 10 vs 6); feature 3 is small but only fires with it.
+    stats.add(True, t, *codes(2, 4, [(1, 10.0), (3, 1.0)]))
+    stats.add(False, t, *codes(2, 4, [(1, 6.0), (5, 1.0)]))
+    # SAeUron's score ranks feature 1 first (p_c .91 - p_o .86 = .05 vs .09 for feature 3; both selected).
+    old = stats.result("c", top_n=2, min_specificity=0.0)
+    assert sorted(old.features_at(999.0)) == [1, 3]
+    # Specificity (10 - 6) / 16 = .25 for feature 1, 1.0 for feature 3.
+    new = stats.result("c", top_n=2, min_specificity=0.5)
+    assert new.features_at(999.0) == [3]
+    assert new.feature_ids[9, 1] == 1  # still a candidate (for inspection), just not selected
+    assert new.info["selection"]["min_specificity"] == 0.5
+    assert stats.result("c", top_n=2, min_specificity=0.2).features_at(999.0) == [3, 1]
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="min_specificity must be in"):
+            stats.result("c", min_specificity=bad)
+    # Nothing specific enough: a clear error instead of a concept that erases nothing.
+    same = ConceptStats(8, bucket_width=100, max_timestep=1000)
+    same.add(True, t, *codes(2, 4, [(1, 2.0), (2, 1.0)]))
+    same.add(False, t, *codes(2, 4, [(1, 1.5), (2, 1.0)]))
+    with pytest.raises(ConfigError, match="'c': no SAE feature is more active .* at least 0.5 specific"):
+        same.result("c", min_specificity=0.5)
+    assert same.result("c", min_specificity=0.1).features_at(999.0) == [1]
+
+
 def test_quantile_selection_and_memory_is_flat():
     stats = ConceptStats(1000, bucket_width=20, max_timestep=1000)
     size = stats.sums.numel()
@@ -77,8 +104,9 @@ def test_learn_concept_on_a_pipeline(tiny_pipe):
 
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK))
     add_concept(sae, concept("other", {range(50): [1]}, n_buckets=50))
+    # A random SAE on a random UNet has no concept-specific features: use SAeUron's selection here.
     data = learn_concept(tiny_pipe, sae, "cat", ["a cat", "a cat on a mat"], ["a dog", "a tree"], steps=5,
-                         guidance_scale=5.0, seeds=[0, 1], progress=False)
+                         guidance_scale=5.0, seeds=[0, 1], min_specificity=0.0, progress=False)
     assert concept_names(sae) == ["cat", "other"]
     observed = set(data.observed.nonzero().flatten().tolist())
     assert observed == {int(t) // 20 for t in tiny_pipe.scheduler.timesteps}
@@ -102,10 +130,11 @@ def test_learn_concepts_in_one_pass_equals_one_at_a_time(tiny_pipe) -> None:
             "dog": (["a dog"], ["a cat", "a house", "a small cat"])}
     together = fresh()
     learn_concepts(tiny_pipe, together, spec, steps=4, guidance_scale=5.0, seeds=[0, 1], batch_size=3,
-                   progress=False)
+                   min_specificity=0.0, progress=False)
     for name, (pos, neg) in spec.items():
         alone = fresh()
-        learn_concept(tiny_pipe, alone, name, pos, neg, steps=4, guidance_scale=5.0, seeds=[0, 1], progress=False)
+        learn_concept(tiny_pipe, alone, name, pos, neg, steps=4, guidance_scale=5.0, seeds=[0, 1], min_specificity=0.0,
+                      progress=False)
         a, b = get_concept(together, name), get_concept(alone, name)
         assert torch.equal(a.n_selected, b.n_selected) and torch.equal(a.observed, b.observed)
         assert torch.equal(a.feature_ids[a.selected_mask()], b.feature_ids[b.selected_mask()])

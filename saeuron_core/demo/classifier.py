@@ -8,6 +8,7 @@ noisy samples.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -66,10 +67,22 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     k1 = k1 / k1.sum(1, keepdim=True)
     k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(3, 0)[:, None]  # (b*3, 1, 3, 3)
     x = F.conv2d(F.pad(x.reshape(1, b * 3, 32, 32), (1, 1, 1, 1), mode="replicate"), k2, groups=b * 3).reshape(b, 3, 32, 32)
-    # Colour jitter: brightness, contrast, per-channel gain.
+    # Colour jitter: brightness, contrast, per-channel gain, and desaturation (up to 70% towards grey
+    # on half of the images): without it the style head reads "solid" off saturated colours and
+    # calls a pale solid shape a gradient.
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * u(0.8, 1.2, 1, 1, 1) + mean + u(-0.12, 0.12, 1, 1, 1)
+    x = (x - mean) * u(0.6, 1.2, 1, 1, 1) + mean + u(-0.12, 0.12, 1, 1, 1)
     x = x * u(0.9, 1.1, 3, 1, 1)
+    grey = x.mean(dim=1, keepdim=True)
+    desat = u(0.0, 0.85, 1, 1, 1) * (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).float()
+    x = x + (grey - x) * desat
+    # Faint shading across the image (at most +-0.1; the gradient style's ramps are several times
+    # larger): samples of flat shapes are rarely perfectly flat.
+    theta = u(0.0, 2 * math.pi)
+    ramp = torch.linspace(-1, 1, 32)
+    shade = torch.cos(theta)[:, None, None] * ramp[None, None, :] + torch.sin(theta)[:, None, None] * ramp[None, :, None]
+    amp = u(0.0, 0.1) * (torch.rand(b, generator=gen) < 0.5).float()
+    x = x + (amp[:, None, None] * shade)[:, None]
     # Gaussian noise: samples of the demo model keep visible high-frequency noise, often on the
     # background, so most images get sigma up to 0.35 in [-1, 1] units, the rest up to 0.1.
     heavy = (torch.rand(b, 1, 1, 1, generator=gen) < 0.7).float()

@@ -39,10 +39,15 @@ UNET_CONFIG: dict[str, Any] = dict(
     transformer_layers_per_block=1,
 )
 
+# v-prediction: with the cosine schedule alpha_bar(999) is ~0, where an eps-model's x0 estimate
+# (x - sqrt(1 - a) eps) / sqrt(a) blows up; samplers that start at t=999 (ComfyUI's do) then
+# produce noise. v = sqrt(a) eps - sqrt(1 - a) x0 stays well-conditioned at every t.
+PREDICTION_TYPE = "v_prediction"
+
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
-    prediction_type="epsilon",
+    prediction_type=PREDICTION_TYPE,
     clip_sample=False,
 )
 
@@ -55,14 +60,14 @@ def build_unet(config: dict[str, Any] | None = None, seed: int = 0) -> UNet2DCon
         return UNet2DConditionModel(**cfg)
 
 
-def train_scheduler() -> DDPMScheduler:
-    """The training noise schedule (cosine, 1000 steps, eps-prediction)."""
-    return DDPMScheduler(**SCHEDULER_CONFIG)
+def train_scheduler(prediction_type: str = PREDICTION_TYPE) -> DDPMScheduler:
+    """The training noise schedule (cosine, 1000 steps)."""
+    return DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type})
 
 
-def sample_scheduler() -> DDIMScheduler:
+def sample_scheduler(prediction_type: str = PREDICTION_TYPE) -> DDIMScheduler:
     """DDIM on the same schedule, for sampling."""
-    return DDIMScheduler(**SCHEDULER_CONFIG, set_alpha_to_one=False)
+    return DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type}, set_alpha_to_one=False)
 
 
 @torch.no_grad()
