@@ -153,7 +153,6 @@ class Trainer:
             saved_pred = saved_cfg.get("prediction_type", "epsilon")
             if self.a.prediction_type is None:
                 self.prediction_type = self.config["prediction_type"] = saved_pred
-                self.alphas_cumprod = train_scheduler(saved_pred).alphas_cumprod.float()
             elif saved_pred != self.prediction_type and not self.a.restart_at:
                 raise SystemExit(
                     f"{self.state_path} was trained for {saved_pred}; switching to {self.prediction_type} "
