@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="mini-UnlearnCanvas: UA/IRA/CRA of each erasure method on the demo model")
     ev.add_argument("--model", default=None, help="demo model folder (default: the shipped demo_assets/model)")
-    ev.add_argument("--sae", default=None, help="SAE with the concept library (default: demo_assets/sae.safetensors)")
+    ev.add_argument("--sae", action="append", default=None,
+                    help="SAE with the concept library (default: the shipped demo SAEs); repeat it for SAEs on "
+                         "other blocks: a concept is erased by every SAE whose library has it")
     ev.add_argument("--classifier", default=None, help="classifier folder (default: demo_assets/classifier)")
     ev.add_argument("--methods", default="none,negative_prompt,ablate,replace",
                     help="comma-separated: none, negative_prompt, ablate, replace")
@@ -192,12 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=3.0)
     ev.add_argument("--scheduler", default="ddim")
-    ev.add_argument("--ablate-strength", type=float, default=10.0, help="gamma = -strength")
+    ev.add_argument("--ablate-strength", type=float, default=None,
+                    help="gamma = -strength, for every SAE (default: 10, or the strengths chosen for the shipped SAEs)")
+    ev.add_argument("--ablate-strength-at", action="append", default=[], metavar="HOOK_POINT=STRENGTH",
+                    help="ablation strength of the SAE on one block (repeatable)")
     ev.add_argument("--replace-strength", type=float, default=1.0)
     ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="sample",
                     help="where replacement patches come from")
     ev.add_argument("--dilation", type=int, default=0, help="grow the detection mask by this many patches")
     ev.add_argument("--threshold-scale", type=float, default=1.0, help="multiply the firing thresholds")
+    ev.add_argument("--window", default="0:1", help="START:END fractions of the denoising where the SAE methods act")
     ev.add_argument("--multi", default="2,4,8", help="sizes of concept sets erased at once ('' for none)")
     ev.add_argument("--generalization", default="euler_a:30",
                     help="SCHEDULER:STEPS to re-run the SAE methods with another sampler ('' for none)")
@@ -521,7 +527,9 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 def _demo_asset(given: Optional[str], name: str) -> str:
     if given:
         return given
-    path = Path(__file__).resolve().parents[1] / "demo_assets" / name
+    from .demo.assets import ASSETS
+
+    path = ASSETS / name
     if not path.exists():
         raise ConfigError(f"no shipped demo asset {path}; pass its path explicitly")
     return str(path)
@@ -537,26 +545,40 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else None
     try:
         multi = [int(n) for n in a.multi.split(",") if n.strip()]
+        start, end = (float(v) for v in a.window.split(":"))
         gen = None
         if a.generalization:
             sched, _, steps = a.generalization.partition(":")
             gen = (sched, int(steps or 30))
     except ValueError:
-        raise ConfigError("--multi takes integers like '2,4,8'; --generalization SCHEDULER:STEPS like 'euler_a:30'") from None
+        raise ConfigError("--multi takes integers like '2,4,8'; --generalization SCHEDULER:STEPS like 'euler_a:30'; "
+                          "--window START:END like '0:0.5'") from None
+    from .demo import assets
+
+    at = {}
+    for item in a.ablate_strength_at:
+        hook, _, value = item.partition("=")
+        try:
+            at[hook.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--ablate-strength-at takes HOOK_POINT=STRENGTH, got {item!r}") from None
+    if a.ablate_strength is None and not a.sae and not at:
+        at = dict(assets.ABLATE_STRENGTH)
     settings = EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
-                            ablate_strength=a.ablate_strength, replace_strength=a.replace_strength,
+                            ablate_strength=10.0 if a.ablate_strength is None else a.ablate_strength,
+                            ablate_strength_at=at, replace_strength=a.replace_strength, start=start, end=end,
                             replace_source=a.replace_source, dilation=a.dilation, threshold_scale=a.threshold_scale,
                             batch_size=a.batch_size)
     if a.quick:
         settings.seeds, settings.steps = settings.seeds[:1], 8
         concepts, multi, gen = concepts or ["star", "stripes"], [], None
-    sae = load_sae(_demo_asset(a.sae, "sae.safetensors"))
+    saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
     pipe = load_pipeline(_demo_asset(a.model, "model"))
     set_scheduler(pipe, settings.scheduler)  # unknown names fail before anything is generated
     if gen:
         set_scheduler(pipe, gen[0])
-    report = evaluate(pipe, sae, classifier, settings, methods=methods, concepts=concepts, multi=multi,
+    report = evaluate(pipe, saes, classifier, settings, methods=methods, concepts=concepts, multi=multi,
                       generalization=gen, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     text = format_report(report)
     print(text)

@@ -15,6 +15,10 @@ clean activations of prompts without the concept (per-channel mean and standard 
 
 Methods, on the same seeds: ``none``, ``negative_prompt`` (the concept's name as negative prompt),
 ``ablate`` (SAeUron feature ablation) and ``replace`` (detect and replace).
+
+Several SAEs on different blocks can be evaluated together (as SAeUron hooks one block for objects
+and another for styles): a concept is erased by every SAE whose library has it, all their blocks
+hooked in the same generation (as chained Concept Eraser nodes do in ComfyUI).
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from contextlib import ExitStack
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
 from .hooks import BlockCall, pipeline_hook
-from .interventions import ConceptEraser
+from .interventions import ConceptEraser, check_options
 from .sae import TopKSAE
 from .scoring import concept_names
 
 METHODS = ("none", "negative_prompt", "ablate", "replace")
+SAEs = Union[TopKSAE, Sequence[TopKSAE]]
 
 
 @dataclass
@@ -46,10 +52,13 @@ class EvalSettings:
     guidance: float = 3.0
     scheduler: str = "ddim"
     ablate_strength: float = 10.0
+    ablate_strength_at: dict[str, float] = field(default_factory=dict)  # hook point -> strength of the SAE there
     replace_strength: float = 1.0
     threshold_scale: float = 1.0
     dilation: int = 0
     replace_source: str = "sample"
+    start: float = 0.0  # the SAE methods act on this window of the denoising (0 = first step)
+    end: float = 1.0
     batch_size: int = 64
 
 
@@ -91,8 +100,8 @@ class RunOutput:
     styles: Tensor        # [P * S] predicted style
     object_prob: Tensor   # [P * S, n_objects] softmax
     style_prob: Tensor    # [P * S, n_styles]
-    act_mean: Tensor      # [P, C] per-prompt mean of the hooked block's (cond) output
-    act_sq: Tensor        # [P, C] per-prompt mean of its square
+    act_mean: dict[str, Tensor]  # hook point -> [P, C] per-prompt mean of that block's (cond) output
+    act_sq: dict[str, Tensor]    # hook point -> [P, C] per-prompt mean of its square
     seconds: float
 
 
@@ -124,33 +133,68 @@ class _ActivationStats:
 class Evaluator:
     """Runs erasure methods on the demo grid and scores them with the demo classifier."""
 
-    def __init__(self, pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings,
+    def __init__(self, pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings,
                  grid: Optional[Grid] = None, progress: Optional[Callable[[str], None]] = None) -> None:
         if not settings.seeds or settings.steps < 1 or settings.batch_size < 1:
             raise ConfigError("evaluation needs at least one seed, steps >= 1 and batch_size >= 1")
-        self.pipe, self.sae, self.classifier, self.settings = pipe, sae, classifier, settings
+        check_options("ablate", None, settings.start, settings.end)
+        self.saes = [sae] if isinstance(sae, TopKSAE) else list(sae)
+        if not self.saes:
+            raise ConfigError("evaluation needs at least one SAE")
+        self.hook_points: list[str] = []
+        for s in self.saes:
+            if not s.config.hook_point:
+                raise ConfigError("an SAE does not say where it hooks; evaluation needs its hook point")
+            if s.config.hook_point in self.hook_points:
+                raise ConfigError(f"two SAEs hook {s.config.hook_point}; give one SAE per block")
+            self.hook_points.append(s.config.hook_point)
+        unknown = sorted(set(settings.ablate_strength_at) - set(self.hook_points))
+        if unknown:
+            raise ConfigError(f"an ablate strength is set for {', '.join(unknown)} but no SAE hooks it "
+                              f"(the SAEs hook {', '.join(self.hook_points)})")
+        self.pipe, self.classifier, self.settings = pipe, classifier, settings
         self.grid = grid or demo_grid()
         self.progress = progress or (lambda msg: None)
-        known = set(concept_names(sae))
-        missing = [c for c in self.grid.object_names + self.grid.style_names if c not in known]
-        self.missing = missing  # concepts of the grid without a library entry cannot be erased by SAE methods
-        hook_point = sae.config.hook_point
-        if not hook_point:
-            raise ConfigError("the SAE does not say where it hooks; evaluation needs its hook point")
-        self.hook_point = hook_point
+        self.owners: dict[str, list[int]] = {}  # concept -> indices of the SAEs whose library has it
+        for i, s in enumerate(self.saes):
+            for name in concept_names(s):
+                self.owners.setdefault(name, []).append(i)
+        # concepts of the grid without a library entry cannot be erased by SAE methods
+        self.missing = [c for c in self.grid.object_names + self.grid.style_names if c not in self.owners]
+
+    def ablate_strength(self, i: int) -> float:
+        """Ablation strength of the ``i``-th SAE (its block's override, else the common one)."""
+        return self.settings.ablate_strength_at.get(self.hook_points[i], self.settings.ablate_strength)
+
+    def hook_point_of(self, concept: str) -> str:
+        """Where the activation shift of ``concept`` is read: the first block that erases it (else the first SAE's)."""
+        return self.hook_points[self.owners.get(concept, [0])[0]]
 
     # -------------------------------------------------------------- generation
 
-    def _eraser(self, method: str, concepts: Sequence[str]) -> Optional[ConceptEraser]:
-        s = self.settings
-        if method == "ablate":
-            return ConceptEraser(self.sae, list(concepts), "ablate", strength=s.ablate_strength)
-        if method == "replace":
-            return ConceptEraser(self.sae, list(concepts), "replace", strength=s.replace_strength,
-                                 threshold_scale=s.threshold_scale, dilation=s.dilation, source=s.replace_source)
+    def _erasers(self, method: str, concepts: Sequence[str]) -> dict[str, ConceptEraser]:
+        """One eraser per SAE that erases some of ``concepts``, by hook point."""
         if method in ("none", "negative_prompt"):
-            return None
-        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+            return {}
+        if method not in ("ablate", "replace"):
+            raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        lacking = [c for c in concepts if c not in self.owners]
+        if lacking:
+            raise ConfigError(f"no SAE's concept library has {', '.join(map(repr, lacking))}")
+        s = self.settings
+        out = {}
+        for i, sae in enumerate(self.saes):
+            mine = [c for c in concepts if i in self.owners[c]]
+            if not mine:
+                continue
+            if method == "ablate":
+                out[self.hook_points[i]] = ConceptEraser(sae, mine, "ablate", strength=self.ablate_strength(i),
+                                                         start=s.start, end=s.end)
+            else:
+                out[self.hook_points[i]] = ConceptEraser(
+                    sae, mine, "replace", strength=s.replace_strength, threshold_scale=s.threshold_scale,
+                    dilation=s.dilation, source=s.replace_source, start=s.start, end=s.end)
+        return out
 
     def run(self, method: str, concepts: Sequence[str] = (), *, scheduler: Optional[str] = None,
             steps: Optional[int] = None) -> RunOutput:
@@ -160,27 +204,34 @@ class Evaluator:
         from .pipelines import generate, set_scheduler
 
         s = self.settings
-        eraser = self._eraser(method, concepts)
+        erasers = self._erasers(method, concepts)
         negative = ", ".join(concepts) if method == "negative_prompt" else None
         prompts = self.grid.prompts
         work = [(i, seed) for i in range(len(prompts)) for seed in s.seeds]
-        stats = _ActivationStats(len(prompts))
+        stats = {hp: _ActivationStats(len(prompts)) for hp in self.hook_points}
 
-        def observe(call: BlockCall) -> Optional[Tensor]:
-            new = eraser(call) if eraser is not None else None
-            tokens = call.tokens if new is None else new
-            stats.add(tokens[call.is_cond])
-            return new
+        def observer(hook_point: str) -> Callable[[BlockCall], Optional[Tensor]]:
+            eraser = erasers.get(hook_point)
+
+            def observe(call: BlockCall) -> Optional[Tensor]:
+                new = eraser(call) if eraser is not None else None
+                tokens = call.tokens if new is None else new
+                stats[hook_point].add(tokens[call.is_cond])
+                return new
+            return observe
 
         old = self.pipe.scheduler
         set_scheduler(self.pipe, scheduler or s.scheduler)
         images: list[Tensor] = []
         t0 = time.perf_counter()
         try:
-            with pipeline_hook(self.pipe, self.hook_point, observe), torch.no_grad():
+            with ExitStack() as hooks, torch.no_grad():
+                for hp in self.hook_points:
+                    hooks.enter_context(pipeline_hook(self.pipe, hp, observer(hp)))
                 for begin in range(0, len(work), s.batch_size):
                     chunk = work[begin:begin + s.batch_size]
-                    stats.groups = torch.tensor([i for i, _ in chunk], dtype=torch.long)
+                    for st in stats.values():
+                        st.groups = torch.tensor([i for i, _ in chunk], dtype=torch.long)
                     out = generate(self.pipe, [prompts[i] for i, _ in chunk], [seed for _, seed in chunk],
                                    steps=steps or s.steps, guidance_scale=s.guidance, output_type="latent",
                                    negative_prompt=[negative] * len(chunk) if negative else None)
@@ -190,7 +241,8 @@ class Evaluator:
         seconds = time.perf_counter() - t0
         imgs = torch.cat(images)
         po, ps = predict_proba(self.classifier, imgs)
-        mean, sq = stats.means()
+        moments = {hp: st.means() for hp, st in stats.items()}
+        mean, sq = {hp: m[0] for hp, m in moments.items()}, {hp: m[1] for hp, m in moments.items()}
         label = f"{method}" + (f" [{', '.join(concepts)}]" if concepts else "")
         self.progress(f"{label}: {len(imgs)} images in {seconds:.1f}s")
         return RunOutput(imgs, po.argmax(1), ps.argmax(1), po, ps, mean, sq, seconds)
@@ -225,14 +277,16 @@ class Evaluator:
         """Distance of the block's per-channel statistics on the concept's prompts from clean concept-free ones.
 
         Mean over channels of ``|mean - mean_ref| / std_ref + |log(std / std_ref)|``, the reference being
-        the clean run's prompts without the concept: 0 means in distribution.
+        the clean run's prompts without the concept: 0 means in distribution. Measured at the (first)
+        block where the concept is erased.
         """
         kind, cid = self.grid.kind_of(concept)
+        hp = self.hook_point_of(concept)
         prompt_label = self.grid.objects if kind == "object" else self.grid.styles
         target = prompt_label == cid
 
         def moments(run: RunOutput, rows: Tensor) -> tuple[Tensor, Tensor]:
-            mean, sq = run.act_mean[rows].mean(0), run.act_sq[rows].mean(0)
+            mean, sq = run.act_mean[hp][rows].mean(0), run.act_sq[hp][rows].mean(0)
             return mean, (sq - mean * mean).clamp_min(1e-12).sqrt()
 
         m, sd = moments(out, target)
@@ -283,7 +337,7 @@ def summary_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float
             for kind in ("style", "object") if any(r["kind"] == kind for r in rows)}
 
 
-def evaluate(pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings, *,
+def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
              methods: Sequence[str] = METHODS, concepts: Optional[Sequence[str]] = None,
              multi: Sequence[int] = (2, 4, 8), generalization: Optional[tuple[str, int]] = ("euler_a", 30),
              progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
@@ -299,12 +353,14 @@ def evaluate(pipe: Any, sae: TopKSAE, classifier: Any, settings: EvalSettings, *
     sae_methods = [m for m in methods if m in ("ablate", "replace")]
     lacking = [c for c in concepts if c in ev.missing]
     if sae_methods and lacking:
-        raise ConfigError(f"the SAE's concept library lacks {', '.join(map(repr, lacking))}; learn them first "
+        raise ConfigError(f"no SAE's concept library has {', '.join(map(repr, lacking))}; learn them first "
                           f"(saeuron learn-concept) or evaluate other concepts")
     t0 = time.perf_counter()
     clean = ev.run("none")
-    report: dict[str, Any] = {"settings": asdict(settings), "grid": {"objects": grid.object_names,
-                                                                     "styles": grid.style_names},
+    saes = [{"hook_point": hp, "concepts": [c for c in concepts if i in ev.owners.get(c, [])],
+             "ablate_strength": ev.ablate_strength(i)} for i, hp in enumerate(ev.hook_points)]
+    report: dict[str, Any] = {"settings": asdict(settings), "saes": saes,
+                              "grid": {"objects": grid.object_names, "styles": grid.style_names},
                               "clean_accuracy": ev.accuracy(clean), "per_concept": {}, "summary": {}}
     for method in methods:
         rows = ev.per_concept(method, concepts, clean)
@@ -355,6 +411,11 @@ def format_report(report: dict[str, Any]) -> str:
              f"{s['ablate_strength']}, replace strength {s['replace_strength']} (source {s.get('replace_source')}, "
              f"dilation {s.get('dilation')}, threshold x{s.get('threshold_scale')}); clean accuracy object "
              f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
+    if (s.get("start", 0.0), s.get("end", 1.0)) != (0.0, 1.0):
+        lines += [f"The SAE methods act from {s['start']:g} to {s['end']:g} of the denoising.", ""]
+    if len(report.get("saes", [])) > 1 or s.get("ablate_strength_at"):
+        lines += ["SAEs: " + "; ".join(f"{e['hook_point']} for {', '.join(e['concepts']) or 'nothing'} (ablate "
+                                       f"strength {e['ablate_strength']:g})" for e in report["saes"]) + ".", ""]
     lines += _summary_table(report["summary"])
     per = {m: rows for m, rows in report.get("per_concept", {}).items() if m != "none"}
     if per:

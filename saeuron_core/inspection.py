@@ -9,11 +9,12 @@ Images are PIL images; nothing here needs matplotlib.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -231,12 +232,19 @@ def inspect(pipe: Any, sae: TopKSAE, prompt: str, *, concepts: Optional[str | Se
 # -- before / after comparisons ---------------------------------------------------------------
 
 @torch.no_grad()
-def compare_erasure(pipe: Any, sae: TopKSAE, concepts: ConceptsArg, prompts: Sequence[str], *,
+def compare_erasure(pipe: Any, sae: Union[TopKSAE, Sequence[TopKSAE]], concepts: ConceptsArg, prompts: Sequence[str], *,
                     method: Method = "ablate", strength: float = 1.0, seed: int = 0, steps: int = 20,
                     guidance_scale: float = 7.5, scheduler: Optional[str] = None, height: Optional[int] = None,
                     width: Optional[int] = None, batch_size: int = 4, hook_point: Optional[str] = None,
                     **options: Any) -> list[tuple["Image.Image", "Image.Image"]]:
-    """``(before, after)`` images per prompt, all with the same seed; ``options`` go to :func:`erase`."""
+    """``(before, after)`` images per prompt, all with the same seed; ``options`` go to :func:`erase`.
+
+    Several SAEs (on different blocks) erase the concepts at all their blocks at once; ``hook_point``
+    then stays each SAE's own.
+    """
+    saes = [sae] if isinstance(sae, TopKSAE) else list(sae)
+    if not saes or (len(saes) > 1 and hook_point):
+        raise ConfigError("compare_erasure needs one SAE, or several without hook_point (each hooks its own block)")
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ConfigError("compare_erasure needs one or more prompts, none of them empty")
@@ -257,7 +265,10 @@ def compare_erasure(pipe: Any, sae: TopKSAE, concepts: ConceptsArg, prompts: Seq
             set_scheduler(pipe, scheduler)
         # The erased images come first so that bad options fail before anything is generated;
         # each prompt has its own seeded generator, so the order changes nothing.
-        with erase(pipe, sae, concepts, method, strength=strength, hook_point=hook_point, **options):
+        with contextlib.ExitStack() as erasing:
+            for one in saes:
+                erasing.enter_context(erase(pipe, one, concepts, method, strength=strength, hook_point=hook_point,
+                                            **options))
             after = run()
         before = run()
     finally:

@@ -39,14 +39,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--learn-steps", type=int, default=25)
     p.add_argument("--top-n", type=int, default=3)
     p.add_argument("--min-specificity", type=float, default=None, help="default: the library's")
+    p.add_argument("--kinds", choices=["all", "object", "style"], default="all",
+                   help="which concepts the library gets (an SAE on an object block learns only objects)")
     return p.parse_args()
 
 
-def library() -> dict[str, dict[str, list[str]]]:
-    """One concept per object and per style: its 8 prompts against the 56 others."""
+def library(kinds: str = "all") -> dict[str, dict[str, list[str]]]:
+    """One concept per object and per style (or of one kind): its 8 prompts against the 56 others."""
     pairs = all_prompts()
     spec = {}
     for kind, names, col in (("object", OBJECTS, 0), ("style", STYLES, 1)):
+        if kinds not in ("all", kind):
+            continue
         for i, name in enumerate(names):
             spec[name] = {"positive": [p[2] for p in pairs if p[col] == i],
                           "negative": [p[2] for p in pairs if p[col] != i]}
@@ -67,7 +71,7 @@ def main() -> None:
         json.dump([p for _, _, p in all_prompts()], f)
     lib = os.path.join(a.work, "library.json")
     with open(lib, "w") as f:
-        json.dump(library(), f, indent=1)
+        json.dump(library(a.kinds), f, indent=1)
     store = os.path.join(a.work, "activations")
     run("collect", "--model", a.model, "--prompts", prompts, "--out", store, "--hook-point", a.hook_point,
         "--model-family", "saeuron-demo", "--steps", str(a.collect_steps), "--guidance", "3.0", "--scheduler", "ddim",

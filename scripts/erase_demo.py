@@ -1,5 +1,8 @@
 """The main demo: erase one style and one object from the shipped demo model with both methods.
 
+The style is erased with the style SAE and the object with the two object SAEs (each hooks a block
+where its kind of concept enters the UNet), at the ablation strengths the evaluation chose.
+
 Writes a grid PNG: one row per prompt; columns are the original generation, the style erased by
 feature ablation and by detect-and-replace, and the object erased by both. Every image uses the
 same seed per row, so each column differs from the first only by the erasure. Each cell is labelled
@@ -19,19 +22,21 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ASSETS = os.path.join(ROOT, "demo_assets")
-ABLATE_STRENGTH = 10.0  # the evaluation's setting (EVALUATION.md)
+from saeuron_core.demo import assets  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=os.path.join(ASSETS, "model"))
-    p.add_argument("--sae", default=os.path.join(ASSETS, "sae.safetensors"))
-    p.add_argument("--classifier", default=os.path.join(ASSETS, "classifier"))
+    p.add_argument("--model", default=str(assets.ASSETS / "model"))
+    p.add_argument("--style-sae", default=str(assets.ASSETS / assets.STYLE_SAE))
+    p.add_argument("--object-sae", action="append", default=None,
+                   help="repeatable (default: the shipped object SAEs on down_blocks.2 and mid_block)")
+    p.add_argument("--classifier", default=str(assets.ASSETS / "classifier"))
     p.add_argument("--style", default="stripes")
     p.add_argument("--object", default="star")
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: four demo prompts)")
-    p.add_argument("--ablate-strength", type=float, default=ABLATE_STRENGTH, help="gamma = -strength")
+    p.add_argument("--ablate-strength", type=float, default=None,
+                   help="gamma = -strength (default: the evaluation's choice for each SAE's block)")
     p.add_argument("--replace-strength", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=3.0)
@@ -52,19 +57,22 @@ def main() -> None:
     from saeuron_core.pipelines import load_pipeline
 
     t0 = time.time()
-    sae = load_sae(a.sae)
+    object_saes = a.object_sae or [str(assets.ASSETS / name) for name in assets.OBJECT_SAES]
+    saes = {a.style: [load_sae(a.style_sae)], a.object: [load_sae(p) for p in object_saes]}
     pipe = load_pipeline(a.model)
     clf = load_classifier(a.classifier)
-    ablate = a.ablate_strength
+    # One strength per concept: that of its first SAE's block (the shipped object SAEs share theirs).
+    ablate = {c: a.ablate_strength if a.ablate_strength is not None else
+              assets.ABLATE_STRENGTH.get(s[0].config.hook_point, 10.0) for c, s in saes.items()}
     prompts = a.prompt or [f"a {a.object} in {a.style} style", f"a circle in {a.style} style",
                            f"a {a.object} in polka dots style", "a heart in solid style"]
     columns = [("original", None, None, 0.0)]
     for concept in (a.style, a.object):
-        columns += [(f"-{concept} ablate", concept, "ablate", ablate), (f"-{concept} replace", concept, "replace",
-                                                                       a.replace_strength)]
+        columns += [(f"-{concept} ablate", concept, "ablate", ablate[concept]),
+                    (f"-{concept} replace", concept, "replace", a.replace_strength)]
     cells: list[list[Image.Image]] = [[] for _ in prompts]
     for title, concept, method, strength in columns[1:]:
-        pairs = compare_erasure(pipe, sae, concept, prompts, method=method, strength=strength, seed=a.seed,
+        pairs = compare_erasure(pipe, saes[concept], concept, prompts, method=method, strength=strength, seed=a.seed,
                                 steps=a.steps, guidance_scale=a.guidance, scheduler="ddim", batch_size=len(prompts))
         for row, (before, after) in enumerate(pairs):
             if not cells[row]:
@@ -84,8 +92,10 @@ def main() -> None:
     grid = image_grid(big, labels=labels)
     save_png(grid, a.out)
     print(f"rows: {'; '.join(prompts)}")
-    print("columns: " + " | ".join(c[0] for c in columns) + f" (ablate strength {ablate:g}, replace strength "
-          f"{a.replace_strength:g}, seed {a.seed}, {a.steps} DDIM steps)")
+    blocks = ", ".join(f"{c} at {' + '.join(s.config.hook_point for s in saes[c])} (ablate strength {ablate[c]:g})"
+                       for c in saes)
+    print("columns: " + " | ".join(c[0] for c in columns) + f"; {blocks}, replace strength "
+          f"{a.replace_strength:g}, seed {a.seed}, {a.steps} DDIM steps")
     for p, row in zip(prompts, labels):
         print(f"  {p}: " + " | ".join(x.split(': ')[1] for x in row))
     print(f"wrote {a.out} ({grid.width}x{grid.height} px) in {time.time() - t0:.0f}s")

@@ -14,18 +14,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "saeuron-demo"                 # models/diffusers/<MODEL>
-SAE = "saeuron-demo.safetensors"       # models/sae/<SAE>
+SAE = "saeuron-demo.safetensors"       # models/sae/<SAE>: every concept, at up_blocks.1.attentions.1
+OBJECT_SAE = "saeuron-demo-objects.safetensors"  # objects, at down_blocks.2.attentions.1
+OBJECT_MID_SAE = "saeuron-demo-objects-mid.safetensors"  # objects, at mid_block.attentions.0
+STYLE_SAE = "saeuron-demo-styles.safetensors"    # styles, at up_blocks.1.attentions.2
 STYLE, OBJECT = "stripes", "star"
 SIZE = 32                              # the demo model's image size in pixels
 BATCH = 4                              # images per run (seeds seed, seed+1, ...)
-ABLATE_STRENGTH = 10.0                 # the evaluation's setting (EVALUATION.md)
 STEPS, CFG = 25, 3.0
+STYLE_METHOD = "ablate"                # the better style method on the validation sweep (EVALUATION.md)
 
 
-def base(prompt: str) -> dict:
+def ablate_strength(sae_file: str) -> float:
+    """The evaluation's ablation strength for the shipped SAE behind ``sae_file`` (EVALUATION.md)."""
+    from saeuron_core.demo import assets
+
+    hook = {OBJECT_SAE: "down_blocks.2.attentions.1", OBJECT_MID_SAE: "mid_block.attentions.0",
+            STYLE_SAE: "up_blocks.1.attentions.2"}[sae_file]
+    return assets.ABLATE_STRENGTH[hook]
+
+
+def base(prompt: str, sae: str = SAE) -> dict:
     return {
         "1": {"class_type": "SAeUronLoadDiffusersModel", "inputs": {"model_path": MODEL}},
-        "2": {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": SAE}},
+        "2": {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": sae}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "5": {"class_type": "SAeUronEmptyLatent", "inputs": {"vae": ["1", 2], "width": SIZE, "height": SIZE,
@@ -45,23 +57,42 @@ def sample(graph: dict, first_id: int, model: list, prefix: str) -> None:
     graph[s] = {"class_type": "SaveImage", "inputs": {"images": [u, 0], "filename_prefix": prefix}}
 
 
-def eraser(concepts: str, method: str, strength: float) -> dict:
+def eraser(concepts: str, method: str, strength: float, model: list | None = None, sae: list | None = None) -> dict:
     return {"class_type": "SAeUronConceptEraser", "inputs": {
-        "model": ["1", 0], "sae": ["2", 0], "concepts": concepts, "method": method, "strength": strength,
-        "start_percent": 0.0, "end_percent": 1.0, "cfg_half": "both"}}
+        "model": model or ["1", 0], "sae": sae or ["2", 0], "concepts": concepts, "method": method,
+        "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "cfg_half": "both"}}
 
 
-def erase(name: str, prompt: str, concept: str) -> dict:
-    g = base(prompt)
-    g["6"] = eraser(concept, "replace", 1.0)
+def erase(name: str, prompt: str, concept: str, sae: str, method: str) -> dict:
+    g = base(prompt, sae)
+    g["6"] = eraser(concept, method, ablate_strength(sae) if method == "ablate" else 1.0)
     sample(g, 10, ["1", 0], f"saeuron/{name}_before")
     sample(g, 20, ["6", 0], f"saeuron/{name}_after")
     return g
 
 
+def erase_object(name: str, style: bool) -> dict:
+    """The object at both blocks where it enters (two SAEs, chained erasers), and the style too if ``style``.
+
+    Each eraser patches a copy of the MODEL it gets, so chained erasers stack their edits."""
+    g = base(f"a {OBJECT} in {STYLE} style", OBJECT_SAE)
+    g["8"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": OBJECT_MID_SAE}}
+    g["6"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT_SAE))
+    g["7"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT_MID_SAE), model=["6", 0], sae=["8", 0])
+    last = "7"
+    if style:
+        g["9"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": STYLE_SAE}}
+        g["30"] = eraser(STYLE, STYLE_METHOD, ablate_strength(STYLE_SAE) if STYLE_METHOD == "ablate" else 1.0,
+                         model=["7", 0], sae=["9", 0])
+        last = "30"
+    sample(g, 10, ["1", 0], f"saeuron/{name}_before")
+    sample(g, 20, [last, 0], f"saeuron/{name}_after")
+    return g
+
+
 def compare() -> dict:
-    g = base(f"a {OBJECT} in {STYLE} style")
-    g["6"] = eraser(STYLE, "ablate", ABLATE_STRENGTH)
+    g = base(f"a {OBJECT} in {STYLE} style", STYLE_SAE)
+    g["6"] = eraser(STYLE, "ablate", ablate_strength(STYLE_SAE))
     g["7"] = eraser(STYLE, "replace", 1.0)
     sample(g, 10, ["1", 0], "saeuron/compare_original")
     sample(g, 20, ["6", 0], "saeuron/compare_ablate")
@@ -96,8 +127,9 @@ def inspect() -> dict:
 
 
 WORKFLOWS = {
-    "erase_style": erase("erase_style", f"a {OBJECT} in {STYLE} style", STYLE),
-    "erase_object": erase("erase_object", f"a {OBJECT} in {STYLE} style", OBJECT),
+    "erase_style": erase("erase_style", f"a {OBJECT} in {STYLE} style", STYLE, STYLE_SAE, STYLE_METHOD),
+    "erase_object": erase_object("erase_object", style=False),
+    "erase_object_and_style": erase_object("erase_object_and_style", style=True),
     "compare_ablate_replace": compare(),
     "learn_concept": learn(),
     "inspect_features": inspect(),

@@ -22,13 +22,16 @@ ASSETS = os.path.join(ROOT, "demo_assets")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=os.path.join(ASSETS, "model"))
-    p.add_argument("--sae", default=os.path.join(ASSETS, "sae.safetensors"))
+    p.add_argument("--sae", action="append", default=None,
+                   help="repeatable: SAEs on different blocks, each erases the concepts it has (default: the shipped)")
     p.add_argument("--classifier", default=os.path.join(ASSETS, "classifier"))
     p.add_argument("--concepts", default="star,heart,stripes,noise")
     p.add_argument("--seeds", default="500")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--strengths", default="1,3,10,30")
-    p.add_argument("--replace", default="sample:0,sample:1,uncond:0", help="SOURCE:DILATION settings")
+    p.add_argument("--end", type=float, default=1.0, help="erase only until this fraction of the denoising")
+    p.add_argument("--replace", default="sample:0,sample:1,uncond:0",
+                   help="SOURCE:DILATION[:THRESHOLD_SCALE] settings ('' for none)")
     return p.parse_args()
 
 
@@ -40,16 +43,21 @@ def main() -> None:
     from saeuron_core.pipelines import load_pipeline
 
     t0 = time.time()
-    base = EvalSettings(seeds=[int(s) for s in a.seeds.split(",")], steps=a.steps)
-    ev = Evaluator(load_pipeline(a.model), load_sae(a.sae), load_classifier(a.classifier), base)
+    base = EvalSettings(seeds=[int(s) for s in a.seeds.split(",")], steps=a.steps, end=a.end)
+    from saeuron_core.demo.assets import SAES
+
+    saes = [load_sae(p) for p in (a.sae or [os.path.join(ASSETS, name) for name in SAES])]
+    ev = Evaluator(load_pipeline(a.model), saes, load_classifier(a.classifier), base)
     concepts = [c.strip() for c in a.concepts.split(",")]
     clean = ev.run("none")
     variants = [("ablate", f"strength {s}", {"ablate_strength": float(s)}) for s in a.strengths.split(",")]
-    for item in a.replace.split(","):
-        source, _, dilation = item.partition(":")
-        variants.append(("replace", f"source {source}, dilation {dilation or 0}",
-                         {"replace_source": source, "dilation": int(dilation or 0)}))
-    print(f"validation seeds {base.seeds}, {base.steps} DDIM steps, concepts {', '.join(concepts)}")
+    for item in filter(None, a.replace.split(",")):
+        parts = item.split(":")
+        source, dilation, scale = parts[0], (parts[1:2] or ["0"])[0], (parts[2:3] or ["1"])[0]
+        variants.append(("replace", f"source {source}, dilation {dilation}, threshold x{scale}",
+                         {"replace_source": source, "dilation": int(dilation), "threshold_scale": float(scale)}))
+    print(f"validation seeds {base.seeds}, {base.steps} DDIM steps, concepts {', '.join(concepts)}, "
+          f"erasing until {base.end:g} of the denoising")
     print("\n| method | setting | kind | UA | IRA | CRA | retained conf. | act. shift |")
     print("|---|---|---|---|---|---|---|---|")
     for method, label, change in variants:
@@ -57,7 +65,7 @@ def main() -> None:
         rows = []
         for c in concepts:
             rows.append({"kind": ev.grid.kind_of(c)[0], **ev.concept_metrics(ev.run(method, [c]), c, clean)})
-        for kind in ("object", "style"):
+        for kind in sorted({r["kind"] for r in rows}, reverse=True):
             m = mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
             print(f"| {method} | {label} | {kind} | {100 * m['UA']:.1f} | {100 * m['IRA']:.1f} | {100 * m['CRA']:.1f} | "
                   f"{100 * m['retained_confidence']:.1f} | {m['activation_shift']:.2f} |", flush=True)

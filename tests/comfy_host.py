@@ -274,9 +274,12 @@ DEMO_ASSETS = ROOT / "demo_assets"
 
 
 def install_demo(models: Path) -> None:
-    """Copy the shipped demo model and SAE where the workflows expect them.
+    """Copy the shipped demo model and SAEs where the workflows expect them.
 
     Copies, not links: the pack refuses model files that resolve outside its model folders.
     """
     shutil.copytree(DEMO_ASSETS / "model", models / "diffusers" / "saeuron-demo")
-    shutil.copy(DEMO_ASSETS / "sae.safetensors", models / "sae" / "saeuron-demo.safetensors")
+    for shipped, name in (("sae.safetensors", "saeuron-demo"), ("sae-objects.safetensors", "saeuron-demo-objects"),
+                          ("sae-objects-mid.safetensors", "saeuron-demo-objects-mid"),
+                          ("sae-styles.safetensors", "saeuron-demo-styles")):
+        shutil.copy(DEMO_ASSETS / shipped, models / "sae" / f"{name}.safetensors")

@@ -411,22 +411,22 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     assert widget_value(page, 6, "concepts") == "stripes"
 
     entries = open_widget_menu(page, 6, "concepts")
-    assert {"☐ star", "☑ stripes", "☐ circle", "☐ noise"} <= set(entries) and "Edit as text…" in entries
+    assert {"☐ noise", "☑ stripes", "☐ grid", "☐ solid"} <= set(entries) and "Edit as text…" in entries
     assert page.execute_script("return document.querySelector('.litecontextmenu .litemenu-title').innerText") \
-        == "Concepts in saeuron-demo.safetensors"
-    click_menu_entry(page, "☐ star")  # the menu stays open: several names can be chosen
-    assert widget_value(page, 6, "concepts") == "star, stripes"
+        == "Concepts in saeuron-demo-styles.safetensors"
+    click_menu_entry(page, "☐ noise")  # the menu stays open: several names can be chosen
+    assert widget_value(page, 6, "concepts") == "noise, stripes"
     screenshot(page, "concept-picker")
 
-    # Another SAE in Load SAE: the eraser now offers that SAE's names and flags the one it lacks.
+    # Another SAE in Load SAE: the eraser now offers that SAE's names and flags the ones it lacks.
     assert "saeuron-other.safetensors" in open_widget_menu(page, 2, "sae_name")
     click_menu_entry(page, "saeuron-other.safetensors")
     assert widget_value(page, 2, "sae_name") == "saeuron-other.safetensors"
     entries = open_widget_menu(page, 6, "concepts")
-    assert entries[:3] == ["☐ circle", "☑ star", "☑ stripes (not in this SAE)"]
-    click_menu_entry(page, "☐ circle")
-    click_menu_entry(page, "☑ stripes (not in this SAE)")
-    assert widget_value(page, 6, "concepts") == "circle, star"
+    assert entries[:4] == ["☐ circle", "☐ star", "☑ noise (not in this SAE)", "☑ stripes (not in this SAE)"]
+    click_menu_entry(page, "☐ star")
+    click_menu_entry(page, "☑ noise (not in this SAE)")
+    assert widget_value(page, 6, "concepts") == "star, stripes"
 
     # The Feature Inspector offers them too; what the picker wrote is what /prompt gets.
     inspect = json.loads((ROOT / "workflows" / "inspect_features.json").read_text())
@@ -453,7 +453,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"concepts": "horse"}, "unknown concept 'horse'; this SAE knows: 'checkerboard', 'circle'"),
+    ({"concepts": "horse"}, "unknown concept 'horse'; this SAE knows: 'checkerboard', 'gradient'"),
     ({"method": "replace", "strength": 5.0}, "between 0 and 1"),
     ({"sae_name": "wide.safetensors"}, "the SAE expects 48 channels but"),
 ], ids=["unknown-concept", "bad-strength", "sae-does-not-fit"])

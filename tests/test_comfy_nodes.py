@@ -157,6 +157,41 @@ def test_block_before_an_upsampler_or_last_uses_an_object_patch(host):
     assert keys == set(host["model"].model.state_dict())
 
 
+def test_erasers_on_two_blocks_chain_like_two_diffusers_hooks(host):
+    """An eraser on a down block (object patch) chained with one on the up block (output patch), as the
+    erase_object_and_style workflow does with the demo's object and style SAEs: the same output as two
+    diffusers hooks, and the input MODEL untouched."""
+    down = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="down_blocks.0.attentions.1"))
+    down.concepts, down.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    model, unet, eraser = host["model"], host["pipe"].unet, node(host, "SAeUronConceptEraser")
+    torch.manual_seed(5)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    sigma = model.model.model_sampling.sigma(torch.tensor([620.0]))
+    t = model.model.model_sampling.timestep(sigma).float().expand(2)
+    with torch.no_grad(), BlockHook(unet, "down_blocks.0.attentions.1", ConceptEraser(down, ["cat"], "ablate",
+                                                                                       strength=10.0),
+                                    cfg_layout="uncond_cond"), \
+            BlockHook(unet, HOOK, ConceptEraser(host["sae"], ["dog"], "ablate", strength=10.0), cfg_layout="uncond_cond"):
+        both = unet(x, t, encoder_hidden_states=ctx).sample
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=ctx).sample
+    first = eraser.erase(model, down, "cat", "ablate", 10.0, 0.0, 1.0, "both")[0]
+    chained = eraser.erase(first, host["sae"], "dog", "ablate", 10.0, 0.0, 1.0, "both")[0]
+    assert list(chained.object_patches) == ["diffusion_model.input_blocks.2.1"]
+    assert len(chained.model_options["transformer_options"]["patches"]["output_block_patch"]) == 1
+    assert not model.object_patches and "patches" not in model.model_options.get("transformer_options", {})
+    options = {"patches": chained.model_options["transformer_options"]["patches"], "cond_or_uncond": [1, 0],
+               "sigmas": sigma}
+    chained.patch_model()
+    try:
+        with torch.no_grad():
+            comfy_out = chained.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options=options)
+    finally:
+        chained.unpatch_model()
+    assert not torch.allclose(both, plain, atol=1e-4)
+    torch.testing.assert_close(comfy_out, both, atol=1e-4, rtol=1e-4)
+
+
 def test_eraser_errors(host):
     eraser = node(host, "SAeUronConceptEraser")
     with pytest.raises(ConfigError, match=r"unknown concept 'horse'; this SAE knows: 'cat', 'dog'"):

@@ -25,6 +25,20 @@ def test_shipped_sae_has_every_object_and_style_and_fits_the_model():
     assert sae.config.d_in == unet_cfg["block_out_channels"][-2]  # up_blocks.1 runs at the second-deepest width
 
 
+@pytest.mark.parametrize("name, hook_point, names", [
+    ("sae-objects.safetensors", "down_blocks.2.attentions.1", OBJECTS),
+    ("sae-objects-mid.safetensors", "mid_block.attentions.0", OBJECTS),
+    ("sae-styles.safetensors", "up_blocks.1.attentions.2", STYLES),
+])
+def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, names):
+    from saeuron_core.hooks import check_sae_fits
+    from saeuron_core.pipelines import load_pipeline
+
+    sae = load_sae(ASSETS / name)
+    assert sae.config.hook_point == hook_point and sorted(concept_names(sae)) == sorted(names)
+    check_sae_fits(load_pipeline(str(ASSETS / "model")).unet, hook_point, sae)
+
+
 def test_shipped_classifier_reads_generator_images():
     clf = load_classifier(str(ASSETS / "classifier"))
     imgs, objs, stys, _ = generate(256, seed=12345)
@@ -41,6 +55,13 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
     assert report["settings"]["seeds"] == [1000] and report["settings"]["steps"] == 8
     concepts = [r["concept"] for r in report["per_concept"]["none"]]
     assert concepts == ["star", "stripes"]
+    # Each concept is erased by the shipped SAE of its kind, at the strength chosen for that block.
+    from saeuron_core.demo.assets import ABLATE_STRENGTH
+
+    assert [(e["hook_point"], e["concepts"], e["ablate_strength"]) for e in report["saes"]] == [
+        (hp, [c], ABLATE_STRENGTH[hp]) for hp, c in (("down_blocks.2.attentions.1", "star"),
+                                                     ("mid_block.attentions.0", "star"),
+                                                     ("up_blocks.1.attentions.2", "stripes"))]
 
     def ua(method: str) -> float:
         return sum(r["UA"] for r in report["per_concept"][method]) / 2
@@ -51,3 +72,10 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
         for row in report["per_concept"][method]:
             assert 0.0 <= row["IRA"] <= 1.0 and 0.0 <= row["CRA"] <= 1.0 and row["activation_shift"] >= 0
     assert torch.isfinite(torch.tensor([r["retained_confidence"] for r in report["per_concept"]["ablate"]])).all()
+
+
+def test_eval_refuses_block_strengths_it_cannot_use(capsys):
+    code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strength-at", "up_blocks.1.attentions.2")
+    assert code == 2 and "--ablate-strength-at takes HOOK_POINT=STRENGTH, got 'up_blocks.1.attentions.2'" in err
+    code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strength-at", "up_blocks.1.attentions.0=3")
+    assert code == 2 and "an ablate strength is set for up_blocks.1.attentions.0 but no SAE hooks it" in err

@@ -22,7 +22,8 @@ def _run(ev: Evaluator, objects: torch.Tensor, styles: torch.Tensor, act_mean=No
     p = len(ev.grid.prompts)
     mean = act_mean if act_mean is not None else torch.zeros(p, 4, dtype=torch.float64)
     sq = act_sq if act_sq is not None else torch.ones(p, 4, dtype=torch.float64)
-    return RunOutput(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), objects, styles, po, ps, mean, sq, 0.0)
+    hp = ev.hook_points[0]
+    return RunOutput(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), objects, styles, po, ps, {hp: mean}, {hp: sq}, 0.0)
 
 
 def test_ua_ira_cra_from_classifier_readings() -> None:
@@ -88,7 +89,59 @@ def test_unknown_concepts_and_methods_are_refused() -> None:
     with pytest.raises(ConfigError, match="neither an object"):
         ev.grid.kind_of("banana")
     with pytest.raises(ConfigError, match="unknown method"):
-        ev._eraser("melt", ["star"])
+        ev._erasers("melt", ["star"])
     assert demo_grid().prompts[0] == "a circle in solid style"
     with pytest.raises(ConfigError, match="at least one seed"):
-        Evaluator(None, ev.sae, None, EvalSettings(seeds=[]))
+        Evaluator(None, ev.saes, None, EvalSettings(seeds=[]))
+    with pytest.raises(ConfigError, match="0 <= start <= end <= 1"):
+        Evaluator(None, ev.saes, None, EvalSettings(start=0.8, end=0.2))
+    with pytest.raises(ConfigError, match="at least one SAE"):
+        Evaluator(None, [], None, EvalSettings())
+
+
+def _with_concepts(sae: TopKSAE, names: list[str]) -> TopKSAE:
+    from saeuron_core.scoring import ConceptData, add_concept
+
+    for i, name in enumerate(names):
+        add_concept(sae, ConceptData(name=name, bucket_width=1000.0, max_timestep=1000,
+                                     feature_ids=torch.tensor([[i]]), scores=torch.ones(1, 1), mu=torch.ones(1, 1),
+                                     threshold=torch.zeros(1, 1), n_selected=torch.tensor([1]),
+                                     observed=torch.tensor([True])))
+    return sae
+
+
+def test_two_saes_on_two_blocks_split_the_concepts() -> None:
+    objects = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="down_blocks.2.attentions.1")),
+                             ["star", "stripes"])
+    styles = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="up_blocks.1.attentions.2")),
+                            ["stripes", "noise"])
+    ev = Evaluator(None, [objects, styles], None, EvalSettings())
+    # Every SAE that has a concept erases it; its activation shift is read at the first one's block.
+    assert ev.hook_point_of("star") == ev.hook_point_of("stripes") == "down_blocks.2.attentions.1"
+    assert ev.hook_point_of("noise") == "up_blocks.1.attentions.2"
+    assert "circle" in ev.missing and "noise" not in ev.missing
+    erasers = ev._erasers("ablate", ["star", "noise"])
+    assert {hp: [c.name for c in e.concepts] for hp, e in erasers.items()} == {
+        "down_blocks.2.attentions.1": ["star"], "up_blocks.1.attentions.2": ["noise"]}
+    erasers = ev._erasers("ablate", ["stripes"])
+    assert {hp: [c.name for c in e.concepts] for hp, e in erasers.items()} == {
+        "down_blocks.2.attentions.1": ["stripes"], "up_blocks.1.attentions.2": ["stripes"]}
+    assert ev._erasers("negative_prompt", ["star"]) == {}
+    with pytest.raises(ConfigError, match="no SAE's concept library has 'circle'"):
+        ev._erasers("replace", ["circle"])
+    with pytest.raises(ConfigError, match="two SAEs hook up_blocks.1.attentions.2"):
+        Evaluator(None, [styles, styles], None, EvalSettings())
+    # The activation shift of a concept is read at its own SAE's block.
+    lo, ls = ev._labels()
+    p = len(ev.grid.prompts)
+    zeros, ones = torch.zeros(p, 4, dtype=torch.float64), torch.ones(p, 4, dtype=torch.float64)
+    moved = zeros.clone()
+    moved[ev.grid.styles == ev.grid.style_names.index("noise")] = 3.0
+    acts = {"down_blocks.2.attentions.1": (zeros, ones), "up_blocks.1.attentions.2": (moved, ones + moved * moved)}
+    po = torch.nn.functional.one_hot(lo, 8).float()
+    ps = torch.nn.functional.one_hot(ls, 8).float()
+    out = RunOutput(torch.zeros(len(lo), 3, 32, 32, dtype=torch.uint8), lo, ls, po, ps,
+                    {hp: a[0] for hp, a in acts.items()}, {hp: a[1] for hp, a in acts.items()}, 0.0)
+    clean = RunOutput(out.images, lo, ls, po, ps, {hp: zeros for hp in acts}, {hp: ones for hp in acts}, 0.0)
+    assert ev.activation_shift(out, clean, "noise") == pytest.approx(3.0)
+    assert ev.activation_shift(out, clean, "star") == pytest.approx(0.0)

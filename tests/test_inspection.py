@@ -169,3 +169,16 @@ def test_describe_concept(sae):
     assert d["n_buckets"] == 50 and d["observed_buckets"] == STEPS
     assert len(d["selected"]) == 2 and d["selected"][0]["timestep"] > d["selected"][1]["timestep"]
     assert all(len(s["features"]) <= 2 for s in d["selected"])
+
+
+def test_compare_erasure_with_saes_on_two_blocks(tiny_pipe, sae):
+    down = TopKSAE(SAEConfig(d_in=sae.d_in, n_latents=sae.n_latents, k=sae.k, hook_point="down_blocks.0.attentions.1"))
+    down.load_state_dict(sae.state_dict())
+    down.concepts, down.extra_tensors = sae.concepts, sae.extra_tensors
+    prompts = ["a cat"]
+    one = compare_erasure(tiny_pipe, sae, "cat", prompts, strength=2.0, steps=STEPS, seed=1)
+    both = compare_erasure(tiny_pipe, [sae, down], "cat", prompts, strength=2.0, steps=STEPS, seed=1)
+    assert torch.equal(px(one[0][0]), px(both[0][0]))          # the same "before"
+    assert not torch.equal(px(one[0][1]), px(both[0][1]))      # the second block changes the "after"
+    with pytest.raises(ConfigError, match="several without hook_point"):
+        compare_erasure(tiny_pipe, [sae, down], "cat", prompts, steps=STEPS, hook_point=HOOK)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -33,7 +34,8 @@ def server(tmp_path_factory):
 
 def test_there_are_workflows_in_both_formats():
     names = {p.stem for p in UI_FILES}
-    assert names == {"erase_style", "erase_object", "compare_ablate_replace", "learn_concept", "inspect_features"}
+    assert names == {"erase_style", "erase_object", "erase_object_and_style", "compare_ablate_replace", "learn_concept",
+                     "inspect_features"}
     assert all((ROOT / "workflows" / f"{n}.api.json").is_file() for n in names)
 
 
@@ -78,6 +80,14 @@ def test_workflow_runs_through_prompt(server, path):
         for img in saved:
             with Image.open(server.root / "output" / img["subfolder"] / img["filename"]) as im:
                 assert im.size == (side, side) and im.getextrema() != ((0, 0), (0, 0), (0, 0))
+    if path.stem.startswith("erase"):  # the erased branch (SaveImage 23) differs from the plain one (13)
+        def pixels(node_id):
+            out = []
+            for img in entry["outputs"][node_id]["images"]:
+                with Image.open(server.root / "output" / img["subfolder"] / img["filename"]) as im:
+                    out.append(torch.from_numpy(np.array(im)).float())
+            return torch.stack(out)
+        assert (pixels("23") - pixels("13")).abs().mean() > 5.0
     if path.stem == "learn_concept":
         learned = load_sae(server.models / "sae" / "saeuron-demo-learned.safetensors")
         assert concept_names(learned) == sorted(concept_names(load_sae(server.models / "sae" / "saeuron-demo.safetensors"))
@@ -108,7 +118,7 @@ def test_unknown_concept_and_unfit_sae_fail_with_the_message(server):
     api["6"]["inputs"]["concepts"] = "horse"
     entry = server.run(api)
     error = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
-    assert error["node_id"] == "6" and "unknown concept 'horse'; this SAE knows: 'checkerboard', 'circle'" \
+    assert error["node_id"] == "6" and "unknown concept 'horse'; this SAE knows: 'checkerboard', 'gradient'" \
         in error["exception_message"]
 
 

@@ -1,0 +1,21 @@
+"""The shipped demo assets: where they live and the erasure settings the evaluation chose for them.
+
+Objects and styles are erased at different blocks of the demo UNet, as SAeUron hooks one block
+of SD for objects and another for styles: each demo SAE's library holds one kind of concept.
+Objects enter the UNet at two layers, so two object SAEs erase them together. The strengths were
+chosen on validation seed 500 (``scripts/sweep_demo_eval.py``; EVALUATION.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[2] / "demo_assets"
+OBJECT_SAE = "sae-objects.safetensors"          # down_blocks.2.attentions.1: where the object enters the UNet
+OBJECT_MID_SAE = "sae-objects-mid.safetensors"  # mid_block.attentions.0: where more of it enters
+STYLE_SAE = "sae-styles.safetensors"            # up_blocks.1.attentions.2: where the style enters
+OBJECT_SAES = (OBJECT_SAE, OBJECT_MID_SAE)
+SAES = (*OBJECT_SAES, STYLE_SAE)  # what the evaluation uses: every SAE with a concept erases it
+ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, every object and style
+ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 10.0, "mid_block.attentions.0": 10.0,
+                   "up_blocks.1.attentions.2": 3.0}
