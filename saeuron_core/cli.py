@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="select only features with (m_c - m_o) / (m_c + m_o) at least this, from their mean "
                          "activations with (m_c) and without (m_o) the concept; 0 = SAeUron's selection "
                          "(default: saeuron_core.scoring.DEFAULT_MIN_SPECIFICITY)")
+    lc.add_argument("--peak-specificity", type=float, default=None,
+                    help="also require that specificity against the single negative prompt where the feature is "
+                         "most active (keeps out features a sibling concept shares; default: not required)")
     lc.add_argument("--bucket-width", type=float, default=20.0, help="timesteps per bucket")
     lc.add_argument("--height", type=int, default=None)
     lc.add_argument("--width", type=int, default=None)
@@ -198,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gamma = -strength, for every SAE (default: 10, or the strengths chosen for the shipped SAEs)")
     ev.add_argument("--ablate-strength-at", action="append", default=[], metavar="HOOK_POINT=STRENGTH",
                     help="ablation strength of the SAE on one block (repeatable)")
+    ev.add_argument("--ablate-strengths", default=None, metavar="FILE",
+                    help="JSON {concept: strength}: each concept's own ablation strength, over the block's (default: "
+                         "the strengths chosen for the shipped concepts when the shipped SAEs are used; '' for none)")
     ev.add_argument("--replace-strength", type=float, default=1.0)
     ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="sample",
                     help="where replacement patches come from")
@@ -449,7 +455,7 @@ def _cmd_learn_concept(a: argparse.Namespace) -> int:
     if a.min_specificity is None:
         a.min_specificity = DEFAULT_MIN_SPECIFICITY
     # Fail before loading the model and the (long) generation.
-    check_selection(a.top_n, a.quantile, min_specificity=a.min_specificity)
+    check_selection(a.top_n, a.quantile, min_specificity=a.min_specificity, peak_specificity=a.peak_specificity)
     sae = load_sae(a.sae, device=a.device)
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
     hook_point = a.hook_point or sae.config.hook_point
@@ -458,7 +464,8 @@ def _cmd_learn_concept(a: argparse.Namespace) -> int:
     learned = learn_concepts(pipe, sae, spec, hook_point=hook_point, steps=a.steps, guidance_scale=a.guidance,
                              scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
                              quantile=a.quantile, min_specificity=a.min_specificity, bucket_width=a.bucket_width,
-                             height=a.height, width=a.width, progress=sys.stderr.isatty())
+                             height=a.height, width=a.width, progress=sys.stderr.isatty(),
+                             peak_specificity=a.peak_specificity)
     save_sae(sae, out)
     for data in learned:
         counts = data.n_selected[data.observed]
@@ -535,6 +542,27 @@ def _demo_asset(given: Optional[str], name: str) -> str:
     return str(path)
 
 
+def _concept_strengths(path: Optional[str], shipped: bool) -> dict[str, float]:
+    """``--ablate-strengths``: a JSON file ``{concept: strength}``; by default the shipped one with the shipped SAEs."""
+    from .demo import assets
+
+    if path is None:
+        path = str(assets.ASSETS / assets.CONCEPT_STRENGTHS) if shipped else ""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--ablate-strengths: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"--ablate-strengths: {path} is not JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in data.values()):
+        raise ConfigError(f"--ablate-strengths: {path} must hold an object {{concept: strength}} with numbers")
+    return {str(k): float(v) for k, v in data.items()}
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .demo.classifier import load_classifier
     from .evaluation import EvalSettings, evaluate, format_report, save_report
@@ -562,11 +590,13 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             at[hook.strip()] = float(value)
         except ValueError:
             raise ConfigError(f"--ablate-strength-at takes HOOK_POINT=STRENGTH, got {item!r}") from None
-    if a.ablate_strength is None and not a.sae and not at:
+    shipped = a.ablate_strength is None and not a.sae and not at
+    if shipped:
         at = dict(assets.ABLATE_STRENGTH)
+    of = _concept_strengths(a.ablate_strengths, shipped)
     settings = EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
                             ablate_strength=10.0 if a.ablate_strength is None else a.ablate_strength,
-                            ablate_strength_at=at, replace_strength=a.replace_strength, start=start, end=end,
+                            ablate_strength_at=at, ablate_strength_of=of, replace_strength=a.replace_strength, start=start, end=end,
                             replace_source=a.replace_source, dilation=a.dilation, threshold_scale=a.threshold_scale,
                             batch_size=a.batch_size)
     if a.quick:

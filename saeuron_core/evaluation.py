@@ -53,6 +53,7 @@ class EvalSettings:
     scheduler: str = "ddim"
     ablate_strength: float = 10.0
     ablate_strength_at: dict[str, float] = field(default_factory=dict)  # hook point -> strength of the SAE there
+    ablate_strength_of: dict[str, float] = field(default_factory=dict)  # concept -> its own strength (wins over both)
     replace_strength: float = 1.0
     threshold_scale: float = 1.0
     dilation: int = 0
@@ -161,10 +162,18 @@ class Evaluator:
                 self.owners.setdefault(name, []).append(i)
         # concepts of the grid without a library entry cannot be erased by SAE methods
         self.missing = [c for c in self.grid.object_names + self.grid.style_names if c not in self.owners]
+        stray = sorted(set(settings.ablate_strength_of) - set(self.owners))
+        if stray:
+            raise ConfigError(f"an ablate strength is set for {', '.join(map(repr, stray))} but no SAE's concept "
+                              f"library has it")
 
     def ablate_strength(self, i: int) -> float:
         """Ablation strength of the ``i``-th SAE (its block's override, else the common one)."""
         return self.settings.ablate_strength_at.get(self.hook_points[i], self.settings.ablate_strength)
+
+    def concept_strength(self, concept: str, i: int) -> float:
+        """Ablation strength of ``concept`` at the ``i``-th SAE: its own if chosen, else that SAE's."""
+        return self.settings.ablate_strength_of.get(concept, self.ablate_strength(i))
 
     def hook_point_of(self, concept: str) -> str:
         """Where the activation shift of ``concept`` is read: the first block that erases it (else the first SAE's)."""
@@ -188,8 +197,8 @@ class Evaluator:
             if not mine:
                 continue
             if method == "ablate":
-                out[self.hook_points[i]] = ConceptEraser(sae, mine, "ablate", strength=self.ablate_strength(i),
-                                                         start=s.start, end=s.end)
+                out[self.hook_points[i]] = ConceptEraser(sae, {c: self.concept_strength(c, i) for c in mine},
+                                                         "ablate", start=s.start, end=s.end)
             else:
                 out[self.hook_points[i]] = ConceptEraser(
                     sae, mine, "replace", strength=s.replace_strength, threshold_scale=s.threshold_scale,
@@ -331,6 +340,23 @@ def mean_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[st
 METRIC_KEYS = ("UA", "IRA", "CRA", "retained_confidence", "activation_shift")
 
 
+def best_strengths(by_strength: dict[float, Sequence[dict[str, Any]]]) -> dict[str, float]:
+    """Per concept, the strength whose run has the best mean of UA, IRA and CRA (the lower one on ties).
+
+    ``by_strength`` maps a strength to per-concept rows (``concept``, ``UA``, ``IRA``, ``CRA``), as a
+    validation sweep measures them; SAeUron picks a multiplier per object class the same way.
+    """
+    if not by_strength:
+        raise ConfigError("choosing strengths needs runs at one or more strengths")
+    best: dict[str, tuple[float, float]] = {}
+    for strength in sorted(by_strength):
+        for row in by_strength[strength]:
+            value = (row["UA"] + row["IRA"] + row["CRA"]) / 3
+            if row["concept"] not in best or value > best[row["concept"]][0] + 1e-9:
+                best[row["concept"]] = (value, float(strength))
+    return {c: s for c, (_, s) in best.items()}
+
+
 def summary_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean metrics of per-concept rows, separately for styles and objects (kinds present only)."""
     return {kind: mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
@@ -413,6 +439,9 @@ def format_report(report: dict[str, Any]) -> str:
              f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
     if (s.get("start", 0.0), s.get("end", 1.0)) != (0.0, 1.0):
         lines += [f"The SAE methods act from {s['start']:g} to {s['end']:g} of the denoising.", ""]
+    if s.get("ablate_strength_of"):
+        lines += ["Ablation strength per concept (chosen on validation): " + ", ".join(
+            f"{c} {v:g}" for c, v in s["ablate_strength_of"].items()) + ".", ""]
     if len(report.get("saes", [])) > 1 or s.get("ablate_strength_at"):
         lines += ["SAEs: " + "; ".join(f"{e['hook_point']} for {', '.join(e['concepts']) or 'nothing'} (ablate "
                                        f"strength {e['ablate_strength']:g})" for e in report["saes"]) + ".", ""]

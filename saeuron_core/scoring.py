@@ -10,7 +10,10 @@ SAeUron's score favours strong features: one that is 5x as large as the others b
 often without c as with it wins over a weaker feature that fires only with c. Such a feature, used
 as a detector, fires on concept-free images too, and erasing it damages them. So a feature is only
 selected when its *specificity* ``(m_c - m_o) / (m_c + m_o)`` (unnormalised means, in [-1, 1]) is at
-least ``min_specificity``; 0 keeps SAeUron's selection.
+least ``min_specificity``; 0 keeps SAeUron's selection. Pooling all negative prompts hides a feature
+that c shares with one sibling concept (circle and ring, solid and gradient): erasing c through it
+damages the sibling. With ``peak_specificity`` a feature must also be that specific against the one
+negative prompt where it is most active.
 
 Everything is keyed by the diffusion *timestep value*, bucketed (``bucket_width`` timesteps per
 bucket), not by the index of the sampling step: a concept learned with 50 DDIM steps applies with
@@ -62,6 +65,8 @@ class ConceptStats:
         self.n_buckets = math.ceil(max_timestep / bucket_width)
         self.sums = torch.zeros(n_groups, self.n_buckets, n_latents, dtype=torch.float64)
         self.tokens = torch.zeros(n_groups, self.n_buckets, dtype=torch.float64)
+        # Per bucket and feature, the largest mean activation of any single negative group (set by merge).
+        self.negative_peak: Optional[Tensor] = None
 
     def add(self, positive: bool, timesteps: Tensor, values: Tensor, indices: Tensor) -> None:
         """Accumulate codes ``values/indices [rows, tokens, k]`` of rows with these ``timesteps [rows]``."""
@@ -84,17 +89,20 @@ class ConceptStats:
             idx = torch.as_tensor(list(ids), dtype=torch.long)
             out.sums[g] = self.sums.index_select(0, idx).sum(0)
             out.tokens[g] = self.tokens.index_select(0, idx).sum(0)
+        neg = torch.as_tensor(list(negative), dtype=torch.long)
+        out.negative_peak = (self.sums[neg] / self.tokens[neg].clamp_min(1)[..., None]).max(0).values
         return out
 
     def result(self, name: str, *, top_n: Optional[int] = None, quantile: Optional[float] = None,
                min_specificity: float = DEFAULT_MIN_SPECIFICITY, candidates: int = MAX_CANDIDATES,
-               info: Optional[dict[str, Any]] = None) -> "ConceptData":
+               info: Optional[dict[str, Any]] = None, peak_specificity: Optional[float] = None) -> "ConceptData":
         """Scores, selection, ``mu`` and thresholds per bucket (unobserved buckets copy the nearest).
 
         Candidates are the features with the highest score among those at least ``min_specificity``
-        specific, followed by the others (kept for inspection, never selected).
+        specific (and ``peak_specificity`` specific against the negative group where they are most
+        active, when given), followed by the others (kept for inspection, never selected).
         """
-        top_n = check_selection(top_n, quantile, candidates, min_specificity)
+        top_n = check_selection(top_n, quantile, candidates, min_specificity, peak_specificity)
         observed = (self.tokens[0] > 0) & (self.tokens[1] > 0)
         if not observed.any():
             raise ConfigError(f"concept {name!r}: no timestep saw both positive and negative prompts")
@@ -105,6 +113,9 @@ class ConceptStats:
         score = p_c - p_o
         specific = (mean[0] - mean[1]) >= min_specificity * (mean[0] + mean[1])
         usable = specific & (score > 0)  # a feature must also be more active with c
+        if peak_specificity is not None:
+            peak = self.negative_peak if self.negative_peak is not None else mean[1]
+            usable &= (mean[0] - peak) >= peak_specificity * (mean[0] + peak)
         pooled = self.sums.sum(0) / self.tokens.sum(0).clamp_min(1)[:, None]
         # Usable features rank first (score lies in [-1, 1], so +4 lifts them above all others).
         ids = (score + 4.0 * usable).topk(m, dim=-1).indices
@@ -120,6 +131,8 @@ class ConceptStats:
             raise ConfigError(
                 f"concept {name!r}: no SAE feature is more active with the concept than without it"
                 + (f" and at least {min_specificity} specific; lower min_specificity" if min_specificity else "")
+                + (f" (and at least {peak_specificity} against every negative prompt: lower peak_specificity)"
+                   if peak_specificity is not None else "")
                 + ", or give more (or more distinct) positive and negative prompts"
             )
         # Nearest observed bucket for every bucket.
@@ -131,15 +144,21 @@ class ConceptStats:
             mu=mean[0].gather(1, ids)[nearest].float(), threshold=pooled.gather(1, ids)[nearest].float(),
             n_selected=n_sel[nearest], observed=observed,
             info={**(info or {}), "selection": {"top_n": top_n, "quantile": quantile,
-                                                 "min_specificity": min_specificity}},
+                                                 "min_specificity": min_specificity,
+                                                 **({} if peak_specificity is None else
+                                                    {"peak_specificity": peak_specificity})}},
         )
 
 
 def check_selection(top_n: Optional[int], quantile: Optional[float], candidates: int = MAX_CANDIDATES,
-                    min_specificity: float = DEFAULT_MIN_SPECIFICITY) -> Optional[int]:
+                    min_specificity: float = DEFAULT_MIN_SPECIFICITY,
+                    peak_specificity: Optional[float] = None) -> Optional[int]:
     """Validate the feature selection; returns ``top_n`` (3 when neither is given)."""
     if not isinstance(min_specificity, (int, float)) or not 0.0 <= min_specificity < 1.0:
         raise ConfigError(f"min_specificity must be in [0, 1), e.g. 0.5, got {min_specificity!r}")
+    if peak_specificity is not None and (not isinstance(peak_specificity, (int, float))
+                                         or not 0.0 <= peak_specificity < 1.0):
+        raise ConfigError(f"peak_specificity must be in [0, 1) (or not given), e.g. 0.0, got {peak_specificity!r}")
     if top_n is not None and quantile is not None:
         raise ConfigError("select features with exactly one of top_n or quantile")
     if top_n is None and quantile is None:
@@ -292,7 +311,8 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
                   scheduler: Optional[str] = None, seeds: Sequence[int] = (0,), batch_size: int = 4,
                   top_n: Optional[int] = None, quantile: Optional[float] = None,
                   min_specificity: float = DEFAULT_MIN_SPECIFICITY, bucket_width: float = 20.0,
-                  height: Optional[int] = None, width: Optional[int] = None, progress: bool = True) -> ConceptData:
+                  height: Optional[int] = None, width: Optional[int] = None, progress: bool = True,
+                  peak_specificity: Optional[float] = None) -> ConceptData:
     """Generate ``positive`` and ``negative`` prompts, score the SAE's features and add the concept to ``sae``.
 
     Activations are read from the conditional half only (as SAeUron does).
@@ -300,7 +320,8 @@ def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], n
     return learn_concepts(pipe, sae, {name: (positive, negative)}, hook_point=hook_point, steps=steps,
                           guidance_scale=guidance_scale, scheduler=scheduler, seeds=seeds, batch_size=batch_size,
                           top_n=top_n, quantile=quantile, min_specificity=min_specificity,
-                          bucket_width=bucket_width, height=height, width=width, progress=progress)[0]
+                          bucket_width=bucket_width, height=height, width=width, progress=progress,
+                          peak_specificity=peak_specificity)[0]
 
 
 class PromptRecorder:
@@ -330,7 +351,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
                    top_n: Optional[int] = None, quantile: Optional[float] = None,
                    min_specificity: float = DEFAULT_MIN_SPECIFICITY, bucket_width: float = 20.0,
                    height: Optional[int] = None, width: Optional[int] = None,
-                   progress: bool = True) -> list[ConceptData]:
+                   progress: bool = True, peak_specificity: Optional[float] = None) -> list[ConceptData]:
     """Learn several concepts ``{name: (positive prompts, negative prompts)}`` from one generation pass.
 
     Every distinct prompt is generated once per seed, whatever the number of concepts using it;
@@ -350,7 +371,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
         cleaned[name] = (pos, neg)
     if steps < 1 or batch_size < 1 or not seeds:
         raise ConfigError("learn_concept: steps and batch_size must be >= 1 and at least one seed is needed")
-    check_selection(top_n, quantile, min_specificity=min_specificity)
+    check_selection(top_n, quantile, min_specificity=min_specificity, peak_specificity=peak_specificity)
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
@@ -384,7 +405,8 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
         info = {"positive": pos, "negative": neg, "hook_point": hook_point, "steps": steps,
                 "guidance_scale": guidance_scale, "scheduler": scheduler_name, "seeds": list(seeds),
                 "tokens": {"positive": float(merged.tokens[0].sum()), "negative": float(merged.tokens[1].sum())}}
-        learned.append(merged.result(name, top_n=top_n, quantile=quantile, min_specificity=min_specificity, info=info))
+        learned.append(merged.result(name, top_n=top_n, quantile=quantile, min_specificity=min_specificity, info=info,
+                                     peak_specificity=peak_specificity))
     for data in learned:
         add_concept(sae, data)
     return learned

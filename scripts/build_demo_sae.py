@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--learn-steps", type=int, default=25)
     p.add_argument("--top-n", type=int, default=3)
     p.add_argument("--min-specificity", type=float, default=None, help="default: the library's")
+    p.add_argument("--peak-specificity", type=float, default=None,
+                   help="also that specific against the negative prompt where a feature is most active")
     p.add_argument("--kinds", choices=["all", "object", "style"], default="all",
                    help="which concepts the library gets (an SAE on an object block learns only objects)")
     return p.parse_args()
@@ -83,7 +85,8 @@ def main() -> None:
             "--checkpoint-every", "500", "--log-every", "250")
     run("learn-concept", trained, "--library", lib, "--model", a.model, "--out", a.out, "--steps",
         str(a.learn_steps), "--guidance", "3.0", "--scheduler", "ddim", "--seeds", a.learn_seeds, "--batch-size", "64",
-        "--top-n", str(a.top_n), *(["--min-specificity", str(a.min_specificity)] if a.min_specificity is not None else []))
+        "--top-n", str(a.top_n), *(["--min-specificity", str(a.min_specificity)] if a.min_specificity is not None else []),
+        *(["--peak-specificity", str(a.peak_specificity)] if a.peak_specificity is not None else []))
     run("info", a.out)
 
 

@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--object", default="star")
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: four demo prompts)")
     p.add_argument("--ablate-strength", type=float, default=None,
-                   help="gamma = -strength (default: the evaluation's choice for each SAE's block)")
+                   help="gamma = -strength (default: the evaluation's choice for each concept)")
     p.add_argument("--replace-strength", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=3.0)
@@ -61,9 +61,10 @@ def main() -> None:
     saes = {a.style: [load_sae(a.style_sae)], a.object: [load_sae(p) for p in object_saes]}
     pipe = load_pipeline(a.model)
     clf = load_classifier(a.classifier)
-    # One strength per concept: that of its first SAE's block (the shipped object SAEs share theirs).
+    # Each concept's own strength where the validation sweep chose one, else that of its first SAE's block.
+    chosen = assets.concept_strengths()
     ablate = {c: a.ablate_strength if a.ablate_strength is not None else
-              assets.ABLATE_STRENGTH.get(s[0].config.hook_point, 10.0) for c, s in saes.items()}
+              chosen.get(c, assets.ABLATE_STRENGTH.get(s[0].config.hook_point, 10.0)) for c, s in saes.items()}
     prompts = a.prompt or [f"a {a.object} in {a.style} style", f"a circle in {a.style} style",
                            f"a {a.object} in polka dots style", "a heart in solid style"]
     columns = [("original", None, None, 0.0)]

@@ -25,13 +25,11 @@ STEPS, CFG = 25, 3.0
 STYLE_METHOD = "ablate"                # the better style method on the validation sweep (EVALUATION.md)
 
 
-def ablate_strength(sae_file: str) -> float:
-    """The evaluation's ablation strength for the shipped SAE behind ``sae_file`` (EVALUATION.md)."""
+def ablate_strength(concept: str) -> float:
+    """The ablation strength the validation sweep chose for a shipped concept (EVALUATION.md)."""
     from saeuron_core.demo import assets
 
-    hook = {OBJECT_SAE: "down_blocks.2.attentions.1", OBJECT_MID_SAE: "mid_block.attentions.0",
-            STYLE_SAE: "up_blocks.1.attentions.2"}[sae_file]
-    return assets.ABLATE_STRENGTH[hook]
+    return assets.concept_strengths()[concept]
 
 
 def base(prompt: str, sae: str = SAE) -> dict:
@@ -65,7 +63,7 @@ def eraser(concepts: str, method: str, strength: float, model: list | None = Non
 
 def erase(name: str, prompt: str, concept: str, sae: str, method: str) -> dict:
     g = base(prompt, sae)
-    g["6"] = eraser(concept, method, ablate_strength(sae) if method == "ablate" else 1.0)
+    g["6"] = eraser(concept, method, ablate_strength(concept) if method == "ablate" else 1.0)
     sample(g, 10, ["1", 0], f"saeuron/{name}_before")
     sample(g, 20, ["6", 0], f"saeuron/{name}_after")
     return g
@@ -77,12 +75,12 @@ def erase_object(name: str, style: bool) -> dict:
     Each eraser patches a copy of the MODEL it gets, so chained erasers stack their edits."""
     g = base(f"a {OBJECT} in {STYLE} style", OBJECT_SAE)
     g["8"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": OBJECT_MID_SAE}}
-    g["6"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT_SAE))
-    g["7"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT_MID_SAE), model=["6", 0], sae=["8", 0])
+    g["6"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT))
+    g["7"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT), model=["6", 0], sae=["8", 0])
     last = "7"
     if style:
         g["9"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": STYLE_SAE}}
-        g["30"] = eraser(STYLE, STYLE_METHOD, ablate_strength(STYLE_SAE) if STYLE_METHOD == "ablate" else 1.0,
+        g["30"] = eraser(STYLE, STYLE_METHOD, ablate_strength(STYLE) if STYLE_METHOD == "ablate" else 1.0,
                          model=["7", 0], sae=["9", 0])
         last = "30"
     sample(g, 10, ["1", 0], f"saeuron/{name}_before")
@@ -92,7 +90,7 @@ def erase_object(name: str, style: bool) -> dict:
 
 def compare() -> dict:
     g = base(f"a {OBJECT} in {STYLE} style", STYLE_SAE)
-    g["6"] = eraser(STYLE, "ablate", ablate_strength(STYLE_SAE))
+    g["6"] = eraser(STYLE, "ablate", ablate_strength(STYLE))
     g["7"] = eraser(STYLE, "replace", 1.0)
     sample(g, 10, ["1", 0], "saeuron/compare_original")
     sample(g, 20, ["6", 0], "saeuron/compare_ablate")

@@ -3,12 +3,18 @@
 Runs feature ablation at several strengths and detect-and-replace with several replacement
 sources and mask dilations on a few objects and styles, and prints UA / IRA / CRA and the artifact
 measures for each setting (averaged over the concepts of each kind) as a Markdown table.
+
+With ``--per-concept-out FILE`` it also picks, for every concept, the ablation strength with the best
+mean of UA, IRA and CRA (SAeUron picks a multiplier per object class on validation prompts the same
+way) and writes them as JSON ``{concept: strength}``, the file ``saeuron eval --ablate-strengths``
+and the demo read.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -32,13 +38,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--end", type=float, default=1.0, help="erase only until this fraction of the denoising")
     p.add_argument("--replace", default="sample:0,sample:1,uncond:0",
                    help="SOURCE:DILATION[:THRESHOLD_SCALE] settings ('' for none)")
+    p.add_argument("--per-concept-out", default=None,
+                   help="write the best ablation strength of each concept (JSON) and print the per-concept table")
     return p.parse_args()
 
 
 def main() -> None:
     a = parse_args()
     from saeuron_core.demo.classifier import load_classifier
-    from saeuron_core.evaluation import METRIC_KEYS, EvalSettings, Evaluator, mean_metrics
+    from saeuron_core.evaluation import METRIC_KEYS, EvalSettings, Evaluator, best_strengths, mean_metrics
     from saeuron_core.formats import load_sae
     from saeuron_core.pipelines import load_pipeline
 
@@ -60,15 +68,30 @@ def main() -> None:
           f"erasing until {base.end:g} of the denoising")
     print("\n| method | setting | kind | UA | IRA | CRA | retained conf. | act. shift |")
     print("|---|---|---|---|---|---|---|---|")
+    by_strength: dict[float, list[dict]] = {}
     for method, label, change in variants:
         ev.settings = dataclasses.replace(base, **change)
         rows = []
         for c in concepts:
-            rows.append({"kind": ev.grid.kind_of(c)[0], **ev.concept_metrics(ev.run(method, [c]), c, clean)})
+            rows.append({"concept": c, "kind": ev.grid.kind_of(c)[0],
+                         **ev.concept_metrics(ev.run(method, [c]), c, clean)})
+        if method == "ablate":
+            by_strength[change["ablate_strength"]] = rows
         for kind in sorted({r["kind"] for r in rows}, reverse=True):
             m = mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)
             print(f"| {method} | {label} | {kind} | {100 * m['UA']:.1f} | {100 * m['IRA']:.1f} | {100 * m['CRA']:.1f} | "
                   f"{100 * m['retained_confidence']:.1f} | {m['activation_shift']:.2f} |", flush=True)
+    if a.per_concept_out:
+        chosen = best_strengths(by_strength)
+        print("\n| concept | kind | " + " | ".join(f"ablate {s:g}: UA / IRA / CRA" for s in by_strength) + " | chosen |")
+        print("|---|---|" + "---|" * len(by_strength) + "---|")
+        for i, c in enumerate(concepts):
+            cells = [" / ".join(f"{100 * rows[i][k]:.1f}" for k in ("UA", "IRA", "CRA")) for rows in by_strength.values()]
+            print(f"| {c} | {ev.grid.kind_of(c)[0]} | " + " | ".join(cells) + f" | {chosen[c]:g} |")
+        with open(a.per_concept_out, "w") as f:
+            json.dump(chosen, f, indent=1)
+            f.write("\n")
+        print(f"wrote {a.per_concept_out}")
     print(f"\n{time.time() - t0:.0f} s")
 
 

@@ -192,7 +192,7 @@ def test_user_errors_exit_2_with_one_line(capsys, learned):
     assert_user_error(*run_cli(capsys, "learn-concept", f / "s.safetensors", "--concept", "x", "--positive", f / "pos.txt",
                                "--negative", f / "neg.txt", "--model", "tiny", "--top-n", "2", "--quantile", "0.9")[::2],
                       "not allowed with argument")
-    for bad in (["--top-n", "0"], ["--quantile", "1.5"], ["--min-specificity", "1"]):
+    for bad in (["--top-n", "0"], ["--quantile", "1.5"], ["--min-specificity", "1"], ["--peak-specificity", "-0.5"]):
         assert_user_error(*run_cli(capsys, "learn-concept", f / "s.safetensors", "--concept", "x", "--positive",
                                    f / "pos.txt", "--negative", f / "neg.txt", "--model", "tiny", *bad)[::2],
                           "must be")
@@ -347,6 +347,11 @@ def test_learn_concept_library_learns_several_from_one_file(capsys, files):
     sae = load_sae(files / "s.safetensors")
     assert concept_names(sae) == ["cat", "dog"]
     assert get_concept(sae, "dog").info["positive"] == ["a dog"]
+    # Specificity against each negative prompt as well: recorded with the concept.
+    code, out, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--library", files / "lib.json",
+                             "--model", "tiny", "--steps", STEPS, "--min-specificity", "0", "--peak-specificity", "0")
+    assert code == 0, err
+    assert get_concept(load_sae(files / "s.safetensors"), "cat").info["selection"]["peak_specificity"] == 0.0
 
 
 @pytest.mark.parametrize("content, extra, message", [

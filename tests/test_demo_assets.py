@@ -79,3 +79,22 @@ def test_eval_refuses_block_strengths_it_cannot_use(capsys):
     assert code == 2 and "--ablate-strength-at takes HOOK_POINT=STRENGTH, got 'up_blocks.1.attentions.2'" in err
     code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strength-at", "up_blocks.1.attentions.0=3")
     assert code == 2 and "an ablate strength is set for up_blocks.1.attentions.0 but no SAE hooks it" in err
+
+
+def test_eval_refuses_bad_concept_strength_files(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"star": "strong"}')
+    code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strengths", str(bad))
+    assert code == 2 and "must hold an object {concept: strength} with numbers" in err
+    bad.write_text("{star: 3")
+    code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strengths", str(bad))
+    assert code == 2 and "is not JSON" in err
+    code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strengths", str(tmp_path / "missing.json"))
+    assert code == 2 and "cannot read" in err
+
+
+def test_shipped_concept_strengths_cover_every_concept():
+    from saeuron_core.demo.assets import concept_strengths
+
+    chosen = concept_strengths()
+    assert sorted(chosen) == sorted(OBJECTS + STYLES) and all(0 < v <= 100 for v in chosen.values())

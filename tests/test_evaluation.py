@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saeuron_core.errors import ConfigError
-from saeuron_core.evaluation import EvalSettings, Evaluator, RunOutput, demo_grid, format_report, mean_metrics
+from saeuron_core.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, demo_grid, format_report,
+                                     mean_metrics)
 from saeuron_core.sae import SAEConfig, TopKSAE
 
 
@@ -145,3 +146,33 @@ def test_two_saes_on_two_blocks_split_the_concepts() -> None:
     clean = RunOutput(out.images, lo, ls, po, ps, {hp: zeros for hp in acts}, {hp: ones for hp in acts}, 0.0)
     assert ev.activation_shift(out, clean, "noise") == pytest.approx(3.0)
     assert ev.activation_shift(out, clean, "star") == pytest.approx(0.0)
+
+
+def test_concept_strengths_win_over_block_strengths() -> None:
+    objects = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="down_blocks.2.attentions.1")),
+                             ["star", "heart"])
+    styles = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="up_blocks.1.attentions.2")),
+                            ["stripes"])
+    settings = EvalSettings(ablate_strength=10.0, ablate_strength_at={"up_blocks.1.attentions.2": 2.0},
+                            ablate_strength_of={"star": 5.0})
+    ev = Evaluator(None, [objects, styles], None, settings)
+    erasers = ev._erasers("ablate", ["star", "heart", "stripes"])
+    assert erasers["down_blocks.2.attentions.1"].strengths == {"star": 5.0, "heart": 10.0}
+    assert erasers["up_blocks.1.attentions.2"].strengths == {"stripes": 2.0}
+    with pytest.raises(ConfigError, match="an ablate strength is set for 'circle' but no SAE's concept library has it"):
+        Evaluator(None, [objects, styles], None, EvalSettings(ablate_strength_of={"circle": 3.0}))
+    with pytest.raises(ConfigError, match="strength for 'star'"):
+        Evaluator(None, [objects], None, EvalSettings(ablate_strength_of={"star": -1.0}))._erasers("ablate", ["star"])
+
+
+def test_best_strength_per_concept_from_a_sweep() -> None:
+    def row(concept, ua, ira, cra):
+        return {"concept": concept, "UA": ua, "IRA": ira, "CRA": cra}
+
+    sweep = {10.0: [row("star", 1.0, 0.6, 0.6), row("noise", 0.5, 1.0, 1.0)],
+             2.0: [row("star", 0.5, 1.0, 1.0), row("noise", 0.5, 1.0, 1.0)],
+             5.0: [row("star", 1.0, 0.9, 0.9), row("noise", 0.0, 1.0, 1.0)]}
+    # star: the best mean of UA, IRA and CRA (5); noise: a tie between 2 and 10 goes to the lower strength.
+    assert best_strengths(sweep) == {"star": 5.0, "noise": 2.0}
+    with pytest.raises(ConfigError, match="one or more strengths"):
+        best_strengths({})

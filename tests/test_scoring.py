@@ -61,6 +61,29 @@ def test_min_specificity_drops_strong_features_that_also_fire_without_the_concep
     assert same.result("c", min_specificity=0.1).features_at(999.0) == [1]
 
 
+def test_peak_specificity_drops_features_a_sibling_concept_shares():
+    """Feature 1 fires on the concept and on one of four negative prompts (a sibling, like ring for circle):
+    pooled over all negatives it looks specific; against that one prompt it is not."""
+    stats = ConceptStats(8, bucket_width=100, max_timestep=1000, n_groups=5)
+    t = torch.tensor([950.0])
+    stats.add_groups(torch.tensor([0]), t, *codes(1, 4, [(1, 4.0), (3, 1.0)]))   # the concept
+    stats.add_groups(torch.tensor([1]), t, *codes(1, 4, [(1, 4.0), (6, 1.0)]))   # its sibling
+    for g in (2, 3, 4):
+        stats.add_groups(torch.tensor([g]), t, *codes(1, 4, [(6, 1.0), (7, 1.0)]))
+    merged = stats.merge([0], [1, 2, 3, 4])
+    # Pooled: feature 1 has mean 4 vs 1, specificity .6 (selected); against the sibling 4 vs 4, specificity 0.
+    assert sorted(merged.result("c", top_n=2).features_at(999.0)) == [1, 3]
+    peak = merged.result("c", top_n=2, peak_specificity=0.2)
+    assert peak.features_at(999.0) == [3] and peak.info["selection"]["peak_specificity"] == 0.2
+    with pytest.raises(ConfigError, match="peak_specificity must be in"):
+        merged.result("c", peak_specificity=1.5)
+    # A two-group table has one negative group: the peak is its mean, the same as the pooled criterion.
+    two = ConceptStats(8, bucket_width=100, max_timestep=1000)
+    two.add(True, t, *codes(1, 4, [(1, 4.0), (3, 1.0)]))
+    two.add(False, t, *codes(1, 4, [(1, 4.0), (6, 1.0)]))
+    assert two.result("c", top_n=2, min_specificity=0.0, peak_specificity=0.2).features_at(999.0) == [3]
+
+
 def test_quantile_selection_and_memory_is_flat():
     stats = ConceptStats(1000, bucket_width=20, max_timestep=1000)
     size = stats.sums.numel()

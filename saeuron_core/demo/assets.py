@@ -2,12 +2,14 @@
 
 Objects and styles are erased at different blocks of the demo UNet, as SAeUron hooks one block
 of SD for objects and another for styles: each demo SAE's library holds one kind of concept.
-Objects enter the UNet at two layers, so two object SAEs erase them together. The strengths were
-chosen on validation seed 500 (``scripts/sweep_demo_eval.py``; EVALUATION.md).
+Objects enter the UNet at two layers, so two object SAEs erase them together. The strengths, one
+per block and one per concept, were chosen on validation seed 500 (``scripts/sweep_demo_eval.py``;
+EVALUATION.md).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[2] / "demo_assets"
@@ -17,5 +19,13 @@ STYLE_SAE = "sae-styles.safetensors"            # up_blocks.1.attentions.2: wher
 OBJECT_SAES = (OBJECT_SAE, OBJECT_MID_SAE)
 SAES = (*OBJECT_SAES, STYLE_SAE)  # what the evaluation uses: every SAE with a concept erases it
 ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, every object and style
+# One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind.
 ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 10.0, "mid_block.attentions.0": 10.0,
-                   "up_blocks.1.attentions.2": 3.0}
+                   "up_blocks.1.attentions.2": 2.0}
+CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
+
+
+def concept_strengths() -> dict[str, float]:
+    """The ablation strength chosen for each shipped concept on the validation seed."""
+    with open(ASSETS / CONCEPT_STRENGTHS) as f:
+        return {str(k): float(v) for k, v in json.load(f).items()}
