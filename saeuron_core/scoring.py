@@ -82,15 +82,23 @@ class ConceptStats:
         self.sums.view(-1, self.n_latents).index_add_(0, cell, per_row)
         self.tokens.view(-1).index_add_(0, cell, torch.full((rows,), float(values.shape[1]), dtype=torch.float64))
 
-    def merge(self, positive: Sequence[int], negative: Sequence[int]) -> "ConceptStats":
-        """The two-group (with / without the concept) table summed from these groups."""
+    def merge(self, positive: Sequence[int], negative: Sequence[int], *, peak: bool = False) -> "ConceptStats":
+        """The two-group (with / without the concept) table summed from these groups.
+
+        With ``peak`` it also keeps, per bucket and feature, the largest mean activation of any one
+        negative group (``negative_peak``, for ``result(peak_specificity=...)``).
+        """
         out = ConceptStats(self.n_latents, bucket_width=self.bucket_width, max_timestep=self.max_timestep)
         for g, ids in enumerate((positive, negative)):
             idx = torch.as_tensor(list(ids), dtype=torch.long)
             out.sums[g] = self.sums.index_select(0, idx).sum(0)
             out.tokens[g] = self.tokens.index_select(0, idx).sum(0)
-        neg = torch.as_tensor(list(negative), dtype=torch.long)
-        out.negative_peak = (self.sums[neg] / self.tokens[neg].clamp_min(1)[..., None]).max(0).values
+        if peak:
+            # A running max: one [buckets, latents] table at a time, whatever the number of negative prompts.
+            out.negative_peak = torch.zeros(self.n_buckets, self.n_latents, dtype=torch.float64)
+            for g in negative:
+                torch.maximum(out.negative_peak, self.sums[g] / self.tokens[g].clamp_min(1)[:, None],
+                              out=out.negative_peak)
         return out
 
     def result(self, name: str, *, top_n: Optional[int] = None, quantile: Optional[float] = None,
@@ -114,6 +122,7 @@ class ConceptStats:
         specific = (mean[0] - mean[1]) >= min_specificity * (mean[0] + mean[1])
         usable = specific & (score > 0)  # a feature must also be more active with c
         if peak_specificity is not None:
+            # Without per-group peaks (a two-group table) the pooled negative mean is the only one.
             peak = self.negative_peak if self.negative_peak is not None else mean[1]
             usable &= (mean[0] - peak) >= peak_specificity * (mean[0] + peak)
         pooled = self.sums.sum(0) / self.tokens.sum(0).clamp_min(1)[:, None]
@@ -401,7 +410,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
         pipe.scheduler = old_scheduler
     learned = []
     for name, (pos, neg) in cleaned.items():
-        merged = stats.merge([group[p] for p in pos], [group[p] for p in neg])
+        merged = stats.merge([group[p] for p in pos], [group[p] for p in neg], peak=peak_specificity is not None)
         info = {"positive": pos, "negative": neg, "hook_point": hook_point, "steps": steps,
                 "guidance_scale": guidance_scale, "scheduler": scheduler_name, "seeds": list(seeds),
                 "tokens": {"positive": float(merged.tokens[0].sum()), "negative": float(merged.tokens[1].sum())}}

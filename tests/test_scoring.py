@@ -70,7 +70,8 @@ def test_peak_specificity_drops_features_a_sibling_concept_shares():
     stats.add_groups(torch.tensor([1]), t, *codes(1, 4, [(1, 4.0), (6, 1.0)]))   # its sibling
     for g in (2, 3, 4):
         stats.add_groups(torch.tensor([g]), t, *codes(1, 4, [(6, 1.0), (7, 1.0)]))
-    merged = stats.merge([0], [1, 2, 3, 4])
+    merged = stats.merge([0], [1, 2, 3, 4], peak=True)
+    assert stats.merge([0], [1, 2, 3, 4]).negative_peak is None  # only kept when asked for
     # Pooled: feature 1 has mean 4 vs 1, specificity .6 (selected); against the sibling 4 vs 4, specificity 0.
     assert sorted(merged.result("c", top_n=2).features_at(999.0)) == [1, 3]
     peak = merged.result("c", top_n=2, peak_specificity=0.2)
