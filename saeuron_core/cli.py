@@ -550,17 +550,12 @@ def _concept_strengths(path: Optional[str], shipped: bool) -> dict[str, float]:
         path = str(assets.ASSETS / assets.CONCEPT_STRENGTHS) if shipped else ""
     if not path:
         return {}
+    from .evaluation import load_concept_strengths
+
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"--ablate-strengths: cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(f"--ablate-strengths: {path} is not JSON ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                             for v in data.values()):
-        raise ConfigError(f"--ablate-strengths: {path} must hold an object {{concept: strength}} with numbers")
-    return {str(k): float(v) for k, v in data.items()}
+        return load_concept_strengths(path)
+    except ConfigError as e:
+        raise ConfigError(f"--ablate-strengths: {e}") from None
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:

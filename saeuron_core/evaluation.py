@@ -239,8 +239,9 @@ class Evaluator:
                     hooks.enter_context(pipeline_hook(self.pipe, hp, observer(hp)))
                 for begin in range(0, len(work), s.batch_size):
                     chunk = work[begin:begin + s.batch_size]
+                    groups = torch.tensor([i for i, _ in chunk], dtype=torch.long)
                     for st in stats.values():
-                        st.groups = torch.tensor([i for i, _ in chunk], dtype=torch.long)
+                        st.groups = groups
                     out = generate(self.pipe, [prompts[i] for i, _ in chunk], [seed for _, seed in chunk],
                                    steps=steps or s.steps, guidance_scale=s.guidance, output_type="latent",
                                    negative_prompt=[negative] * len(chunk) if negative else None)
@@ -355,6 +356,21 @@ def best_strengths(by_strength: dict[float, Sequence[dict[str, Any]]]) -> dict[s
             if row["concept"] not in best or value > best[row["concept"]][0] + 1e-9:
                 best[row["concept"]] = (value, float(strength))
     return {c: s for c, (_, s) in best.items()}
+
+
+def load_concept_strengths(path: str) -> dict[str, float]:
+    """A JSON file ``{concept: strength}`` (as ``sweep_demo_eval.py --per-concept-out`` writes), checked."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in data.values()):
+        raise ConfigError(f"{path} must hold an object {{concept: strength}} with numbers")
+    return {str(k): float(v) for k, v in data.items()}
 
 
 def summary_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -71,10 +71,7 @@ def main() -> None:
     by_strength: dict[float, list[dict]] = {}
     for method, label, change in variants:
         ev.settings = dataclasses.replace(base, **change)
-        rows = []
-        for c in concepts:
-            rows.append({"concept": c, "kind": ev.grid.kind_of(c)[0],
-                         **ev.concept_metrics(ev.run(method, [c]), c, clean)})
+        rows = ev.per_concept(method, concepts, clean)
         if method == "ablate":
             by_strength[change["ablate_strength"]] = rows
         for kind in sorted({r["kind"] for r in rows}, reverse=True):

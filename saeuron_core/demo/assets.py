@@ -9,7 +9,6 @@ EVALUATION.md).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[2] / "demo_assets"
@@ -27,5 +26,6 @@ CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best 
 
 def concept_strengths() -> dict[str, float]:
     """The ablation strength chosen for each shipped concept on the validation seed."""
-    with open(ASSETS / CONCEPT_STRENGTHS) as f:
-        return {str(k): float(v) for k, v in json.load(f).items()}
+    from ..evaluation import load_concept_strengths
+
+    return load_concept_strengths(str(ASSETS / CONCEPT_STRENGTHS))
