@@ -590,7 +590,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         at = dict(assets.ABLATE_STRENGTH)
     of = _concept_strengths(a.ablate_strengths, shipped)
     settings = EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
-                            ablate_strength=10.0 if a.ablate_strength is None else a.ablate_strength,
+                            ablate_strength=EvalSettings.ablate_strength if a.ablate_strength is None else a.ablate_strength,
                             ablate_strength_at=at, ablate_strength_of=of, replace_strength=a.replace_strength,
                             start=start, end=end,
                             replace_source=a.replace_source, dilation=a.dilation, threshold_scale=a.threshold_scale,

@@ -62,6 +62,10 @@ class EvalSettings:
     end: float = 1.0
     batch_size: int = 64
 
+    def strength_for(self, concept: str, hook_point: str) -> float:
+        """Ablation strength of ``concept`` at ``hook_point``: its own if chosen, else that block's, else the common one."""
+        return self.ablate_strength_of.get(concept, self.ablate_strength_at.get(hook_point, self.ablate_strength))
+
 
 @dataclass
 class Grid:
@@ -173,7 +177,7 @@ class Evaluator:
 
     def concept_strength(self, concept: str, i: int) -> float:
         """Ablation strength of ``concept`` at the ``i``-th SAE: its own if chosen, else that SAE's."""
-        return self.settings.ablate_strength_of.get(concept, self.ablate_strength(i))
+        return self.settings.strength_for(concept, self.hook_points[i])
 
     def hook_point_of(self, concept: str) -> str:
         """Where the activation shift of ``concept`` is read: the first block that erases it (else the first SAE's)."""
@@ -341,17 +345,24 @@ def mean_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[st
 METRIC_KEYS = ("UA", "IRA", "CRA", "retained_confidence", "activation_shift")
 
 
-def best_strengths(by_strength: dict[float, Sequence[dict[str, Any]]]) -> dict[str, float]:
+def best_strengths(by_strength: dict[float, Sequence[dict[str, Any]]], min_retained: float = 0.0) -> dict[str, float]:
     """Per concept, the strength whose run has the best mean of UA, IRA and CRA (the lower one on ties).
 
-    ``by_strength`` maps a strength to per-concept rows (``concept``, ``UA``, ``IRA``, ``CRA``), as a
-    validation sweep measures them; SAeUron picks a multiplier per object class the same way.
+    ``by_strength`` maps a strength to per-concept rows (``concept``, ``UA``, ``IRA``, ``CRA``,
+    ``retained_confidence``), as a validation sweep measures them; SAeUron picks a multiplier per object
+    class the same way. With ``min_retained`` > 0 a strength only counts for a concept if the classifier's
+    confidence in the retained label of its images stays at least that high: a strength that "erases" by
+    wrecking the picture wins UA but not this. The lowest strength stays eligible whatever its confidence.
     """
     if not by_strength:
         raise ConfigError("choosing strengths needs runs at one or more strengths")
+    if not 0.0 <= min_retained <= 1.0:
+        raise ConfigError(f"the retained-confidence floor is a share in [0, 1], got {min_retained}")
     best: dict[str, tuple[float, float]] = {}
     for strength in sorted(by_strength):
         for row in by_strength[strength]:
+            if row["concept"] in best and row.get("retained_confidence", 1.0) < min_retained:
+                continue
             value = (row["UA"] + row["IRA"] + row["CRA"]) / 3
             if row["concept"] not in best or value > best[row["concept"]][0] + 1e-9:
                 best[row["concept"]] = (value, float(strength))
@@ -449,16 +460,19 @@ def _summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]
 def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a report from :func:`evaluate`."""
     s = report["settings"]
-    lines = [f"Seeds {s['seeds']}, {s['steps']} {s['scheduler']} steps, CFG {s['guidance']}, ablate strength "
-             f"{s['ablate_strength']}, replace strength {s['replace_strength']} (source {s.get('replace_source')}, "
-             f"dilation {s.get('dilation')}, threshold x{s.get('threshold_scale')}); clean accuracy object "
+    per_sae = len(report.get("saes", [])) > 1 or bool(s.get("ablate_strength_at"))
+    # the common strength is only worth a mention when no per-SAE line below gives the ones used
+    common = "" if per_sae else f"ablate strength {s['ablate_strength']}, "
+    lines = [f"Seeds {s['seeds']}, {s['steps']} {s['scheduler']} steps, CFG {s['guidance']}, {common}replace strength "
+             f"{s['replace_strength']} (source {s.get('replace_source')}, dilation {s.get('dilation')}, "
+             f"threshold x{s.get('threshold_scale')}); clean accuracy object "
              f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
     if (s.get("start", 0.0), s.get("end", 1.0)) != (0.0, 1.0):
         lines += [f"The SAE methods act from {s['start']:g} to {s['end']:g} of the denoising.", ""]
     if s.get("ablate_strength_of"):
         lines += ["Ablation strength per concept (chosen on validation): " + ", ".join(
             f"{c} {v:g}" for c, v in s["ablate_strength_of"].items()) + ".", ""]
-    if len(report.get("saes", [])) > 1 or s.get("ablate_strength_at"):
+    if per_sae:
         lines += ["SAEs: " + "; ".join(f"{e['hook_point']} for {', '.join(e['concepts']) or 'nothing'} (ablate "
                                        f"strength {e['ablate_strength']:g})" for e in report["saes"]) + ".", ""]
     lines += _summary_table(report["summary"])

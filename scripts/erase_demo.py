@@ -1,7 +1,7 @@
 """The main demo: erase one style and one object from the shipped demo model with both methods.
 
-The style is erased with the style SAE and the object with the two object SAEs (each hooks a block
-where its kind of concept enters the UNet), at the ablation strengths the evaluation chose.
+Each concept is erased by every shipped SAE whose library has it (each SAE hooks a block where its
+kind of concept enters the UNet), at the ablation strengths the evaluation chose.
 
 Writes a grid PNG: one row per prompt; columns are the original generation, the style erased by
 feature ablation and by detect-and-replace, and the object erased by both. Every image uses the
@@ -28,9 +28,9 @@ from saeuron_core.demo import assets  # noqa: E402
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(assets.ASSETS / "model"))
-    p.add_argument("--style-sae", default=str(assets.ASSETS / assets.STYLE_SAE))
-    p.add_argument("--object-sae", action="append", default=None,
-                   help="repeatable (default: the shipped object SAEs on down_blocks.2 and mid_block)")
+    p.add_argument("--sae", action="append", default=None,
+                   help="repeatable: SAEs on different blocks, each erases the concepts its library has "
+                        "(default: the shipped ones, as the evaluation uses them)")
     p.add_argument("--classifier", default=str(assets.ASSETS / "classifier"))
     p.add_argument("--style", default="stripes")
     p.add_argument("--object", default="star")
@@ -52,19 +52,25 @@ def main() -> None:
 
     from saeuron_core.demo.classifier import load_classifier, predict
     from saeuron_core.demo.dataset import OBJECTS, STYLES
+    from saeuron_core.evaluation import EvalSettings
     from saeuron_core.formats import load_sae
     from saeuron_core.inspection import compare_erasure, image_grid, save_png
     from saeuron_core.pipelines import load_pipeline
+    from saeuron_core.scoring import concept_names
 
     t0 = time.time()
-    object_saes = a.object_sae or [str(assets.ASSETS / name) for name in assets.OBJECT_SAES]
-    saes = {a.style: [load_sae(a.style_sae)], a.object: [load_sae(p) for p in object_saes]}
+    loaded = [load_sae(p) for p in (a.sae or [str(assets.ASSETS / name) for name in assets.SAES])]
+    saes = {c: [s for s in loaded if c in concept_names(s)] for c in (a.style, a.object)}
+    for c, found in saes.items():
+        if not found:
+            known = sorted({n for s in loaded for n in concept_names(s)})
+            raise SystemExit(f"no SAE's concept library has {c!r}; they have: {', '.join(known)}")
     pipe = load_pipeline(a.model)
     clf = load_classifier(a.classifier)
     # Each concept's own strength where the validation sweep chose one, else that of its first SAE's block.
-    chosen = assets.concept_strengths()
-    ablate = {c: a.ablate_strength if a.ablate_strength is not None else
-              chosen.get(c, assets.ABLATE_STRENGTH.get(s[0].config.hook_point, 10.0)) for c, s in saes.items()}
+    shipped = EvalSettings(ablate_strength_at=dict(assets.ABLATE_STRENGTH), ablate_strength_of=assets.concept_strengths())
+    ablate = {c: a.ablate_strength if a.ablate_strength is not None else shipped.strength_for(c, s[0].config.hook_point)
+              for c, s in saes.items()}
     prompts = a.prompt or [f"a {a.object} in {a.style} style", f"a circle in {a.style} style",
                            f"a {a.object} in polka dots style", "a heart in solid style"]
     columns = [("original", None, None, 0.0)]

@@ -40,13 +40,19 @@ def parse_args() -> argparse.Namespace:
                    help="SOURCE:DILATION[:THRESHOLD_SCALE] settings ('' for none)")
     p.add_argument("--per-concept-out", default=None,
                    help="write the best ablation strength of each concept (JSON) and print the per-concept table")
+    p.add_argument("--min-retained-confidence", type=float, default=0.0,
+                   help="with --per-concept-out: only pick strengths at which the classifier's confidence in the "
+                        "retained label stays at least this high (0-1; 0: the best mean of UA, IRA and CRA)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the concepts of an existing --per-concept-out file that this sweep does not run")
     return p.parse_args()
 
 
 def main() -> None:
     a = parse_args()
     from saeuron_core.demo.classifier import load_classifier
-    from saeuron_core.evaluation import METRIC_KEYS, EvalSettings, Evaluator, best_strengths, mean_metrics
+    from saeuron_core.evaluation import (METRIC_KEYS, EvalSettings, Evaluator, best_strengths, load_concept_strengths,
+                                         mean_metrics)
     from saeuron_core.formats import load_sae
     from saeuron_core.pipelines import load_pipeline
 
@@ -79,12 +85,16 @@ def main() -> None:
             print(f"| {method} | {label} | {kind} | {100 * m['UA']:.1f} | {100 * m['IRA']:.1f} | {100 * m['CRA']:.1f} | "
                   f"{100 * m['retained_confidence']:.1f} | {m['activation_shift']:.2f} |", flush=True)
     if a.per_concept_out:
-        chosen = best_strengths(by_strength)
-        print("\n| concept | kind | " + " | ".join(f"ablate {s:g}: UA / IRA / CRA" for s in by_strength) + " | chosen |")
+        chosen = best_strengths(by_strength, a.min_retained_confidence)
+        print("\n| concept | kind | " + " | ".join(f"ablate {s:g}: UA / IRA / CRA / retained conf." for s in by_strength)
+              + " | chosen |")
         print("|---|---|" + "---|" * len(by_strength) + "---|")
         for i, c in enumerate(concepts):
-            cells = [" / ".join(f"{100 * rows[i][k]:.1f}" for k in ("UA", "IRA", "CRA")) for rows in by_strength.values()]
+            cells = [" / ".join(f"{100 * rows[i][k]:.1f}" for k in ("UA", "IRA", "CRA", "retained_confidence"))
+                     for rows in by_strength.values()]
             print(f"| {c} | {ev.grid.kind_of(c)[0]} | " + " | ".join(cells) + f" | {chosen[c]:g} |")
+        if a.merge and os.path.exists(a.per_concept_out):
+            chosen = {**load_concept_strengths(a.per_concept_out), **chosen}
         with open(a.per_concept_out, "w") as f:
             json.dump(chosen, f, indent=1)
             f.write("\n")

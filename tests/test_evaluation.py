@@ -83,6 +83,20 @@ def test_multi_concept_metrics_and_report_text() -> None:
                                                "activation_shift": 0.5}}}, "seconds": 3.0}
     text = format_report(report)
     assert "| ablate | style | 90.0 | 80.0 | 70.0 | 60.0 | 0.50 |" in text
+    assert "ablate strength 10.0, replace strength" in text  # one SAE, no block strengths: the common one is used
+    per_block = {**report, "settings": {**vars(ev.settings), "ablate_strength_at": {"up_blocks.1.attentions.1": 3.0}},
+                 "saes": [{"hook_point": "up_blocks.1.attentions.1", "concepts": ["stripes"], "ablate_strength": 3.0}]}
+    text = format_report(per_block)
+    assert "ablate strength 10.0" not in text  # not used: the SAEs line says what is
+    assert "SAEs: up_blocks.1.attentions.1 for stripes (ablate strength 3)." in text
+
+
+def test_strength_for_prefers_the_concept_then_the_block() -> None:
+    s = EvalSettings(ablate_strength=10.0, ablate_strength_at={"mid_block.attentions.0": 4.0},
+                     ablate_strength_of={"star": 2.0})
+    assert s.strength_for("star", "mid_block.attentions.0") == 2.0
+    assert s.strength_for("heart", "mid_block.attentions.0") == 4.0
+    assert s.strength_for("heart", "up_blocks.1.attentions.2") == 10.0
 
 
 def test_unknown_concepts_and_methods_are_refused() -> None:
@@ -176,3 +190,16 @@ def test_best_strength_per_concept_from_a_sweep() -> None:
     assert best_strengths(sweep) == {"star": 5.0, "noise": 2.0}
     with pytest.raises(ConfigError, match="one or more strengths"):
         best_strengths({})
+
+
+def test_best_strength_can_require_the_retained_label_to_survive() -> None:
+    def row(ua, conf):
+        return {"concept": "outline", "UA": ua, "IRA": 0.9, "CRA": 0.9, "retained_confidence": conf}
+
+    sweep = {5.0: [row(0.1, 0.99)], 10.0: [row(0.4, 0.8)], 40.0: [row(1.0, 0.12)]}
+    assert best_strengths(sweep) == {"outline": 40.0}  # the wrecked picture wins on UA alone
+    assert best_strengths(sweep, min_retained=0.5) == {"outline": 10.0}
+    # the lowest strength is a choice whatever its confidence: a concept always gets one
+    assert best_strengths({5.0: [row(0.1, 0.2)], 10.0: [row(0.4, 0.1)]}, min_retained=0.5) == {"outline": 5.0}
+    with pytest.raises(ConfigError, match=r"share in \[0, 1\]"):
+        best_strengths(sweep, min_retained=50)

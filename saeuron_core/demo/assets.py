@@ -2,9 +2,10 @@
 
 Objects and styles are erased at different blocks of the demo UNet, as SAeUron hooks one block
 of SD for objects and another for styles: each demo SAE's library holds one kind of concept.
-Objects enter the UNet at two layers, so two object SAEs erase them together. The strengths, one
-per block and one per concept, were chosen on validation seed 500 (``scripts/sweep_demo_eval.py``;
-EVALUATION.md).
+Objects enter the UNet at two layers, so two object SAEs erase them together; the outline style, which
+no single layer carries, is erased at the style block and at ``up_blocks.1.attentions.1``. The strengths, one
+per block and one per concept, were chosen on validation seeds (``scripts/sweep_demo_eval.py``;
+EVALUATION.md): objects on seed 500, styles on seeds 500 and 501.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ ASSETS = Path(__file__).resolve().parents[2] / "demo_assets"
 OBJECT_SAE = "sae-objects.safetensors"          # down_blocks.2.attentions.1: where the object enters the UNet
 OBJECT_MID_SAE = "sae-objects-mid.safetensors"  # mid_block.attentions.0: where more of it enters
 STYLE_SAE = "sae-styles.safetensors"            # up_blocks.1.attentions.2: where the style enters
+OUTLINE_SAE = "sae-outline.safetensors"         # up_blocks.1.attentions.1: where more of the outline style enters
 OBJECT_SAES = (OBJECT_SAE, OBJECT_MID_SAE)
-SAES = (*OBJECT_SAES, STYLE_SAE)  # what the evaluation uses: every SAE with a concept erases it
+STYLE_SAES = (STYLE_SAE, OUTLINE_SAE)
+SAES = (*OBJECT_SAES, *STYLE_SAES)  # what the evaluation uses: every SAE with a concept erases it
 ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, every object and style
 # One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind.
 ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 10.0, "mid_block.attentions.0": 10.0,
-                   "up_blocks.1.attentions.2": 2.0}
+                   "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 10.0}
 CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
 
 
