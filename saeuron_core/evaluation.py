@@ -62,9 +62,22 @@ class EvalSettings:
     end: float = 1.0
     batch_size: int = 64
 
+    def block_strength(self, hook_point: str) -> float:
+        """Ablation strength of the SAE at ``hook_point``: that block's if set, else the common one."""
+        return self.ablate_strength_at.get(hook_point, self.ablate_strength)
+
     def strength_for(self, concept: str, hook_point: str) -> float:
-        """Ablation strength of ``concept`` at ``hook_point``: its own if chosen, else that block's, else the common one."""
-        return self.ablate_strength_of.get(concept, self.ablate_strength_at.get(hook_point, self.ablate_strength))
+        """Ablation strength of ``concept`` at ``hook_point``: its own if chosen, else that block's."""
+        return self.ablate_strength_of.get(concept, self.block_strength(hook_point))
+
+
+def concept_owners(saes: Sequence[TopKSAE]) -> dict[str, list[int]]:
+    """``{concept: indices of the SAEs whose library has it}``: every one of them erases that concept."""
+    owners: dict[str, list[int]] = {}
+    for i, s in enumerate(saes):
+        for name in concept_names(s):
+            owners.setdefault(name, []).append(i)
+    return owners
 
 
 @dataclass
@@ -160,10 +173,7 @@ class Evaluator:
         self.pipe, self.classifier, self.settings = pipe, classifier, settings
         self.grid = grid or demo_grid()
         self.progress = progress or (lambda msg: None)
-        self.owners: dict[str, list[int]] = {}  # concept -> indices of the SAEs whose library has it
-        for i, s in enumerate(self.saes):
-            for name in concept_names(s):
-                self.owners.setdefault(name, []).append(i)
+        self.owners = concept_owners(self.saes)
         # concepts of the grid without a library entry cannot be erased by SAE methods
         self.missing = [c for c in self.grid.object_names + self.grid.style_names if c not in self.owners]
         stray = sorted(set(settings.ablate_strength_of) - set(self.owners))
@@ -173,7 +183,7 @@ class Evaluator:
 
     def ablate_strength(self, i: int) -> float:
         """Ablation strength of the ``i``-th SAE (its block's override, else the common one)."""
-        return self.settings.ablate_strength_at.get(self.hook_points[i], self.settings.ablate_strength)
+        return self.settings.block_strength(self.hook_points[i])
 
     def concept_strength(self, concept: str, i: int) -> float:
         """Ablation strength of ``concept`` at the ``i``-th SAE: its own if chosen, else that SAE's."""

@@ -52,19 +52,18 @@ def main() -> None:
 
     from saeuron_core.demo.classifier import load_classifier, predict
     from saeuron_core.demo.dataset import OBJECTS, STYLES
-    from saeuron_core.evaluation import EvalSettings
+    from saeuron_core.evaluation import EvalSettings, concept_owners
     from saeuron_core.formats import load_sae
     from saeuron_core.inspection import compare_erasure, image_grid, save_png
     from saeuron_core.pipelines import load_pipeline
-    from saeuron_core.scoring import concept_names
 
     t0 = time.time()
     loaded = [load_sae(p) for p in (a.sae or [str(assets.ASSETS / name) for name in assets.SAES])]
-    saes = {c: [s for s in loaded if c in concept_names(s)] for c in (a.style, a.object)}
+    owners = concept_owners(loaded)
+    saes = {c: [loaded[i] for i in owners.get(c, [])] for c in (a.style, a.object)}
     for c, found in saes.items():
         if not found:
-            known = sorted({n for s in loaded for n in concept_names(s)})
-            raise SystemExit(f"no SAE's concept library has {c!r}; they have: {', '.join(known)}")
+            raise SystemExit(f"no SAE's concept library has {c!r}; they have: {', '.join(sorted(owners))}")
     pipe = load_pipeline(a.model)
     clf = load_classifier(a.classifier)
     # Each concept's own strength where the validation sweep chose one, else that of its first SAE's block.

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from saeuron_core.errors import ConfigError
-from saeuron_core.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, demo_grid, format_report,
-                                     mean_metrics)
+from saeuron_core.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
+                                     format_report, mean_metrics)
 from saeuron_core.sae import SAEConfig, TopKSAE
 
 
@@ -97,6 +97,7 @@ def test_strength_for_prefers_the_concept_then_the_block() -> None:
     assert s.strength_for("star", "mid_block.attentions.0") == 2.0
     assert s.strength_for("heart", "mid_block.attentions.0") == 4.0
     assert s.strength_for("heart", "up_blocks.1.attentions.2") == 10.0
+    assert s.block_strength("mid_block.attentions.0") == 4.0 and s.block_strength("up_blocks.1.attentions.2") == 10.0
 
 
 def test_unknown_concepts_and_methods_are_refused() -> None:
@@ -170,6 +171,7 @@ def test_concept_strengths_win_over_block_strengths() -> None:
     settings = EvalSettings(ablate_strength=10.0, ablate_strength_at={"up_blocks.1.attentions.2": 2.0},
                             ablate_strength_of={"star": 5.0})
     ev = Evaluator(None, [objects, styles], None, settings)
+    assert concept_owners([objects, styles, objects]) == {"star": [0, 2], "heart": [0, 2], "stripes": [1]}
     erasers = ev._erasers("ablate", ["star", "heart", "stripes"])
     assert erasers["down_blocks.2.attentions.1"].strengths == {"star": 5.0, "heart": 10.0}
     assert erasers["up_blocks.1.attentions.2"].strengths == {"stripes": 2.0}
