@@ -542,12 +542,8 @@ def _demo_asset(given: Optional[str], name: str) -> str:
     return str(path)
 
 
-def _concept_strengths(path: Optional[str], shipped: bool) -> dict[str, float]:
-    """``--ablate-strengths``: a JSON file ``{concept: strength}``; by default the shipped one with the shipped SAEs."""
-    from .demo import assets
-
-    if path is None:
-        path = str(assets.ASSETS / assets.CONCEPT_STRENGTHS) if shipped else ""
+def _concept_strengths(path: str) -> dict[str, float]:
+    """``--ablate-strengths``: a JSON file ``{concept: strength}`` ('' for none)."""
     if not path:
         return {}
     from .evaluation import load_concept_strengths
@@ -585,10 +581,12 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             at[hook.strip()] = float(value)
         except ValueError:
             raise ConfigError(f"--ablate-strength-at takes HOOK_POINT=STRENGTH, got {item!r}") from None
-    shipped = a.ablate_strength is None and not a.sae and not at
-    if shipped:
-        at = dict(assets.ABLATE_STRENGTH)
-    of = _concept_strengths(a.ablate_strengths, shipped)
+    if a.ablate_strength is None and not a.sae and not at:  # the shipped SAEs with the strengths chosen for them
+        at, of = assets.shipped_strengths()
+        if a.ablate_strengths is not None:
+            of = _concept_strengths(a.ablate_strengths)
+    else:
+        of = _concept_strengths(a.ablate_strengths or "")
     settings = EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
                             ablate_strength=EvalSettings.ablate_strength if a.ablate_strength is None else a.ablate_strength,
                             ablate_strength_at=at, ablate_strength_of=of, replace_strength=a.replace_strength,

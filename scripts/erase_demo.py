@@ -67,7 +67,8 @@ def main() -> None:
     pipe = load_pipeline(a.model)
     clf = load_classifier(a.classifier)
     # Each concept's own strength where the validation sweep chose one, else that of its first SAE's block.
-    shipped = EvalSettings(ablate_strength_at=dict(assets.ABLATE_STRENGTH), ablate_strength_of=assets.concept_strengths())
+    at, of = assets.shipped_strengths()
+    shipped = EvalSettings(ablate_strength_at=at, ablate_strength_of=of)
     ablate = {c: a.ablate_strength if a.ablate_strength is not None else shipped.strength_for(c, s[0].config.hook_point)
               for c, s in saes.items()}
     prompts = a.prompt or [f"a {a.object} in {a.style} style", f"a circle in {a.style} style",

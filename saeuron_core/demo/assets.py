@@ -32,3 +32,8 @@ def concept_strengths() -> dict[str, float]:
     from ..evaluation import load_concept_strengths
 
     return load_concept_strengths(str(ASSETS / CONCEPT_STRENGTHS))
+
+
+def shipped_strengths() -> tuple[dict[str, float], dict[str, float]]:
+    """The strengths the shipped SAEs erase with: ``(per block, per concept)``, both chosen on validation seeds."""
+    return dict(ABLATE_STRENGTH), concept_strengths()
