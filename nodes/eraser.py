@@ -32,9 +32,10 @@ class ConceptEraserNode:
                                                "page, click to pick them from the SAE chosen in Load SAE."}),
             "method": (["ablate", "replace"], {"default": "ablate",
                                               "tooltip": "ablate: push features negative; replace: detect and swap patches."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_ABLATE_STRENGTH, "step": 0.1,
-                                   "tooltip": "ablate: the negative multiplier (0 = off, 1 = SAeUron's style setting, "
-                                              "up to 100); replace: share of replacement, 0 to 1."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_ABLATE_STRENGTH, "step": 0.05,
+                                   "tooltip": "ablate: the negative multiplier (0 = off, below 1 pushes less hard, "
+                                              "1 = SAeUron's style setting, up to 100); replace: share of "
+                                              "replacement, 0 to 1."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Start erasing at this fraction of the denoising (0 = first step)."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,

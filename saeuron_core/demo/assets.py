@@ -5,7 +5,7 @@ of SD for objects and another for styles: each demo SAE's library holds one kind
 Objects enter the UNet at two layers, so two object SAEs erase them together; the outline style, which
 no single layer carries, is erased at the style block and at ``up_blocks.1.attentions.1``. The strengths, one
 per block and one per concept, were chosen on validation seeds (``scripts/sweep_demo_eval.py``;
-EVALUATION.md): objects on seed 500, styles on seeds 500 and 501.
+EVALUATION.md), on seeds 500 and 501.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ STYLE_SAES = (STYLE_SAE, OUTLINE_SAE)
 SAES = (*OBJECT_SAES, *STYLE_SAES)  # what the evaluation uses: every SAE with a concept erases it
 ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, every object and style
 # One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind.
-ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 10.0, "mid_block.attentions.0": 10.0,
-                   "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 10.0}
+ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 3.0, "mid_block.attentions.0": 3.0,
+                   "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 20.0}
 CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
 
 
 def concept_strengths() -> dict[str, float]:
-    """The ablation strength chosen for each shipped concept on the validation seed."""
+    """The ablation strength chosen for each shipped concept on the validation seeds."""
     from ..evaluation import load_concept_strengths
 
     return load_concept_strengths(str(ASSETS / CONCEPT_STRENGTHS))
