@@ -21,7 +21,8 @@ OBJECT_SAES = (OBJECT_SAE, OBJECT_MID_SAE)
 STYLE_SAES = (STYLE_SAE, OUTLINE_SAE)
 SAES = (*OBJECT_SAES, *STYLE_SAES)  # what the evaluation uses: every SAE with a concept erases it
 ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, every object and style
-# One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind.
+# One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind
+# (at the outline block, outline's own, chosen with the retained-confidence floor).
 ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 3.0, "mid_block.attentions.0": 3.0,
                    "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 20.0}
 CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
