@@ -7,7 +7,7 @@ from typing import Any
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae import TopKSAE
 from saeuron_core.scoring import (DEFAULT_MIN_SPECIFICITY, ConceptRecorder, ConceptStats, check_concept_name,
-                                  with_concept)
+                                  check_selection, with_concept)
 
 from .common import CATEGORY, block_target, patch_block, validation
 
@@ -57,6 +57,11 @@ class LearnConcept:
                 "tooltip": "Keep only features that fire mostly with the concept: (with - without) / (with + without) "
                            "of their mean activations must reach this. Higher erases less but leaves other "
                            "pictures alone; 0 is SAeUron's original selection."}),
+            "peak_specificity": ("FLOAT", {
+                "default": -1.0, "min": -1.0, "max": 0.99, "step": 0.05,
+                "tooltip": "Also require that specificity against each negative prompt on its own (the one where "
+                           "the feature is most active), so that a feature the concept shares with one sibling "
+                           "(a ring for a circle) is not chosen. Below 0: off (the default)."}),
         }}
 
     @classmethod
@@ -69,7 +74,8 @@ class LearnConcept:
 
     def learn(self, model: Any, clip: Any, sae: TopKSAE, latent_image: dict, concept_name: str, positive_prompts: str,
               negative_prompts: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-              top_n: int, min_specificity: float = DEFAULT_MIN_SPECIFICITY) -> tuple[TopKSAE]:
+              top_n: int, min_specificity: float = DEFAULT_MIN_SPECIFICITY,
+              peak_specificity: float = -1.0) -> tuple[TopKSAE]:
         import comfy.utils
         import nodes as comfy_nodes
 
@@ -80,17 +86,22 @@ class LearnConcept:
             raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
         sampling = model.model.model_sampling
         max_t = int(getattr(sampling, "sigmas", [0] * 1000).shape[0]) if hasattr(sampling, "sigmas") else 1000
-        stats = ConceptStats(sae.n_latents, max_timestep=max_t)
+        peak = None if peak_specificity < 0 else float(peak_specificity)
+        check_selection(top_n, None, min_specificity=min_specificity, peak_specificity=peak)
+        # One group per prompt, so that specificity can also be checked against each negative prompt.
+        stats = ConceptStats(sae.n_latents, max_timestep=max_t, n_groups=len(positive) + len(negative))
         recorder = ConceptRecorder(sae, stats)
         patched = patch_block(model, sae, recorder, target)
         uncond = _encode(clip, "")
         bar = comfy.utils.ProgressBar(len(positive) + len(negative))
-        for flag, prompts in ((True, positive), (False, negative)):
-            recorder.positive = flag
-            for prompt in prompts:
-                comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, _encode(clip, prompt),
-                                            uncond, latent_image, denoise=1.0)
-                bar.update(1)
+        for group, prompt in enumerate(positive + negative):
+            recorder.group = group
+            comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, _encode(clip, prompt),
+                                        uncond, latent_image, denoise=1.0)
+            bar.update(1)
         info = {"positive": positive, "negative": negative, "hook_point": sae.config.hook_point, "steps": steps,
                 "guidance_scale": cfg, "scheduler": f"comfyui {sampler_name}/{scheduler}", "seeds": [seed]}
-        return (with_concept(sae, stats.result(name, top_n=top_n, min_specificity=min_specificity, info=info)),)
+        merged = stats.merge(range(len(positive)), range(len(positive), len(positive) + len(negative)),
+                             peak=peak is not None)
+        return (with_concept(sae, merged.result(name, top_n=top_n, min_specificity=min_specificity, info=info,
+                                                peak_specificity=peak)),)

@@ -297,12 +297,13 @@ def concept_names(sae: TopKSAE) -> list[str]:
 class ConceptRecorder:
     """Block-call function that feeds :class:`ConceptStats` from the conditional rows of each call.
 
-    Set ``positive`` before generating each prompt set. Used by :func:`learn_concept` (diffusers)
-    and by the ComfyUI Learn Concept node alike.
+    Set ``group`` (the group of the prompt about to be generated, e.g. 0 with the concept and 1
+    without) before each generation, whatever the number of conditional rows it makes. Used by the
+    ComfyUI Learn Concept node, whose sampler may batch or split the rows of one prompt.
     """
 
     def __init__(self, sae: TopKSAE, stats: ConceptStats) -> None:
-        self.sae, self.stats, self.positive = sae, stats, True
+        self.sae, self.stats, self.group = sae, stats, 0
 
     def __call__(self, call: Any) -> None:
         if call.timesteps is None:
@@ -311,7 +312,8 @@ class ConceptRecorder:
         if rows.shape[0]:
             with torch.no_grad():
                 code = self.sae.encode(rows)
-            self.stats.add(self.positive, call.timesteps[call.is_cond], code.values, code.indices)
+            groups = torch.full((rows.shape[0],), self.group, dtype=torch.long)
+            self.stats.add_groups(groups, call.timesteps[call.is_cond], code.values, code.indices)
         return None
 
 

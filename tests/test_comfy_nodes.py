@@ -10,7 +10,7 @@ from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.hooks import BlockHook
 from saeuron_core.interventions import ConceptEraser
 from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import concept_names, learn_concept
+from saeuron_core.scoring import concept_names, get_concept, learn_concept
 
 from conftest import HOOK
 
@@ -224,6 +224,20 @@ def test_learn_concept_and_save_sae(host):
     assert concept_names(load_sae(host["models"] / "sae" / "learned.safetensors")) == ["cat", "dog"]
     with pytest.raises(ConfigError, match="inside the sae model folder"):
         save.save(learned, "../escape.safetensors", False)
+
+
+def test_learn_concept_checks_each_negative_prompt_with_peak_specificity(host):
+    learn = node(host, "SAeUronLearnConcept")
+    # One negative prompt is the positive prompt itself (same seed, so the same activations): pooled with
+    # the other negative, the concept's features still stand out; checked against each one, none does.
+    args = (host["model"], host["clip"], host["sae"], {"samples": torch.zeros(1, 4, 8, 8)}, "tree",
+            "a tree", "a tree\na car", 0, 3, 5.0, "euler", "normal", 2)
+    pooled = get_concept(learn.learn(*args, min_specificity=0.0)[0], "tree")
+    assert int(pooled.n_selected.sum()) > 0
+    with pytest.raises(ConfigError, match="against every negative prompt"):
+        learn.learn(*args, min_specificity=0.0, peak_specificity=0.05)
+    with pytest.raises(ConfigError, match="peak_specificity must be in"):
+        learn.learn(*args, peak_specificity=1.5)
 
 
 def test_feature_inspector_outputs_overlay_mask_and_summary(host):
