@@ -29,7 +29,7 @@ def test_shipped_sae_has_every_object_and_style_and_fits_the_model():
     ("sae-objects.safetensors", "down_blocks.2.attentions.1", OBJECTS),
     ("sae-objects-mid.safetensors", "mid_block.attentions.0", OBJECTS),
     ("sae-styles.safetensors", "up_blocks.1.attentions.2", STYLES),
-    ("sae-outline.safetensors", "up_blocks.1.attentions.1", ["outline"]),
+    ("sae-styles-extra.safetensors", "up_blocks.1.attentions.1", ["gradient", "outline"]),
 ])
 def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, names):
     from saeuron_core.hooks import check_sae_fits
@@ -63,7 +63,7 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
         (hp, c, ABLATE_STRENGTH[hp]) for hp, c in (("down_blocks.2.attentions.1", ["star"]),
                                                    ("mid_block.attentions.0", ["star"]),
                                                    ("up_blocks.1.attentions.2", ["stripes"]),
-                                                   ("up_blocks.1.attentions.1", []))]  # the outline SAE
+                                                   ("up_blocks.1.attentions.1", []))]  # the extra style SAE
 
     def ua(method: str) -> float:
         return sum(r["UA"] for r in report["per_concept"][method]) / 2

@@ -2,10 +2,10 @@
 
 Objects and styles are erased at different blocks of the demo UNet, as SAeUron hooks one block
 of SD for objects and another for styles: each demo SAE's library holds one kind of concept.
-Objects enter the UNet at two layers, so two object SAEs erase them together; the outline style, which
-no single layer carries, is erased at the style block and at ``up_blocks.1.attentions.1``. The strengths, one
-per block and one per concept, were chosen on validation seeds (``scripts/sweep_demo_eval.py``;
-EVALUATION.md), on seeds 500 and 501.
+Objects enter the UNet at two layers, so two object SAEs erase them together; the outline and gradient
+styles, which no single layer carries, are erased at the style block and at ``up_blocks.1.attentions.1``.
+The strengths, one per block and one per concept, were chosen on validation seeds
+(``scripts/sweep_demo_eval.py``; EVALUATION.md): the objects' on seeds 500 and 501, the styles' on 500-503.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ ASSETS = Path(__file__).resolve().parents[2] / "demo_assets"
 OBJECT_SAE = "sae-objects.safetensors"          # down_blocks.2.attentions.1: where the object enters the UNet
 OBJECT_MID_SAE = "sae-objects-mid.safetensors"  # mid_block.attentions.0: where more of it enters
 STYLE_SAE = "sae-styles.safetensors"            # up_blocks.1.attentions.2: where the style enters
-OUTLINE_SAE = "sae-outline.safetensors"         # up_blocks.1.attentions.1: where more of the outline style enters
+STYLE_EXTRA_SAE = "sae-styles-extra.safetensors"  # up_blocks.1.attentions.1: where more of outline and gradient enter
 OBJECT_SAES = (OBJECT_SAE, OBJECT_MID_SAE)
-STYLE_SAES = (STYLE_SAE, OUTLINE_SAE)
+STYLE_SAES = (STYLE_SAE, STYLE_EXTRA_SAE)
 SAES = (*OBJECT_SAES, *STYLE_SAES)  # what the evaluation uses: every SAE with a concept erases it
 ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, every object and style
 # One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind
-# (at the outline block, outline's own, chosen with the retained-confidence floor).
+# (at up_blocks.1.attentions.1, outline's own, chosen with the retained-confidence floor; gradient has its own).
 ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 3.0, "mid_block.attentions.0": 3.0,
-                   "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 20.0}
+                   "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 5.0}
 CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
 
 
