@@ -70,8 +70,11 @@ class ConceptStats:
 
     def add(self, positive: bool, timesteps: Tensor, values: Tensor, indices: Tensor) -> None:
         """Accumulate codes ``values/indices [rows, tokens, k]`` of rows with these ``timesteps [rows]``."""
-        self.add_groups(torch.full((values.shape[0],), 0 if positive else 1, dtype=torch.long), timesteps, values,
-                        indices)
+        self.add_to(0 if positive else 1, timesteps, values, indices)
+
+    def add_to(self, group: int, timesteps: Tensor, values: Tensor, indices: Tensor) -> None:
+        """Like :meth:`add`, every row going to ``group``."""
+        self.add_groups(torch.full((values.shape[0],), group, dtype=torch.long), timesteps, values, indices)
 
     def add_groups(self, groups: Tensor, timesteps: Tensor, values: Tensor, indices: Tensor) -> None:
         """Like :meth:`add`, each row going to its own group ``groups [rows]``."""
@@ -312,8 +315,7 @@ class ConceptRecorder:
         if rows.shape[0]:
             with torch.no_grad():
                 code = self.sae.encode(rows)
-            groups = torch.full((rows.shape[0],), self.group, dtype=torch.long)
-            self.stats.add_groups(groups, call.timesteps[call.is_cond], code.values, code.indices)
+            self.stats.add_to(self.group, call.timesteps[call.is_cond], code.values, code.indices)
         return None
 
 
