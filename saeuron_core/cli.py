@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quick", action="store_true",
                     help="smoke run: one seed, 8 steps, one object and one style, no multi/generalisation runs")
     ev.add_argument("--json", default=None, help="write the full report here")
+    ev.add_argument("--update", default=None, metavar="REPORT",
+                    help="re-measure only --concepts and merge their rows into this earlier --json report (same "
+                         "settings; needs --multi '' --generalization ''); written back to it unless --json is given")
     ev.add_argument("--markdown", default=None, help="write the tables here")
     return p
 
@@ -556,7 +559,8 @@ def _concept_strengths(path: str) -> dict[str, float]:
 
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .demo.classifier import load_classifier
-    from .evaluation import EvalSettings, evaluate, format_report, save_report
+    from .evaluation import (EvalSettings, check_updatable, evaluate, format_report, load_report, save_report,
+                             update_report)
     from .formats import load_sae
     from .pipelines import load_pipeline, set_scheduler
 
@@ -596,6 +600,11 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.quick:
         settings.seeds, settings.steps = settings.seeds[:1], 8
         concepts, multi, gen = concepts or ["star", "stripes"], [], None
+    earlier = load_report(a.update) if a.update else None
+    if earlier is not None and (multi or gen):
+        raise ConfigError("--update merges per-concept rows only: add --multi '' --generalization ''")
+    if earlier is not None:
+        check_updatable(earlier, settings)
     saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
     pipe = load_pipeline(_demo_asset(a.model, "model"))
@@ -604,10 +613,12 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         set_scheduler(pipe, gen[0])
     report = evaluate(pipe, saes, classifier, settings, methods=methods, concepts=concepts, multi=multi,
                       generalization=gen, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if earlier is not None:
+        report = update_report(earlier, report)
     text = format_report(report)
     print(text)
-    if a.json:
-        save_report(report, a.json)
+    if a.json or a.update:
+        save_report(report, a.json or a.update)
     if a.markdown:
         Path(a.markdown).write_text(text + "\n", encoding="utf-8")
     return 0

@@ -23,6 +23,7 @@ hooked in the same generation (as chained Concept Eraser nodes do in ComfyUI).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -454,6 +455,49 @@ def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
     return report
 
 
+def _check_same(key: str, old: Any, new: Any) -> None:
+    if old != new:
+        raise ConfigError(f"cannot update the report: its {key.replace('_', ' ')} differ from this run's "
+                          f"({old} against {new}); run the whole evaluation instead")
+
+
+def check_updatable(report: dict[str, Any], settings: EvalSettings) -> None:
+    """Fail before generating anything when ``report`` was made with other settings than ``settings``."""
+    _check_same("settings", report.get("settings"), json.loads(json.dumps(asdict(settings))))
+
+
+def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the per-concept rows that ``new`` re-measured, and its summaries recomputed.
+
+    For re-evaluating only the concepts whose library changed: ``new`` must come from the same
+    settings, grid and SAE blocks, and reproduce ``old``'s clean accuracy (the same model and seeds;
+    generation is deterministic), and must not hold several-at-once or generalisation runs, which
+    cannot be merged row by row.
+    """
+    for key in ("settings", "grid", "clean_accuracy"):
+        _check_same(key, old.get(key), new.get(key))
+    blocks = [[(e["hook_point"], e["ablate_strength"]) for e in r.get("saes", [])] for r in (old, new)]
+    if blocks[0] != blocks[1]:
+        raise ConfigError(f"cannot update the report: its SAE blocks {blocks[0]} differ from this run's {blocks[1]}")
+    if new.get("multi") or new.get("generalization"):
+        raise ConfigError("cannot update a report with several-at-once or generalisation runs: update with "
+                          "--multi '' --generalization ''")
+    missing = [m for m in new["per_concept"] if m not in old["per_concept"]]
+    if missing:
+        raise ConfigError(f"cannot update the report: it has no {', '.join(missing)} rows to update")
+    out = copy.deepcopy(old)
+    order = old["grid"]["objects"] + old["grid"]["styles"]
+    for method, rows in new["per_concept"].items():
+        merged = {r["concept"]: r for r in out["per_concept"][method]}
+        merged.update({r["concept"]: r for r in rows})
+        out["per_concept"][method] = sorted(merged.values(), key=lambda r: order.index(r["concept"]))
+        out["summary"][method] = summary_by_kind(out["per_concept"][method])
+    concepts = sorted({r["concept"] for rows in new["per_concept"].values() for r in rows}, key=order.index)
+    out["updates"] = [*old.get("updates", []), {"concepts": concepts, "methods": list(new["per_concept"]),
+                                                 "seconds": new["seconds"]}]
+    return out
+
+
 def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -508,7 +552,24 @@ def format_report(report: dict[str, Any]) -> str:
                       f"{_pct(g['clean_accuracy']['style'])}%.", ""]
         lines += _summary_table(g["summary"])
     lines += ["", f"Evaluation time: {report['seconds']:.0f} s."]
+    for u in report.get("updates", []):
+        lines.append(f"Re-measured by an update: {', '.join(u['methods'])} rows of {', '.join(u['concepts'])} "
+                     f"({u['seconds']:.0f} s).")
     return "\n".join(lines)
+
+
+def load_report(path: str) -> dict[str, Any]:
+    """Read a report written by :func:`save_report` (clear errors for a missing or foreign file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no evaluation report at {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not a JSON evaluation report ({e})") from None
+    if not isinstance(report, dict) or not {"settings", "grid", "clean_accuracy", "per_concept", "summary"} <= set(report):
+        raise ConfigError(f"{path} is not an evaluation report from 'saeuron eval --json'")
+    return report
 
 
 def save_report(report: dict[str, Any], path: str) -> None:

@@ -7,7 +7,8 @@
    generation pass on seeds disjoint from the evaluation's.
 
 Writes ``<out>/sae.safetensors``; activations and checkpoints go to ``--work`` (not shipped).
-Every step resumes if interrupted.
+Every step resumes if interrupted. ``--relearn CONCEPT`` skips 1 and 2 and learns that library
+concept again in ``--out`` (in place, the same prompts and seeds), e.g. with another ``--top-n``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def parse_args() -> argparse.Namespace:
                    help="also that specific against the negative prompt where a feature is most active")
     p.add_argument("--kinds", choices=["all", "object", "style"], default="all",
                    help="which concepts the library gets (an SAE on an object block learns only objects)")
+    p.add_argument("--relearn", action="append", default=None, metavar="CONCEPT",
+                   help="repeatable: only learn this concept of the library again, in --out in place (no collect or "
+                        "train), with this run's --top-n and specificity")
     return p.parse_args()
 
 
@@ -65,9 +69,34 @@ def run(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def learn_args(a: argparse.Namespace) -> list[str]:
+    """The scoring settings every ``learn-concept`` call of this script shares."""
+    return ["--model", a.model, "--steps", str(a.learn_steps), "--guidance", "3.0", "--scheduler", "ddim",
+            "--seeds", a.learn_seeds, "--batch-size", "64", "--top-n", str(a.top_n),
+            *(["--min-specificity", str(a.min_specificity)] if a.min_specificity is not None else []),
+            *(["--peak-specificity", str(a.peak_specificity)] if a.peak_specificity is not None else [])]
+
+
+def relearn(a: argparse.Namespace) -> None:
+    """Learn the ``--relearn`` concepts again into ``--out``, from the prompts the library gives them."""
+    spec = library()
+    for name in a.relearn:
+        if name not in spec:
+            raise SystemExit(f"--relearn {name!r}: not a demo concept (one of {', '.join(spec)})")
+        files = []
+        for side in ("positive", "negative"):
+            files.append(os.path.join(a.work, f"relearn-{side}.json"))
+            with open(files[-1], "w") as f:
+                json.dump(spec[name][side], f)
+        run("learn-concept", a.out, "--concept", name, "--positive", files[0], "--negative", files[1], *learn_args(a))
+    run("info", a.out)
+
+
 def main() -> None:
     a = parse_args()
     os.makedirs(a.work, exist_ok=True)
+    if a.relearn:
+        return relearn(a)
     prompts = os.path.join(a.work, "prompts.json")
     with open(prompts, "w") as f:
         json.dump([p for _, _, p in all_prompts()], f)
@@ -83,10 +112,7 @@ def main() -> None:
         run("train", "--store", store, "--out", trained, "--expansion-factor", str(a.expansion_factor),
             "--k", str(a.k), "--batch-size", "4096", "--steps", str(a.train_steps), "--lr", "2e-3",
             "--checkpoint-every", "500", "--log-every", "250")
-    run("learn-concept", trained, "--library", lib, "--model", a.model, "--out", a.out, "--steps",
-        str(a.learn_steps), "--guidance", "3.0", "--scheduler", "ddim", "--seeds", a.learn_seeds, "--batch-size", "64",
-        "--top-n", str(a.top_n), *(["--min-specificity", str(a.min_specificity)] if a.min_specificity is not None else []),
-        *(["--peak-specificity", str(a.peak_specificity)] if a.peak_specificity is not None else []))
+    run("learn-concept", trained, "--library", lib, "--out", a.out, *learn_args(a))
     run("info", a.out)
 
 

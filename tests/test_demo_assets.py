@@ -40,6 +40,17 @@ def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, na
     check_sae_fits(load_pipeline(str(ASSETS / "model")).unet, hook_point, sae)
 
 
+def test_shipped_outline_uses_more_features_than_the_other_styles():
+    # outline is relearned with top_n 64 (build_demo_sae.py --relearn outline --top-n 64); the rest keep 3.
+    from saeuron_core.scoring import get_concept
+
+    for name in ("sae-styles.safetensors", "sae-styles-extra.safetensors"):
+        sae = load_sae(ASSETS / name)
+        outline, gradient = get_concept(sae, "outline"), get_concept(sae, "gradient")
+        assert outline.info["selection"]["top_n"] == 64 and int(outline.n_selected.min()) > 3
+        assert gradient.info["selection"]["top_n"] == 3 and int(gradient.n_selected.max()) == 3
+
+
 def test_shipped_classifier_reads_generator_images():
     clf = load_classifier(str(ASSETS / "classifier"))
     imgs, objs, stys, _ = generate(256, seed=12345)
@@ -75,12 +86,37 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
             assert 0.0 <= row["IRA"] <= 1.0 and 0.0 <= row["CRA"] <= 1.0 and row["activation_shift"] >= 0
     assert torch.isfinite(torch.tensor([r["retained_confidence"] for r in report["per_concept"]["ablate"]])).all()
 
+    # Re-measuring one concept into the report (--update) reproduces its rows: generation is deterministic.
+    code, out, err = run_cli(capsys, "eval", "--quick", "--concepts", "stripes", "--update", tmp_path / "report.json",
+                             "--json", tmp_path / "updated.json")
+    assert code == 0, err
+    updated = json.loads((tmp_path / "updated.json").read_text())
+    for method, rows in report["per_concept"].items():
+        assert [r["concept"] for r in updated["per_concept"][method]] == [r["concept"] for r in rows]
+        for new_row, row in zip(updated["per_concept"][method], rows):
+            assert {k: new_row[k] for k in ("UA", "IRA", "CRA")} == {k: row[k] for k in ("UA", "IRA", "CRA")}
+            assert new_row["activation_shift"] == pytest.approx(row["activation_shift"], rel=1e-5)
+    assert updated["updates"][0]["concepts"] == ["stripes"] and "Re-measured by an update" in out
+
 
 def test_eval_refuses_block_strengths_it_cannot_use(capsys):
     code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strength-at", "up_blocks.1.attentions.2")
     assert code == 2 and "--ablate-strength-at takes HOOK_POINT=STRENGTH, got 'up_blocks.1.attentions.2'" in err
     code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strength-at", "up_blocks.1.attentions.0=3")
     assert code == 2 and "an ablate strength is set for up_blocks.1.attentions.0 but no SAE hooks it" in err
+
+
+def test_eval_update_refuses_missing_foreign_and_mismatched_reports_before_generating(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", "--quick", "--update", str(tmp_path / "missing.json"))
+    assert code == 2 and "no evaluation report at" in err
+    (tmp_path / "other.json").write_text('{"seeds": [1]}')
+    code, _, err = run_cli(capsys, "eval", "--quick", "--update", str(tmp_path / "other.json"))
+    assert code == 2 and "is not an evaluation report" in err
+    shipped = Path(__file__).resolve().parents[1] / "docs" / "eval-report.json"  # two seeds and 20 steps, not --quick's
+    code, _, err = run_cli(capsys, "eval", "--quick", "--update", str(shipped))
+    assert code == 2 and "cannot update the report: its settings differ" in err
+    code, _, err = run_cli(capsys, "eval", "--seeds", "1000,1001", "--update", str(shipped))
+    assert code == 2 and "add --multi '' --generalization ''" in err
 
 
 def test_eval_refuses_bad_concept_strength_files(capsys, tmp_path):

@@ -205,3 +205,49 @@ def test_best_strength_can_require_the_retained_label_to_survive() -> None:
     assert best_strengths({5.0: [row(0.1, 0.2)], 10.0: [row(0.4, 0.1)]}, min_retained=0.5) == {"outline": 5.0}
     with pytest.raises(ConfigError, match=r"share in \[0, 1\]"):
         best_strengths(sweep, min_retained=50)
+
+
+def _report(rows: dict[str, list[dict]], clean: float = 1.0, seconds: float = 10.0) -> dict:
+    grid = demo_grid()
+    from dataclasses import asdict
+
+    return {"settings": asdict(EvalSettings(seeds=[1000])), "grid": {"objects": grid.object_names, "styles": grid.style_names},
+            "saes": [{"hook_point": "up_blocks.1.attentions.2", "concepts": [], "ablate_strength": 2.0}],
+            "clean_accuracy": {"object": clean, "style": 0.9}, "per_concept": rows,
+            "summary": {m: {} for m in rows}, "seconds": seconds}
+
+
+def _row(concept: str, kind: str, ua: float) -> dict:
+    return {"concept": concept, "kind": kind, "UA": ua, "IRA": 0.9, "CRA": 1.0, "retained_confidence": 0.8,
+            "activation_shift": 0.3}
+
+
+def test_update_report_replaces_rows_and_recomputes_the_summary() -> None:
+    from saeuron_core.evaluation import update_report
+
+    old = _report({"ablate": [_row("star", "object", 1.0), _row("noise", "style", 0.5), _row("outline", "style", 0.25)]})
+    new = _report({"ablate": [_row("outline", "style", 0.75)]}, seconds=3.0)
+    merged = update_report(old, new)
+    assert [r["concept"] for r in merged["per_concept"]["ablate"]] == ["star", "noise", "outline"]
+    assert merged["per_concept"]["ablate"][2]["UA"] == 0.75 and old["per_concept"]["ablate"][2]["UA"] == 0.25
+    assert merged["summary"]["ablate"]["style"]["UA"] == pytest.approx(0.625)
+    assert merged["summary"]["ablate"]["object"]["UA"] == 1.0
+    assert merged["updates"] == [{"concepts": ["outline"], "methods": ["ablate"], "seconds": 3.0}]
+    assert "Re-measured by an update: ablate rows of outline (3 s)." in format_report(merged)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(clean_accuracy={"object": 0.5, "style": 0.9}), "clean accuracy differ"),
+    (lambda r: r["settings"].update(steps=8), "settings differ"),
+    (lambda r: r["saes"][0].update(ablate_strength=3.0), "SAE blocks"),
+    (lambda r: r.update(multi={"ablate": [{"n": 2}]}), "several-at-once"),
+    (lambda r: r.update(per_concept={"replace": []}), "no replace rows"),
+])
+def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
+    from saeuron_core.evaluation import update_report
+
+    old = _report({"ablate": [_row("outline", "style", 0.25)]})
+    new = _report({"ablate": [_row("outline", "style", 0.75)]})
+    change(new)
+    with pytest.raises(ConfigError, match=message):
+        update_report(old, new)
