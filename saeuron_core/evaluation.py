@@ -485,14 +485,21 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     missing = [m for m in new["per_concept"] if m not in old["per_concept"]]
     if missing:
         raise ConfigError(f"cannot update the report: it has no {', '.join(missing)} rows to update")
-    out = copy.deepcopy(old)
     order = old["grid"]["objects"] + old["grid"]["styles"]
+    concepts = sorted({r["concept"] for rows in new["per_concept"].values() for r in rows}, key=order.index)
+    # Rows measured over every concept at once would go stale without a word.
+    in_sets = sorted({c for rows in (old.get("multi") or {}).values() for r in rows for c in r["concepts"]}
+                     & set(concepts), key=order.index)
+    if in_sets or (old.get("generalization") and concepts):
+        raise ConfigError("cannot update the report: its " + (f"several-at-once runs erase {', '.join(in_sets)}"
+                          if in_sets else "generalisation summary covers every concept")
+                          + "; run the whole evaluation instead")
+    out = copy.deepcopy(old)
     for method, rows in new["per_concept"].items():
         merged = {r["concept"]: r for r in out["per_concept"][method]}
         merged.update({r["concept"]: r for r in rows})
         out["per_concept"][method] = sorted(merged.values(), key=lambda r: order.index(r["concept"]))
         out["summary"][method] = summary_by_kind(out["per_concept"][method])
-    concepts = sorted({r["concept"] for rows in new["per_concept"].values() for r in rows}, key=order.index)
     out["updates"] = [*old.get("updates", []), {"concepts": concepts, "methods": list(new["per_concept"]),
                                                  "seconds": new["seconds"]}]
     return out

@@ -251,3 +251,16 @@ def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
     change(new)
     with pytest.raises(ConfigError, match=message):
         update_report(old, new)
+
+
+def test_update_report_refuses_to_leave_runs_over_the_updated_concept_stale() -> None:
+    from saeuron_core.evaluation import update_report
+
+    old = _report({"ablate": [_row("circle", "object", 0.5), _row("outline", "style", 0.25)]})
+    old["multi"] = {"ablate": [{"n": 2, "concepts": ["circle", "solid"], "UA": 0.5}]}
+    with pytest.raises(ConfigError, match="several-at-once runs erase circle"):
+        update_report(old, _report({"ablate": [_row("circle", "object", 0.75)]}))
+    assert update_report(old, _report({"ablate": [_row("outline", "style", 0.75)]}))["multi"] == old["multi"]
+    old["generalization"] = {"summary": {}}
+    with pytest.raises(ConfigError, match="generalisation summary covers every concept"):
+        update_report(old, _report({"ablate": [_row("outline", "style", 0.75)]}))
