@@ -601,10 +601,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         settings.seeds, settings.steps = settings.seeds[:1], 8
         concepts, multi, gen = concepts or ["star", "stripes"], [], None
     earlier = load_report(a.update) if a.update else None
-    if earlier is not None and (multi or gen):
-        raise ConfigError("--update merges per-concept rows only: add --multi '' --generalization ''")
     if earlier is not None:
-        check_updatable(earlier, settings)
+        check_updatable(earlier, settings, set_runs=bool(multi or gen))
     saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
     pipe = load_pipeline(_demo_asset(a.model, "model"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from contextlib import ExitStack
@@ -380,15 +381,20 @@ def best_strengths(by_strength: dict[float, Sequence[dict[str, Any]]], min_retai
     return {c: s for c, (_, s) in best.items()}
 
 
-def load_concept_strengths(path: str) -> dict[str, float]:
-    """A JSON file ``{concept: strength}`` (as ``sweep_demo_eval.py --per-concept-out`` writes), checked."""
+def _read_json(path: str) -> Any:
+    """A JSON file's content; a ConfigError naming the file when it cannot be read or parsed."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
+    except ValueError as e:  # bad JSON or bad UTF-8
         raise ConfigError(f"{path} is not JSON ({e})") from None
+
+
+def load_concept_strengths(path: str) -> dict[str, float]:
+    """A JSON file ``{concept: strength}`` (as ``sweep_demo_eval.py --per-concept-out`` writes), checked."""
+    data = _read_json(path)
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                              for v in data.values()):
         raise ConfigError(f"{path} must hold an object {{concept: strength}} with numbers")
@@ -461,8 +467,16 @@ def _check_same(key: str, old: Any, new: Any) -> None:
                           f"({old} against {new}); run the whole evaluation instead")
 
 
-def check_updatable(report: dict[str, Any], settings: EvalSettings) -> None:
-    """Fail before generating anything when ``report`` was made with other settings than ``settings``."""
+def _refuse_set_runs(has_set_runs: bool) -> None:
+    if has_set_runs:
+        raise ConfigError("cannot update a report with several-at-once or generalisation runs (only per-concept rows "
+                          "merge): add --multi '' --generalization ''")
+
+
+def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs: bool = False) -> None:
+    """Fail before generating anything when an update of ``report`` would be refused (other settings, or
+    ``set_runs``: several-at-once or generalisation runs asked for)."""
+    _refuse_set_runs(set_runs)
     _check_same("settings", report.get("settings"), json.loads(json.dumps(asdict(settings))))
 
 
@@ -479,9 +493,7 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     blocks = [[(e["hook_point"], e["ablate_strength"]) for e in r.get("saes", [])] for r in (old, new)]
     if blocks[0] != blocks[1]:
         raise ConfigError(f"cannot update the report: its SAE blocks {blocks[0]} differ from this run's {blocks[1]}")
-    if new.get("multi") or new.get("generalization"):
-        raise ConfigError("cannot update a report with several-at-once or generalisation runs: update with "
-                          "--multi '' --generalization ''")
+    _refuse_set_runs(bool(new.get("multi") or new.get("generalization")))
     missing = [m for m in new["per_concept"] if m not in old["per_concept"]]
     if missing:
         raise ConfigError(f"cannot update the report: it has no {', '.join(missing)} rows to update")
@@ -567,13 +579,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def load_report(path: str) -> dict[str, Any]:
     """Read a report written by :func:`save_report` (clear errors for a missing or foreign file)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"no evaluation report at {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not a JSON evaluation report ({e})") from None
+    if not os.path.exists(path):
+        raise ConfigError(f"no evaluation report at {path}")
+    report = _read_json(path)
     if not isinstance(report, dict) or not {"settings", "grid", "clean_accuracy", "per_concept", "summary"} <= set(report):
         raise ConfigError(f"{path} is not an evaluation report from 'saeuron eval --json'")
     return report
