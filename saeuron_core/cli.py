@@ -30,7 +30,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from the command line: "0,1,2" or the inclusive range "0-9"."""
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(v) for v in text.split("-", 1))
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=50)
     c.add_argument("--guidance", type=float, default=7.5)
     c.add_argument("--scheduler", default="ddim")
-    c.add_argument("--seeds", type=_seeds, default=[0], help="'0,1,2' or '0-9'")
+    c.add_argument("--seeds", type=parse_seeds, default=[0], help="'0,1,2' or '0-9'")
     c.add_argument("--every-n-steps", type=int, default=1)
     c.add_argument("--halves", choices=["cond", "both"], default="cond")
     c.add_argument("--tokens-per-map", type=int, default=None, help="random subset of spatial tokens per map")
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sampling-steps", type=int, default=50, help="denoising steps per generation")
     o.add_argument("--guidance", type=float, default=7.5)
     o.add_argument("--scheduler", default="ddim")
-    o.add_argument("--seeds", type=_seeds, default=[0], help="'0,1,2' or '0-9'")
+    o.add_argument("--seeds", type=parse_seeds, default=[0], help="'0,1,2' or '0-9'")
     o.add_argument("--every-n-steps", type=int, default=1)
     o.add_argument("--halves", choices=["cond", "both"], default="cond")
     o.add_argument("--tokens-per-map", type=int, default=None)
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--steps", type=int, default=50)
     lc.add_argument("--guidance", type=float, default=7.5)
     lc.add_argument("--scheduler", default="ddim")
-    lc.add_argument("--seeds", type=_seeds, default=[0], help="'0,1,2' or '0-9'")
+    lc.add_argument("--seeds", type=parse_seeds, default=[0], help="'0,1,2' or '0-9'")
     lc.add_argument("--batch-size", type=int, default=4)
     sel = lc.add_mutually_exclusive_group()
     sel.add_argument("--top-n", type=int, default=None, help="features selected per timestep (default 3)")
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="none,negative_prompt,ablate,replace",
                     help="comma-separated: none, negative_prompt, ablate, replace")
     ev.add_argument("--concepts", default=None, help="comma-separated concepts (default: every object and style)")
-    ev.add_argument("--seeds", type=_seeds, default=[1000], help="'0,1,2' or '0-9' (one image per prompt and seed)")
+    ev.add_argument("--seeds", type=parse_seeds, default=[1000], help="'0,1,2' or '0-9' (one image per prompt and seed)")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=3.0)
     ev.add_argument("--scheduler", default="ddim")

@@ -24,6 +24,8 @@ sys.path.insert(0, ROOT)
 
 ASSETS = os.path.join(ROOT, "demo_assets")
 
+from saeuron_core.cli import parse_seeds  # noqa: E402  (after the sys.path line above)
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +34,7 @@ def parse_args() -> argparse.Namespace:
                    help="repeatable: SAEs on different blocks, each erases the concepts it has (default: the shipped)")
     p.add_argument("--classifier", default=os.path.join(ASSETS, "classifier"))
     p.add_argument("--concepts", default="star,heart,stripes,noise")
-    p.add_argument("--seeds", default="500")
+    p.add_argument("--seeds", type=parse_seeds, default=[500], help="'500,501' or '500-503'")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--strengths", default="1,3,10,30")
     p.add_argument("--end", type=float, default=1.0, help="erase only until this fraction of the denoising")
@@ -57,7 +59,7 @@ def main() -> None:
     from saeuron_core.pipelines import load_pipeline
 
     t0 = time.time()
-    base = EvalSettings(seeds=[int(s) for s in a.seeds.split(",")], steps=a.steps, end=a.end)
+    base = EvalSettings(seeds=a.seeds, steps=a.steps, end=a.end)
     from saeuron_core.demo.assets import SAES
 
     saes = [load_sae(p) for p in (a.sae or [os.path.join(ASSETS, name) for name in SAES])]

@@ -143,3 +143,10 @@ def test_sigkill_during_collection_then_resume_gives_the_same_store(tmp_path, sh
     for i in range(len(full.shards)):
         (a, ra), (b, rb) = full.load_shard(i), resumed.load_shard(i)
         assert torch.equal(a, b) and all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_parse_seeds_takes_lists_and_inclusive_ranges():
+    from saeuron_core.cli import parse_seeds
+    assert parse_seeds("500-503") == [500, 501, 502, 503]
+    assert parse_seeds("500,501") == [500, 501]
+    assert parse_seeds("7") == [7]
