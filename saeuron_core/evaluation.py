@@ -297,7 +297,27 @@ class Evaluator:
         cra = float((other_pred == other_label).float().mean())
         conf = float(other_prob[target].gather(1, other_label[target][:, None]).mean())
         return {"UA": ua, "IRA": ira, "CRA": cra, "retained_confidence": conf,
-                "activation_shift": self.activation_shift(out, clean, concept)}
+                "activation_shift": self.activation_shift(out, clean, concept),
+                "misread": self.misreads(kind, label[~target], pred[~target])}
+
+    def misreads(self, kind: str, label: Tensor, pred: Tensor) -> dict[str, int]:
+        """``{"<true> as <read>": count}`` of the wrong readings among these images, most frequent first.
+
+        Under a concept's erasure, over the other concepts' images of its kind, these are what IRA lost.
+        """
+        names = self.grid.object_names if kind == "object" else self.grid.style_names
+        wrong = pred != label
+        pairs = torch.stack([label[wrong], pred[wrong]], 1).tolist()
+        counts: dict[str, int] = {}
+        for t, r in pairs:
+            key = f"{names[t]} as {names[r]}"
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def clean_misreads(self, clean: RunOutput) -> dict[str, dict[str, int]]:
+        """The wrong readings of each head over the whole grid of a run (of the clean run: the errors IRA starts from)."""
+        lo, ls = self._labels()
+        return {"object": self.misreads("object", lo, clean.objects), "style": self.misreads("style", ls, clean.styles)}
 
     def activation_shift(self, out: RunOutput, clean: RunOutput, concept: str) -> float:
         """Distance of the block's per-channel statistics on the concept's prompts from clean concept-free ones.
@@ -431,7 +451,8 @@ def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
              "ablate_strength": ev.ablate_strength(i)} for i, hp in enumerate(ev.hook_points)]
     report: dict[str, Any] = {"settings": asdict(settings), "saes": saes,
                               "grid": {"objects": grid.object_names, "styles": grid.style_names},
-                              "clean_accuracy": ev.accuracy(clean), "per_concept": {}, "summary": {}}
+                              "clean_accuracy": ev.accuracy(clean), "clean_misread": ev.clean_misreads(clean),
+                              "per_concept": {}, "summary": {}}
     for method in methods:
         rows = ev.per_concept(method, concepts, clean)
         report["per_concept"][method] = rows
@@ -490,6 +511,8 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """
     for key in ("settings", "grid", "clean_accuracy"):
         _check_same(key, old.get(key), new.get(key))
+    if "clean_misread" in old and "clean_misread" in new:
+        _check_same("clean_misread", old["clean_misread"], new["clean_misread"])
     blocks = [[(e["hook_point"], e["ablate_strength"]) for e in r.get("saes", [])] for r in (old, new)]
     if blocks[0] != blocks[1]:
         raise ConfigError(f"cannot update the report: its SAE blocks {blocks[0]} differ from this run's {blocks[1]}")
@@ -530,6 +553,29 @@ def _summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]
     return lines
 
 
+def _counts(counts: dict[str, int], top: int = 3) -> str:
+    shown = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:top])
+    rest = sum(list(counts.values())[top:])
+    return (shown + (f", {rest} other" if rest else "")) or "none"
+
+
+def _misread_lines(report: dict[str, Any], per: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The in-domain misreadings behind each IRA (reports from before they were counted have none)."""
+    clean = report.get("clean_misread")
+    if not clean and not any("misread" in r for rows in per.values() for r in rows):
+        return []
+    lines = ["", "Misread images of the other concepts of the erased one's kind (what IRA lost; most frequent "
+                 "first, true label as read label):", ""]
+    if clean:
+        lines.append("- clean run, whole grid: objects " + _counts(clean["object"]) + "; styles "
+                     + _counts(clean["style"]))
+    for method, rows in per.items():
+        cells = [f"{r['concept']}: {_counts(r['misread'])}" for r in rows if "misread" in r]
+        if cells:
+            lines.append(f"- {method}: " + "; ".join(cells))
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a report from :func:`evaluate`."""
     s = report["settings"]
@@ -557,6 +603,7 @@ def format_report(report: dict[str, Any]) -> str:
         for i, row in enumerate(next(iter(per.values()))):
             cells = [f"{_pct(per[m][i]['UA'])} / {_pct(per[m][i]['IRA'])} / {_pct(per[m][i]['CRA'])}" for m in methods]
             lines.append(f"| {row['concept']} | {row['kind']} | " + " | ".join(cells) + " |")
+        lines += _misread_lines(report, per)
     if report.get("multi"):
         lines += ["", "Several concepts at once (half objects, half styles):", "",
                   "| method | n | concepts | UA | retain object | retain style |", "|---|---|---|---|---|---|"]

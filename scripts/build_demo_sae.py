@@ -78,17 +78,16 @@ def learn_args(a: argparse.Namespace) -> list[str]:
 
 
 def relearn(a: argparse.Namespace) -> None:
-    """Learn the ``--relearn`` concepts again into ``--out``, from the prompts the library gives them."""
+    """Learn the ``--relearn`` concepts again into ``--out`` from the prompts the library gives them, all from
+    one generation pass."""
     spec = library()
-    for name in a.relearn:
-        if name not in spec:
-            raise SystemExit(f"--relearn {name!r}: not a demo concept (one of {', '.join(spec)})")
-        files = []
-        for side in ("positive", "negative"):
-            files.append(os.path.join(a.work, f"relearn-{side}.json"))
-            with open(files[-1], "w") as f:
-                json.dump(spec[name][side], f)
-        run("learn-concept", a.out, "--concept", name, "--positive", files[0], "--negative", files[1], *learn_args(a))
+    unknown = [name for name in a.relearn if name not in spec]
+    if unknown:
+        raise SystemExit(f"--relearn {unknown[0]!r}: not a demo concept (one of {', '.join(spec)})")
+    lib = os.path.join(a.work, "relearn-library.json")
+    with open(lib, "w") as f:
+        json.dump({name: spec[name] for name in dict.fromkeys(a.relearn)}, f, indent=1)
+    run("learn-concept", a.out, "--library", lib, *learn_args(a))
     run("info", a.out)
 
 

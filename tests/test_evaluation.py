@@ -48,6 +48,9 @@ def test_ua_ira_cra_from_classifier_readings() -> None:
     assert m["IRA"] == pytest.approx(1 - 1 / 112)
     assert m["CRA"] == pytest.approx(1 - 4 / 128)
     assert m["retained_confidence"] == pytest.approx(0.9125)
+    names = ev.grid.object_names
+    assert m["misread"] == {f"{names[lo[other]]} as {names[objs[other]]}": 1}  # the one IRA lost
+    assert ev.clean_misreads(_run(ev, objs, stys))["object"] == {"star as circle": 16, **m["misread"]}
     # A style concept uses the style head for UA/IRA and the object head for CRA.
     m = ev.concept_metrics(_run(ev, objs, stys), "stripes", clean)
     assert m["CRA"] == pytest.approx(1 - 17 / 128)
@@ -89,6 +92,13 @@ def test_multi_concept_metrics_and_report_text() -> None:
     text = format_report(per_block)
     assert "ablate strength 10.0" not in text  # not used: the SAEs line says what is
     assert "SAEs: up_blocks.1.attentions.1 for stripes (ablate strength 3)." in text
+    assert "Misread" not in text  # no per-concept rows, no misread counts
+    misread = {"gradient as noise": 11, "stripes as solid": 2, "stripes as outline": 1, "gradient as outline": 1}
+    rows = [{"concept": "solid", "kind": "style", "UA": 1.0, "IRA": 0.87, "CRA": 0.96, "misread": misread}]
+    text = format_report({**report, "per_concept": {"ablate": rows},
+                          "clean_misread": {"object": {}, "style": {"gradient as noise": 1}}})
+    assert "- clean run, whole grid: objects none; styles gradient as noise 1" in text
+    assert "- ablate: solid: gradient as noise 11, stripes as solid 2, stripes as outline 1, 1 other" in text
 
 
 def test_strength_for_prefers_the_concept_then_the_block() -> None:
