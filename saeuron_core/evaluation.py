@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from contextlib import ExitStack
 from typing import Any, Callable, Optional, Sequence, Union
@@ -307,15 +308,11 @@ class Evaluator:
         """
         names = self.grid.object_names if kind == "object" else self.grid.style_names
         wrong = pred != label
-        pairs = torch.stack([label[wrong], pred[wrong]], 1).tolist()
-        counts: dict[str, int] = {}
-        for t, r in pairs:
-            key = f"{names[t]} as {names[r]}"
-            counts[key] = counts.get(key, 0) + 1
+        counts = Counter(f"{names[t]} as {names[r]}" for t, r in zip(label[wrong].tolist(), pred[wrong].tolist()))
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def clean_misreads(self, clean: RunOutput) -> dict[str, dict[str, int]]:
-        """The wrong readings of each head over the whole grid of a run (of the clean run: the errors IRA starts from)."""
+        """The wrong readings of each head over the whole grid of a run (of the clean run: where IRA starts)."""
         lo, ls = self._labels()
         return {"object": self.misreads("object", lo, clean.objects), "style": self.misreads("style", ls, clean.styles)}
 
