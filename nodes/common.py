@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 from saeuron_core.comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_target
 from saeuron_core.errors import ConfigError
+from saeuron_core.options import parse_assignments
 from saeuron_core.sae import TopKSAE
 
 CATEGORY = "SAeUron"
@@ -74,6 +75,11 @@ def validation(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def parse_concepts(text: str) -> list[str]:
     """Concept names from a widget: separated by commas or new lines."""
     return [part.strip() for line in str(text).splitlines() for part in line.split(",") if part.strip()]
+
+
+def parse_pairs(text: str) -> dict[str, str]:
+    """``"solid=solid (detector), gradient=g2"`` -> ``{"solid": "solid (detector)", "gradient": "g2"}``."""
+    return parse_assignments(parse_concepts(text), "detect_with", "'concept=entry' pairs separated by commas")
 
 
 def block_target(model: Any, sae: TopKSAE, hook_point: Optional[str] = None) -> ComfyTarget:

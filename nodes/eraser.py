@@ -9,7 +9,7 @@ from saeuron_core.interventions import MAX_ABLATE_STRENGTH, ConceptEraser, check
 from saeuron_core.sae import TopKSAE
 from saeuron_core.scoring import concept_names
 
-from .common import CATEGORY, block_target, parse_concepts, patch_block, validation
+from .common import CATEGORY, block_target, parse_concepts, parse_pairs, patch_block, validation
 
 
 class ConceptEraserNode:
@@ -42,24 +42,35 @@ class ConceptEraserNode:
                                       "tooltip": "Stop erasing after this fraction of the denoising (1 = last step)."}),
             "cfg_half": (["both", "cond", "uncond"], {"default": "both",
                                                      "tooltip": "Which classifier-free guidance half to edit."}),
+        }, "optional": {
+            "min_coverage": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Only touch an image where the concept's features fire on at least "
+                                                  "this share of the feature map (0 = wherever they fire). Keeps "
+                                                  "pictures without the concept as they were."}),
+            "detect_with": ("STRING", {"default": "", "multiline": False,
+                                       "tooltip": "With min_coverage: another library entry that decides where the "
+                                                  "concept is, as 'concept=entry' pairs separated by commas (e.g. "
+                                                  "'solid=solid (detector)'). Empty: each concept's own features."}),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, concepts: str = "", method: str = "ablate", strength: float = 1.0,
-                        start_percent: float = 0.0, end_percent: float = 1.0, cfg_half: str = "both") -> Any:
+                        start_percent: float = 0.0, end_percent: float = 1.0, cfg_half: str = "both",
+                        min_coverage: float = 0.0, detect_with: str = "") -> Any:
         def check() -> None:
-            check_options(method, strength, start_percent, end_percent, cfg_half)
+            check_options(method, strength, start_percent, end_percent, cfg_half, min_coverage)
+            parse_pairs(detect_with)
             if not parse_concepts(concepts):
                 raise ConfigError("choose at least one concept (names from the SAE's library, comma separated)")
         return validation(check)
 
     def erase(self, model: Any, sae: TopKSAE, concepts: str, method: str, strength: float, start_percent: float,
-              end_percent: float, cfg_half: str) -> tuple[Any]:
+              end_percent: float, cfg_half: str, min_coverage: float = 0.0, detect_with: str = "") -> tuple[Any]:
         target = block_target(model, sae)
         names = parse_concepts(concepts)
         if not names:
             known = ", ".join(concept_names(sae)) or "none"
             raise ConfigError(f"no concept chosen; this SAE knows: {known}")
         eraser = ConceptEraser(sae, names, method, strength=strength, start=start_percent, end=end_percent,
-                               cfg=cfg_half)
+                               cfg=cfg_half, min_coverage=min_coverage, detect_with=parse_pairs(detect_with))
         return (patch_block(model, sae, eraser, target),)

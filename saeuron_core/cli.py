@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--start", type=float, default=0.0, help="start of the window (fraction of denoising, 0 = first step)")
     e.add_argument("--end", type=float, default=1.0, help="end of the window (fraction of denoising)")
     e.add_argument("--cfg", choices=["both", "cond", "uncond"], default="both", help="CFG halves to edit")
+    e.add_argument("--min-coverage", type=float, default=0.0,
+                   help="touch a concept only in images where its features fire on at least this share (0-1) of the "
+                        "feature map (0: wherever they fire)")
     e.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
     _generation_args(e)
     e.add_argument("--batch-size", type=int, default=4)
@@ -210,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where replacement patches come from")
     ev.add_argument("--dilation", type=int, default=0, help="grow the detection mask by this many patches")
     ev.add_argument("--threshold-scale", type=float, default=1.0, help="multiply the firing thresholds")
+    ev.add_argument("--min-coverage", type=float, default=0.0,
+                    help="erase a concept only in images where its features fire on at least this share (0-1) of "
+                         "the hooked feature map (0: everywhere they fire)")
+    ev.add_argument("--min-coverage-of", action="append", default=[], metavar="CONCEPT=SHARE",
+                    help="one concept's own min coverage (repeatable)")
+    ev.add_argument("--detect-with", action="append", default=[], metavar="CONCEPT=ENTRY",
+                    help="the library entry whose features read CONCEPT's coverage for the gate (repeatable; "
+                         "default: its own)")
     ev.add_argument("--window", default="0:1", help="START:END fractions of the denoising where the SAE methods act")
     ev.add_argument("--multi", default="2,4,8", help="sizes of concept sets erased at once ('' for none)")
     ev.add_argument("--generalization", default="euler_a:30",
@@ -501,7 +512,7 @@ def _cmd_erase(a: argparse.Namespace) -> int:
 
     out = _png_out(a.out)
     sae = load_sae(a.sae, device=a.device)
-    options = {"start": a.start, "end": a.end, "cfg": a.cfg}
+    options = {"start": a.start, "end": a.end, "cfg": a.cfg, "min_coverage": a.min_coverage}
     ConceptEraser(sae, a.concept, a.method, strength=a.strength, **options)  # bad options fail before the model loads
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
     pairs = compare_erasure(pipe, sae, a.concept, a.prompt, method=a.method, strength=a.strength, seed=a.seed,
@@ -578,14 +589,11 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         raise ConfigError("--multi takes integers like '2,4,8'; --generalization SCHEDULER:STEPS like 'euler_a:30'; "
                           "--window START:END like '0:0.5'") from None
     from .demo import assets
+    from .options import parse_assignments
 
-    at = {}
-    for item in a.ablate_strength_at:
-        hook, _, value = item.partition("=")
-        try:
-            at[hook.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"--ablate-strength-at takes HOOK_POINT=STRENGTH, got {item!r}") from None
+    at = parse_assignments(a.ablate_strength_at, "--ablate-strength-at", "HOOK_POINT=STRENGTH", float)
+    coverage_of = parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float)
+    detect_with = parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY", str)
     if a.ablate_strength is None and not a.sae and not at:  # the shipped SAEs with the strengths chosen for them
         at, of = assets.shipped_strengths()
         if a.ablate_strengths is not None:
@@ -597,6 +605,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                             ablate_strength_at=at, ablate_strength_of=of, replace_strength=a.replace_strength,
                             start=start, end=end,
                             replace_source=a.replace_source, dilation=a.dilation, threshold_scale=a.threshold_scale,
+                            min_coverage=a.min_coverage, min_coverage_of=coverage_of, detect_with=detect_with,
                             batch_size=a.batch_size)
     if a.quick:
         settings.seeds, settings.steps = settings.seeds[:1], 8

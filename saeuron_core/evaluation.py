@@ -59,6 +59,9 @@ class EvalSettings:
     ablate_strength_of: dict[str, float] = field(default_factory=dict)  # concept -> its own strength (wins over both)
     replace_strength: float = 1.0
     threshold_scale: float = 1.0
+    min_coverage: float = 0.0  # erase a concept only in images where it fires on this share of the feature map
+    min_coverage_of: dict[str, float] = field(default_factory=dict)  # concept -> its own gate (wins over the common)
+    detect_with: dict[str, str] = field(default_factory=dict)  # concept -> library entry that reads its coverage
     dilation: int = 0
     replace_source: str = "sample"
     start: float = 0.0  # the SAE methods act on this window of the denoising (0 = first step)
@@ -72,6 +75,11 @@ class EvalSettings:
     def strength_for(self, concept: str, hook_point: str) -> float:
         """Ablation strength of ``concept`` at ``hook_point``: its own if chosen, else that block's."""
         return self.ablate_strength_of.get(concept, self.block_strength(hook_point))
+
+    def gate_options(self, concepts: Sequence[str]) -> dict[str, Any]:
+        """The eraser's ``min_coverage`` and ``detect_with`` for these concepts."""
+        return {"min_coverage": {c: self.min_coverage_of.get(c, self.min_coverage) for c in concepts},
+                "detect_with": {c: e for c, e in self.detect_with.items() if c in concepts}}
 
 
 def concept_owners(saes: Sequence[TopKSAE]) -> dict[str, list[int]]:
@@ -158,7 +166,7 @@ class Evaluator:
                  grid: Optional[Grid] = None, progress: Optional[Callable[[str], None]] = None) -> None:
         if not settings.seeds or settings.steps < 1 or settings.batch_size < 1:
             raise ConfigError("evaluation needs at least one seed, steps >= 1 and batch_size >= 1")
-        check_options("ablate", None, settings.start, settings.end)
+        check_options("ablate", None, settings.start, settings.end, min_coverage=settings.min_coverage)
         self.saes = [sae] if isinstance(sae, TopKSAE) else list(sae)
         if not self.saes:
             raise ConfigError("evaluation needs at least one SAE")
@@ -179,10 +187,17 @@ class Evaluator:
         self.owners = concept_owners(self.saes)
         # concepts of the grid without a library entry cannot be erased by SAE methods
         self.missing = [c for c in self.grid.object_names + self.grid.style_names if c not in self.owners]
-        stray = sorted(set(settings.ablate_strength_of) - set(self.owners))
-        if stray:
-            raise ConfigError(f"an ablate strength is set for {', '.join(map(repr, stray))} but no SAE's concept "
-                              f"library has it")
+        for what, names in (("an ablate strength", settings.ablate_strength_of),
+                            ("a min_coverage", settings.min_coverage_of), ("a detector", settings.detect_with)):
+            stray = sorted(set(names) - set(self.owners))
+            if stray:
+                raise ConfigError(f"{what} is set for {', '.join(map(repr, stray))} but no SAE's concept library has it")
+        for i, sae in enumerate(self.saes):  # every SAE that erases a gated concept needs its detector entry
+            mine = [c for c in settings.detect_with if i in self.owners.get(c, [])]
+            lacking = [settings.detect_with[c] for c in mine if settings.detect_with[c] not in sae.concepts]
+            if lacking:
+                raise ConfigError(f"the SAE at {self.hook_points[i]} erases {', '.join(map(repr, mine))} but its "
+                                  f"library lacks the detector {', '.join(map(repr, lacking))}")
 
     def ablate_strength(self, i: int) -> float:
         """Ablation strength of the ``i``-th SAE (its block's override, else the common one)."""
@@ -215,11 +230,12 @@ class Evaluator:
                 continue
             if method == "ablate":
                 out[self.hook_points[i]] = ConceptEraser(sae, {c: self.concept_strength(c, i) for c in mine},
-                                                         "ablate", start=s.start, end=s.end)
+                                                         "ablate", start=s.start, end=s.end, **s.gate_options(mine))
             else:
                 out[self.hook_points[i]] = ConceptEraser(
                     sae, mine, "replace", strength=s.replace_strength, threshold_scale=s.threshold_scale,
-                    dilation=s.dilation, source=s.replace_source, start=s.start, end=s.end)
+                    dilation=s.dilation, source=s.replace_source, start=s.start, end=s.end,
+                    **s.gate_options(mine))
         return out
 
     def run(self, method: str, concepts: Sequence[str] = (), *, scheduler: Optional[str] = None,
@@ -495,7 +511,9 @@ def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs:
     """Fail before generating anything when an update of ``report`` would be refused (other settings, or
     ``set_runs``: several-at-once or generalisation runs asked for)."""
     _refuse_set_runs(set_runs)
-    _check_same("settings", report.get("settings"), json.loads(json.dumps(asdict(settings))))
+    # settings added after the report was written count as their defaults
+    old = {**json.loads(json.dumps(asdict(EvalSettings()))), **(report.get("settings") or {})}
+    _check_same("settings", old, json.loads(json.dumps(asdict(settings))))
 
 
 def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -585,6 +603,12 @@ def format_report(report: dict[str, Any]) -> str:
              f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
     if (s.get("start", 0.0), s.get("end", 1.0)) != (0.0, 1.0):
         lines += [f"The SAE methods act from {s['start']:g} to {s['end']:g} of the denoising.", ""]
+    if s.get("min_coverage") or s.get("min_coverage_of"):
+        gates = ([f"{100 * s['min_coverage']:g}% for every concept"] if s.get("min_coverage") else []) + [
+            f"{c} {100 * v:g}%" + (f" (read by {s.get('detect_with', {})[c]!r})" if c in s.get("detect_with", {}) else "")
+            for c, v in s.get("min_coverage_of", {}).items()]
+        lines += ["The SAE methods touch a concept only in images where its features fire on at least this share of "
+                  "the feature map (min_coverage): " + ", ".join(gates) + ".", ""]
     if s.get("ablate_strength_of"):
         lines += ["Ablation strength per concept (chosen on validation): " + ", ".join(
             f"{c} {v:g}" for c, v in s["ablate_strength_of"].items()) + ".", ""]

@@ -12,6 +12,15 @@
 
 Both act only inside a denoising window (``start``..``end`` as a fraction of the denoising, 0 =
 first step), on the chosen CFG rows, and look features up by timestep *value*.
+
+With ``min_coverage`` a concept is only touched in the images where its features fire on at least
+that share of the feature map (per call, read on the image's conditional row and applied to both
+CFG rows of that image). A concept's features also fire on a few tokens of images that lack it;
+erasing there is what costs the other concepts, and the gate leaves those images alone.
+``detect_with`` lets another library entry read the coverage: strong features that a sibling concept
+shares erase well but fire on the sibling's images too; an entry learned with ``peak_specificity``
+fires only where the concept is, so it can decide where the strong ones act (look with one, touch
+with the other).
 """
 
 from __future__ import annotations
@@ -53,6 +62,13 @@ def normalize_concepts(concepts: ConceptsArg, strength: float) -> dict[str, floa
     return out
 
 
+def _check_coverage(name: Optional[str], value: float) -> None:
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        which = f"min_coverage for {name!r}" if name is not None else "min_coverage"
+        raise ConfigError(f"{which} must be between 0 and 1 (the share of the feature map where the concept's "
+                          f"features must fire before the image is edited), got {value}")
+
+
 def _check_strength(method: str, name: Optional[str], value: float) -> None:
     upper = MAX_ABLATE_STRENGTH if method == "ablate" else 1.0
     if not math.isfinite(value) or not 0.0 <= value <= upper:
@@ -62,7 +78,7 @@ def _check_strength(method: str, name: Optional[str], value: float) -> None:
 
 
 def check_options(method: str, strength: Optional[float], start: float = 0.0, end: float = 1.0,
-                  cfg: str = "both") -> None:
+                  cfg: str = "both", min_coverage: float = 0.0) -> None:
     """Validate an eraser's options (raises :class:`ConfigError` saying what is expected)."""
     if method not in ("ablate", "replace"):
         raise ConfigError(f"method must be 'ablate' or 'replace', got {method!r}")
@@ -72,6 +88,7 @@ def check_options(method: str, strength: Optional[float], start: float = 0.0, en
         raise ConfigError(f"the window needs 0 <= start <= end <= 1 (fractions of the denoising), got {start}..{end}")
     if cfg not in ("both", "cond", "uncond"):
         raise ConfigError(f"cfg must be 'both', 'cond' or 'uncond', got {cfg!r}")
+    _check_coverage(None, min_coverage)
 
 
 @dataclass
@@ -91,7 +108,8 @@ class ConceptEraser:
                  start: float = 0.0, end: float = 1.0, cfg: Literal["both", "cond", "uncond"] = "both",
                  threshold_scale: float = 1.0, dilation: int = 0,
                  source: Literal["sample", "nearest", "uncond"] = "sample", seed: int = 0,
-                 record_masks: bool = False) -> None:
+                 record_masks: bool = False, min_coverage: Union[float, Mapping[str, float]] = 0.0,
+                 detect_with: Optional[Mapping[str, str]] = None) -> None:
         check_options(method, None, start, end, cfg)
         if source not in ("sample", "nearest", "uncond"):
             raise ConfigError(f"source must be 'sample', 'nearest' or 'uncond', got {source!r}")
@@ -103,26 +121,65 @@ class ConceptEraser:
         for name, value in self.strengths.items():
             _check_strength(method, name, value)
         self.concepts: list[ConceptData] = [get_concept(sae, name) for name in self.strengths]
+        self.min_coverage = self._coverage_per_concept(min_coverage)
+        self.detect_with = self._detectors(detect_with or {})
+        # the entry whose features read each gated concept's coverage (None: not gated)
+        self.detectors: list[Optional[ConceptData]] = [
+            (get_concept(sae, self.detect_with[c.name]) if c.name in self.detect_with else c)
+            if float(self.min_coverage[j]) > 0 else None for j, c in enumerate(self.concepts)]
         self.record_masks = record_masks
         self.masks: list[MaskRecord] = []
         self._sae_copies: dict[torch.device, TopKSAE] = {}
         self._build_tables()
 
+    def _coverage_per_concept(self, min_coverage: Union[float, Mapping[str, float]]) -> Tensor:
+        """``[n_concepts]`` gate of each erased concept (a mapping names some; the others get 0)."""
+        if isinstance(min_coverage, Mapping):
+            stray = sorted(set(min_coverage) - set(self.strengths))
+            if stray:
+                raise ConfigError(f"min_coverage is set for {', '.join(map(repr, stray))}, which this eraser does "
+                                  f"not erase (it erases {', '.join(map(repr, self.strengths))})")
+            values = {str(k): float(v) for k, v in min_coverage.items()}
+        else:
+            _check_coverage(None, float(min_coverage))
+            values = {name: float(min_coverage) for name in self.strengths}
+        for name, value in values.items():
+            _check_coverage(name, value)
+        return torch.tensor([values.get(name, 0.0) for name in self.strengths], dtype=torch.float32)
+
+    def _detectors(self, detect_with: Mapping[str, str]) -> dict[str, str]:
+        """``{concept: library entry}`` checked: the concept is erased here and the entry is in the library."""
+        if not isinstance(detect_with, Mapping):
+            raise ConfigError("detect_with must map erased concepts to library entries, like {'solid': 'solid "
+                              "(detector)'}")
+        out = {str(k): str(v) for k, v in detect_with.items()}
+        stray = sorted(set(out) - set(self.strengths))
+        if stray:
+            raise ConfigError(f"detect_with is set for {', '.join(map(repr, stray))}, which this eraser does not "
+                              f"erase (it erases {', '.join(map(repr, self.strengths))})")
+        for name, entry in out.items():
+            get_concept(self.sae, entry)  # an unknown entry fails here, with the known ones listed
+        return out
+
     # -- lookup tables: one dense row of n_latents per timestep bucket, for all concepts at once ----
     def _build_tables(self) -> None:
         n = self.sae.n_latents
-        if not self.concepts:
+        everything = self.concepts + [d for d in self.detectors if d is not None]
+        if not everything:
             self.n_buckets, self.bucket_width, self.max_timestep = 1, 1000.0, 1000
         else:
-            grids = {(c.bucket_width, c.max_timestep, c.n_buckets) for c in self.concepts}
+            grids = {(c.bucket_width, c.max_timestep, c.n_buckets) for c in everything}
             if len(grids) > 1:
                 raise ConfigError("these concepts were learned with different timestep buckets; relearn them with "
                                   "the same bucket width")
             self.bucket_width, self.max_timestep, self.n_buckets = grids.pop()
-        nb = self.n_buckets
+        nb, nc = self.n_buckets, len(self.concepts)
         scale = torch.ones(nb, n)
         thr = torch.full((nb, n), math.inf)
-        for c in self.concepts:
+        # Per concept, the features it edits and those that read its coverage for the gate.
+        edits = torch.zeros(nc, nb, n, dtype=torch.bool)
+        reads = torch.zeros(nc, nb, n, dtype=torch.bool)
+        for j, c in enumerate(self.concepts):
             gamma = -self.strengths[c.name]
             if gamma == 0.0:
                 continue  # strength 0: the concept changes nothing
@@ -132,6 +189,14 @@ class ConceptEraser:
             # A feature shared by several concepts takes the strongest push and the lowest threshold.
             scale[b_idx, f_idx] = torch.minimum(scale[b_idx, f_idx], gamma * c.mu[sel])
             thr[b_idx, f_idx] = torch.minimum(thr[b_idx, f_idx], c.threshold[sel] * self.threshold_scale)
+            edits[j, b_idx, f_idx] = True
+            detector = self.detectors[j]
+            if detector is not None:  # gated: its detector's features read the coverage (scale 1: no edit)
+                dsel = detector.selected_mask()
+                db = torch.arange(nb)[:, None].expand_as(detector.feature_ids)[dsel]
+                df = detector.feature_ids[dsel]
+                thr[db, df] = torch.minimum(thr[db, df], detector.threshold[dsel] * self.threshold_scale)
+                reads[j, db, df] = True
         # Compact per-bucket slots: the union of the selected features, their push and threshold.
         chosen = thr < math.inf
         width = max(int(chosen.sum(1).max()) if nb else 0, 1)
@@ -139,19 +204,25 @@ class ConceptEraser:
         self.sel_valid = torch.zeros(nb, width, dtype=torch.bool)
         self.sel_scale = torch.ones(nb, width)
         self.sel_thr = torch.full((nb, width), math.inf)
+        self.sel_edits = torch.zeros(nb, width, max(nc, 1), dtype=torch.bool)
+        self.sel_reads = torch.zeros(nb, width, max(nc, 1), dtype=torch.bool)
         for b in range(nb):
             ids = chosen[b].nonzero().squeeze(1)
             self.sel_ids[b, : len(ids)] = ids
             self.sel_valid[b, : len(ids)] = True
             self.sel_scale[b, : len(ids)] = scale[b, ids]
             self.sel_thr[b, : len(ids)] = thr[b, ids]
+            self.sel_edits[b, : len(ids), :nc] = edits[:, b, ids].T
+            self.sel_reads[b, : len(ids), :nc] = reads[:, b, ids].T
         self._device_tables: dict[Any, tuple[Tensor, ...]] = {}
 
     def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
         key = (device, dtype)
         if key not in self._device_tables:
             self._device_tables[key] = (self.sel_ids.to(device), self.sel_valid.to(device),
-                                        self.sel_scale.to(device, dtype), self.sel_thr.to(device, dtype))
+                                        self.sel_scale.to(device, dtype), self.sel_thr.to(device, dtype),
+                                        self.sel_edits.to(device), self.sel_reads.to(device),
+                                        self.min_coverage.to(device))
         return self._device_tables[key]
 
     # -- which rows of this call are edited ---------------------------------------------------------
@@ -173,18 +244,26 @@ class ConceptEraser:
             raise ConfigError("erasing needs the timestep of each call: hook the UNet, not a lone block")
         return bucket_of(timesteps, self.bucket_width, self.n_buckets)
 
+    @property
+    def gated(self) -> bool:
+        """Whether some concept is only erased where it covers at least ``min_coverage`` of the map."""
+        return bool((self.min_coverage > 0).any())
+
     def __call__(self, call: BlockCall) -> Optional[Tensor]:
         rows = self.active_rows(call)
         if not rows.any():
             return None
-        row_idx = rows.nonzero().squeeze(1)
+        # A gated eraser reads every row: an unconditional row is gated by its conditional partner.
+        seen = torch.ones_like(rows) if self.gated else rows
+        row_idx = seen.nonzero().squeeze(1)
         x = call.tokens[row_idx.to(call.tokens.device)]
         sae = self.sae_on(x.device)
+        gate = (call.is_cond[seen], rows[seen]) if self.gated else None
         with torch.no_grad():
-            mask, tok, fires, values, ids = self._detect(sae, x, self.buckets(call.timesteps[rows], x.shape[0]))
+            mask, tok, fires, values, ids = self._detect(sae, x, self.buckets(call.timesteps[seen], x.shape[0]), gate)
             if self.method == "replace":
                 new_x = self._replace(call, row_idx, x, mask)
-            elif tok is None:
+            elif tok is None or not mask.any():
                 return None
             else:
                 new_x = self._ablate(sae, x, tok, fires, values, ids)
@@ -192,14 +271,16 @@ class ConceptEraser:
         out[row_idx.to(out.device)] = new_x
         return out
 
-    def _detect(self, sae: TopKSAE, x: Tensor, buckets: Tensor) -> tuple[Tensor, Any, Any, Any, Any]:
+    def _detect(self, sae: TopKSAE, x: Tensor, buckets: Tensor, gate: Optional[tuple[Tensor, Tensor]] = None
+                ) -> tuple[Tensor, Any, Any, Any, Any]:
         """Where the selected features fire: ``(mask [r, t], token ids, fires [m, S], values, feature ids)``.
 
         Only the selected features' pre-activations are computed for every token; the full
         encode (needed to know whether a feature is in the token's top-k) runs only for tokens
         where one of them exceeds its threshold, so prompts without the concept cost little.
+        ``gate`` (``is_cond [r]``, ``edit [r]``) applies ``min_coverage`` and leaves rows not to edit alone.
         """
-        ids_t, valid_t, scale_t, thr_t = self._tables(sae.device, sae.dtype)
+        ids_t, valid_t, scale_t, thr_t, edits_t, reads_t, cover_t = self._tables(sae.device, sae.dtype)
         b = buckets.to(sae.device)
         ids, valid, thr = ids_t[b], valid_t[b], thr_t[b]                           # [r, S]
         xs = x.to(device=sae.device, dtype=sae.dtype)
@@ -215,8 +296,34 @@ class ConceptEraser:
         kth = full.topk(sae.k, dim=-1, sorted=False).values.min(-1, keepdim=True).values
         values = full.gather(1, ids[ri])                                             # [m, S]
         fires = valid[ri] & (values > thr[ri]) & (values > 0) & (values >= kth)
+        if gate is not None:
+            fires = self._gate(fires, edits_t[b][ri], reads_t[b][ri], ri, x.shape, cover_t, *gate)
         mask[ri.to(x.device), ti.to(x.device)] = fires.any(-1).to(x.device)
         return mask, (ri, ti), fires, values * torch.where(fires, scale_t[b][ri] - 1, 0), ids[ri]
+
+    @staticmethod
+    def _gate(fires: Tensor, edits: Tensor, reads: Tensor, ri: Tensor, shape: torch.Size, min_coverage: Tensor,
+              is_cond: Tensor, edit: Tensor) -> Tensor:
+        """``fires`` kept only on the slots a concept edits where it is open, and only on rows to edit.
+
+        A concept is open in a row when its detector's features (``reads``; its own unless
+        ``detect_with`` names another entry) fire on at least ``min_coverage`` of the tokens of that
+        image's conditional row (the k-th unconditional row is paired with the k-th conditional one, as
+        in the batch; without a partner a row reads its own coverage). Ungated concepts are always open.
+        """
+        rows, n_tokens = shape[0], shape[1]
+        shows = (fires[:, :, None] & reads).any(1).to(min_coverage.dtype)                 # [m, concepts]
+        coverage = torch.zeros(rows, reads.shape[-1], dtype=min_coverage.dtype, device=fires.device)
+        coverage.index_add_(0, ri, shows)
+        coverage /= n_tokens
+        is_cond, edit = is_cond.to(fires.device), edit.to(fires.device)
+        cond_rows, uncond_rows = is_cond.nonzero().squeeze(1), (~is_cond).nonzero().squeeze(1)
+        if len(cond_rows) == len(uncond_rows):
+            coverage[uncond_rows] = coverage[cond_rows]
+        gates = torch.zeros(reads.shape[-1], dtype=min_coverage.dtype, device=fires.device)
+        gates[: len(min_coverage)] = min_coverage
+        open_ = (coverage >= gates) & edit[:, None]                                          # [rows, concepts]
+        return fires & (edits & open_[ri][:, None, :]).any(-1)
 
     def sae_on(self, device: torch.device) -> TopKSAE:
         """The SAE on the activations' device (a cached copy when the model runs elsewhere)."""
@@ -304,7 +411,7 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ab
     ``target`` is a diffusers pipeline (CFG halves are read from it) or a bare UNet (then
     ``cfg_layout`` says how its batches are laid out; default ``"uncond_cond"`` as diffusers does).
     Options: ``start``, ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``seed``,
-    ``record_masks`` (see :class:`ConceptEraser`).
+    ``record_masks``, ``min_coverage``, ``detect_with`` (see :class:`ConceptEraser`).
     """
     unet = getattr(target, "unet", target)
     hook_point = hook_point or sae.config.hook_point

@@ -8,7 +8,9 @@
 
 Writes ``<out>/sae.safetensors``; activations and checkpoints go to ``--work`` (not shipped).
 Every step resumes if interrupted. ``--relearn CONCEPT`` skips 1 and 2 and learns that library
-concept again in ``--out`` (in place, the same prompts and seeds), e.g. with another ``--top-n``.
+concept again in ``--out`` (in place, the same prompts and seeds), e.g. with another ``--top-n``;
+with ``--name-suffix ' (detector)'`` it is stored beside the original under that name instead
+(a detector entry for the erasers' ``detect_with``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--relearn", action="append", default=None, metavar="CONCEPT",
                    help="repeatable: only learn this concept of the library again, in --out in place (no collect or "
                         "train), with this run's --top-n and specificity")
+    p.add_argument("--name-suffix", default="",
+                   help="with --relearn: store each relearned concept as NAME+SUFFIX (e.g. ' (detector)'), keeping "
+                        "the original entry")
     return p.parse_args()
 
 
@@ -86,7 +91,7 @@ def relearn(a: argparse.Namespace) -> None:
         raise SystemExit(f"--relearn {unknown[0]!r}: not a demo concept (one of {', '.join(spec)})")
     lib = os.path.join(a.work, "relearn-library.json")
     with open(lib, "w") as f:
-        json.dump({name: spec[name] for name in dict.fromkeys(a.relearn)}, f, indent=1)
+        json.dump({name + a.name_suffix: spec[name] for name in dict.fromkeys(a.relearn)}, f, indent=1)
     run("learn-concept", a.out, "--library", lib, *learn_args(a))
     run("info", a.out)
 

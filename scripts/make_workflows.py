@@ -58,7 +58,8 @@ def sample(graph: dict, first_id: int, model: list, prefix: str) -> None:
 def eraser(concepts: str, method: str, strength: float, model: list | None = None, sae: list | None = None) -> dict:
     return {"class_type": "SAeUronConceptEraser", "inputs": {
         "model": model or ["1", 0], "sae": sae or ["2", 0], "concepts": concepts, "method": method,
-        "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "cfg_half": "both"}}
+        "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "cfg_half": "both", "min_coverage": 0.0,
+        "detect_with": ""}}
 
 
 def erase(name: str, prompt: str, concept: str, sae: str, method: str) -> dict:

@@ -97,27 +97,30 @@ def test_erasers_chain(host):
     assert torch.isfinite(at_once).all() and torch.isfinite(chained).all()
 
 
-def raw_outputs(host, hook_point, sae, method="ablate"):
+def raw_outputs(host, hook_point, sae, method="ablate", **options):
     """One UNet call on the same inputs through diffusers hooks and through the ComfyUI patch."""
     import comfy.utils
 
     torch.manual_seed(3)
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
-    out = erased_outputs(host, host["model"], host["pipe"].unet, sae, hook_point, "cat", method, x, ctx)
+    out = erased_outputs(host, host["model"], host["pipe"].unet, sae, hook_point, "cat", method, x, ctx, **options)
     assert isinstance(comfy.utils.get_attr(host["model"].model, "diffusion_model.output_blocks.5.1"),
                       __import__("comfy.ldm.modules.attention", fromlist=["x"]).SpatialTransformer)
     return out
 
 
-def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx):
+def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx, **options):
     """``(diffusers output, ComfyUI output, plain output)`` of one CFG-batched UNet call with ``concept`` erased."""
     strength = 10.0 if method == "ablate" else 1.0
     sigma = model.model.model_sampling.sigma(torch.tensor([620.0]))
     t = model.model.model_sampling.timestep(sigma).float()
-    with torch.no_grad(), BlockHook(unet, hook_point, ConceptEraser(sae, [concept], method, strength=strength),
-                                    cfg_layout="uncond_cond"):
+    with torch.no_grad(), BlockHook(unet, hook_point, ConceptEraser(sae, [concept], method, strength=strength,
+                                                                    **options), cfg_layout="uncond_cond"):
         diffusers_out = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
-    patched = node(host, "SAeUronConceptEraser").erase(model, sae, concept, method, strength, 0.0, 1.0, "both")[0]
+    node_options = {k: (", ".join(f"{c}={e}" for c, e in v.items()) if k == "detect_with" else v)
+                    for k, v in options.items()}
+    patched = node(host, "SAeUronConceptEraser").erase(model, sae, concept, method, strength, 0.0, 1.0, "both",
+                                                       **node_options)[0]
     options = {"patches": patched.model_options["transformer_options"].get("patches", {}),
                "cond_or_uncond": [1, 0], "sigmas": sigma}
     patched.patch_model()
@@ -137,6 +140,24 @@ def test_comfyui_and_diffusers_paths_agree(host, method):
     diffusers_out, comfy_out, plain = raw_outputs(host, HOOK, host["sae"], method)
     assert not torch.allclose(diffusers_out, plain, atol=1e-4)
     torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+
+
+def test_min_coverage_reaches_the_eraser_and_gates_images(host):
+    gated = raw_outputs(host, HOOK, host["sae"], min_coverage=0.05)
+    torch.testing.assert_close(gated[1], gated[0], atol=1e-4, rtol=1e-4)   # node and diffusers agree
+    closed = raw_outputs(host, HOOK, host["sae"], min_coverage=1.0)
+    assert not torch.allclose(raw_outputs(host, HOOK, host["sae"])[0], closed[2], atol=1e-4)
+    torch.testing.assert_close(closed[1], closed[2], atol=1e-5, rtol=1e-5)  # nothing covers the whole map
+    error = node(host, "SAeUronConceptEraser").VALIDATE_INPUTS(concepts="cat", min_coverage=1.5)
+    assert isinstance(error, str) and "min_coverage must be between 0 and 1" in error
+    # another entry decides where cat is: the node passes 'concept=entry' pairs through
+    by_dog = raw_outputs(host, HOOK, host["sae"], min_coverage=0.05, detect_with={"cat": "dog"})
+    torch.testing.assert_close(by_dog[1], by_dog[0], atol=1e-4, rtol=1e-4)
+    error = node(host, "SAeUronConceptEraser").VALIDATE_INPUTS(concepts="cat", detect_with="cat")
+    assert isinstance(error, str) and "detect_with takes 'concept=entry' pairs" in error
+    with pytest.raises(ConfigError, match="unknown concept 'horse'"):
+        node(host, "SAeUronConceptEraser").erase(host["model"], host["sae"], "cat", "ablate", 1.0, 0.0, 1.0, "both",
+                                                 min_coverage=0.1, detect_with="cat=horse")
 
 
 def test_block_before_an_upsampler_or_last_uses_an_object_patch(host):

@@ -104,6 +104,10 @@ def test_eval_refuses_block_strengths_it_cannot_use(capsys):
     assert code == 2 and "--ablate-strength-at takes HOOK_POINT=STRENGTH, got 'up_blocks.1.attentions.2'" in err
     code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strength-at", "up_blocks.1.attentions.0=3")
     assert code == 2 and "an ablate strength is set for up_blocks.1.attentions.0 but no SAE hooks it" in err
+    code, _, err = run_cli(capsys, "eval", "--quick", "--min-coverage-of", "stripes=most")
+    assert code == 2 and "--min-coverage-of takes CONCEPT=SHARE, got 'stripes=most'" in err
+    code, _, err = run_cli(capsys, "eval", "--quick", "--detect-with", "stripes=stripes (detector)")
+    assert code == 2 and "lacks the detector 'stripes (detector)'" in err
 
 
 def test_eval_update_refuses_missing_foreign_and_mismatched_reports_before_generating(capsys, tmp_path):

@@ -191,6 +191,29 @@ def test_concept_strengths_win_over_block_strengths() -> None:
         Evaluator(None, [objects], None, EvalSettings(ablate_strength_of={"star": -1.0}))._erasers("ablate", ["star"])
 
 
+def test_gates_and_detectors_reach_the_erasers() -> None:
+    objects = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="down_blocks.2.attentions.1")),
+                             ["star", "heart"])
+    styles = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="up_blocks.1.attentions.2")),
+                            ["solid", "noise", "solid (detector)"])
+    settings = EvalSettings(min_coverage=0.1, min_coverage_of={"solid": 0.05, "star": 0.0},
+                            detect_with={"solid": "solid (detector)"})
+    ev = Evaluator(None, [objects, styles], None, settings)
+    erasers = ev._erasers("ablate", ["star", "heart", "solid", "noise"])
+    assert erasers["down_blocks.2.attentions.1"].min_coverage.tolist() == pytest.approx([0.0, 0.1])
+    style = erasers["up_blocks.1.attentions.2"]
+    assert style.min_coverage.tolist() == pytest.approx([0.05, 0.1])
+    assert style.detect_with == {"solid": "solid (detector)"} and style.detectors[0].name == "solid (detector)"
+    assert ev._erasers("replace", ["solid"])["up_blocks.1.attentions.2"].detect_with == {"solid": "solid (detector)"}
+    with pytest.raises(ConfigError, match="a min_coverage is set for 'circle' but no SAE's concept library has it"):
+        Evaluator(None, [objects, styles], None, EvalSettings(min_coverage_of={"circle": 0.1}))
+    with pytest.raises(ConfigError, match="the SAE at down_blocks.2.attentions.1 erases 'star' but its library lacks "
+                                          "the detector 'star \\(detector\\)'"):
+        Evaluator(None, [objects, styles], None, EvalSettings(detect_with={"star": "star (detector)"}))
+    with pytest.raises(ConfigError, match="min_coverage must be between 0 and 1"):
+        Evaluator(None, [objects], None, EvalSettings(min_coverage=2.0))
+
+
 def test_best_strength_per_concept_from_a_sweep() -> None:
     def row(concept, ua, ira, cra):
         return {"concept": concept, "UA": ua, "IRA": ira, "CRA": cra}

@@ -85,6 +85,78 @@ def test_cfg_rows_option():
     assert (uncond_only[:2, 0, 3] < 0).all() and uncond_only[2:, 0, 3].tolist() == [2.0, 2.0]
 
 
+def test_min_coverage_edits_only_images_where_the_concept_covers_enough_of_the_map():
+    sae = sae_with_concepts()
+    x = background(2)
+    x[0, :16, 3] = 2.0   # cat on a quarter of image 0
+    x[1, :4, 3] = 2.0    # cat on a few tokens of image 1 (the stray firing the gate is for)
+    x[1, :32, 5] = 2.0   # dog on half of image 1
+    call = call_for(x, [500.0, 500.0])
+    plain = ConceptEraser(sae, {"cat": 2.0, "dog": 2.0}, "ablate")(call)
+    gated = ConceptEraser(sae, {"cat": 2.0, "dog": 2.0}, "ablate", min_coverage=0.2)(call)
+    assert torch.equal(gated[0], plain[0])                      # 25% cat: edited as without the gate
+    assert (plain[1, :4, 3] < 0).all() and torch.equal(gated[1, :4, 3], x[1, :4, 3])  # 6% cat: left alone
+    assert torch.equal(gated[1, :, 5], plain[1, :, 5])         # 50% dog: erased
+    # one gate per concept: cat needs 5% of the map, dog 60%
+    per = ConceptEraser(sae, {"cat": 2.0, "dog": 2.0}, "ablate", min_coverage={"cat": 0.05, "dog": 0.6})(call)
+    assert torch.equal(per[:, :, 3], plain[:, :, 3]) and torch.equal(per[1, :, 5], x[1, :, 5])
+    # nothing passes the gate: the call changes nothing
+    assert ConceptEraser(sae, ["cat"], "ablate", min_coverage=0.9)(call) is None
+    # zero keeps the ungated behaviour bit for bit
+    assert torch.equal(ConceptEraser(sae, {"cat": 2.0, "dog": 2.0}, "ablate", min_coverage=0.0)(call), plain)
+
+
+def test_min_coverage_reads_the_conditional_row_for_both_halves_of_an_image():
+    sae = sae_with_concepts()
+    x = background(4)
+    x[:, :4, 3] = 2.0    # every row: cat on 4 tokens
+    x[2, :32, 3] = 2.0   # the conditional row of image 0 shows it on half the map
+    is_cond = torch.tensor([False, False, True, True])
+    out = ConceptEraser(sae, ["cat"], "ablate", min_coverage=0.25)(call_for(x, [500.0] * 4, is_cond))
+    assert (out[0, :4, 3] < 0).all() and (out[2, :32, 3] < 0).all()       # image 0, both halves
+    assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])          # image 1 left alone
+    cond_only = ConceptEraser(sae, ["cat"], "ablate", cfg="cond", min_coverage=0.25)(
+        call_for(x, [500.0] * 4, is_cond))
+    assert torch.equal(cond_only[0], x[0]) and (cond_only[2, :32, 3] < 0).all()
+    eraser = ConceptEraser(sae, ["cat"], "replace", min_coverage=0.25, record_masks=True)
+    replaced = eraser(call_for(x, [500.0] * 4, is_cond))
+    assert torch.equal(replaced[1], x[1]) and torch.equal(replaced[3], x[3])
+    assert eraser.masks[0].mask[[1, 3]].sum() == 0 and eraser.masks[0].mask[2].sum() == 32
+
+
+def test_detect_with_lets_another_entry_decide_where_the_concept_is():
+    from planted import concept
+    from saeuron_core.scoring import add_concept
+
+    sae = sae_with_concepts()
+    add_concept(sae, concept("cat (detector)", {range(50): [4]}))
+    x = background(2)
+    x[:, :16, 3] = 2.0   # cat's own feature on a quarter of both images
+    x[0, 20:36, 4] = 2.0  # the detector's feature only in image 0
+    call = call_for(x, [500.0, 500.0])
+    out = ConceptEraser(sae, {"cat": 2.0}, min_coverage=0.2, detect_with={"cat": "cat (detector)"})(call)
+    assert (out[0, :16, 3] < 0).all() and torch.equal(out[0, :, 4], x[0, :, 4])  # edits cat's feature, not the detector's
+    assert torch.equal(out[1], x[1])                                              # no detector: left alone
+    own = ConceptEraser(sae, {"cat": 2.0}, min_coverage=0.2)(call)
+    assert (own[1, :16, 3] < 0).all()                                             # its own features: both images
+    ungated = ConceptEraser(sae, {"cat": 2.0}, detect_with={"cat": "cat (detector)"})(call)
+    assert torch.equal(ungated, own)                                              # no gate: the detector is unused
+    with pytest.raises(ConfigError, match=r"unknown concept 'cat \(detecter\)'; this SAE knows: 'cat', 'cat \(detector\)'"):
+        ConceptEraser(sae, ["cat"], min_coverage=0.2, detect_with={"cat": "cat (detecter)"})
+    with pytest.raises(ConfigError, match="detect_with is set for 'dog', which this eraser does not erase"):
+        ConceptEraser(sae, ["cat"], min_coverage=0.2, detect_with={"dog": "cat (detector)"})
+
+
+@pytest.mark.parametrize("bad, match", [
+    (1.5, "min_coverage must be between 0 and 1"), (-0.1, "min_coverage must be between 0 and 1"),
+    (float("nan"), "min_coverage must be between 0 and 1"), ({"cat": 2.0}, "min_coverage for 'cat'"),
+    ({"horse": 0.1}, "min_coverage is set for 'horse', which this eraser does not erase"),
+])
+def test_bad_min_coverage(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ConceptEraser(sae_with_concepts(), ["cat"], min_coverage=bad)
+
+
 def channel_stats_error(out, clean):
     mean_err = (out.mean(1) - clean.mean(1)).norm() / clean.mean(1).norm()
     std_err = (out.std(1) - clean.std(1)).norm() / clean.std(1).norm()
