@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "the hooked feature map (0: everywhere they fire)")
     ev.add_argument("--min-coverage-of", action="append", default=[], metavar="CONCEPT=SHARE",
                     help="one concept's own min coverage (repeatable)")
+    ev.add_argument("--gates", default=None, metavar="FILE",
+                    help="JSON {concept: {\"min_coverage\": share, \"detect_with\": entry}} (default: the shipped "
+                         "gates when the shipped SAEs are used; '' for none); --min-coverage-of and --detect-with "
+                         "add to it")
     ev.add_argument("--detect-with", action="append", default=[], metavar="CONCEPT=ENTRY",
                     help="the library entry whose features read CONCEPT's coverage for the gate (repeatable; "
                          "default: its own)")
@@ -569,6 +573,19 @@ def _concept_strengths(path: str) -> dict[str, float]:
         raise ConfigError(f"--ablate-strengths: {e}") from None
 
 
+def _gates(path: Optional[str], *, shipped: bool) -> tuple[dict[str, float], dict[str, str]]:
+    """``--gates``: a JSON file of gates ('' for none; unset: the shipped gates with the shipped SAEs)."""
+    from .demo import assets
+    from .evaluation import load_gates
+
+    if path is None:
+        return assets.shipped_gates() if shipped else ({}, {})
+    try:
+        return load_gates(path) if path else ({}, {})
+    except ConfigError as e:
+        raise ConfigError(f"--gates: {e}") from None
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .demo.classifier import load_classifier
     from .evaluation import (EvalSettings, check_updatable, evaluate, format_report, load_report, save_report,
@@ -592,8 +609,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .options import parse_assignments
 
     at = parse_assignments(a.ablate_strength_at, "--ablate-strength-at", "HOOK_POINT=STRENGTH", float)
-    coverage_of = parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float)
-    detect_with = parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY", str)
+    gate_of, detector_of = _gates(a.gates, shipped=not a.sae)
+    coverage_of = {**gate_of, **parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float)}
+    detect_with = {**detector_of, **parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY", str)}
     if a.ablate_strength is None and not a.sae and not at:  # the shipped SAEs with the strengths chosen for them
         at, of = assets.shipped_strengths()
         if a.ablate_strengths is not None:

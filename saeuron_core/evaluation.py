@@ -434,6 +434,26 @@ def load_concept_strengths(path: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items()}
 
 
+def load_gates(path: str) -> tuple[dict[str, float], dict[str, str]]:
+    """A JSON file ``{concept: {"min_coverage": share, "detect_with": entry}}`` (``detect_with`` optional), checked;
+    returns ``(min_coverage_of, detect_with)``."""
+    data = _read_json(path)
+    form = f'{path} must hold an object {{concept: {{"min_coverage": share, "detect_with": entry}}}}'
+    if not isinstance(data, dict):
+        raise ConfigError(form)
+    coverage, detect = {}, {}
+    for concept, gate in data.items():
+        share = gate.get("min_coverage") if isinstance(gate, dict) else None
+        entry = gate.get("detect_with", "") if isinstance(gate, dict) else None
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0.0 <= share <= 1.0 \
+                or not isinstance(entry, str) or set(gate) - {"min_coverage", "detect_with"}:
+            raise ConfigError(f"{form}; {concept!r} has {gate!r} (min_coverage between 0 and 1)")
+        coverage[str(concept)] = float(share)
+        if entry:
+            detect[str(concept)] = entry
+    return coverage, detect
+
+
 def summary_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean metrics of per-concept rows, separately for styles and objects (kinds present only)."""
     return {kind: mean_metrics([r for r in rows if r["kind"] == kind], METRIC_KEYS)

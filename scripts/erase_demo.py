@@ -80,7 +80,8 @@ def main() -> None:
     cells: list[list[Image.Image]] = [[] for _ in prompts]
     for title, concept, method, strength in columns[1:]:
         pairs = compare_erasure(pipe, saes[concept], concept, prompts, method=method, strength=strength, seed=a.seed,
-                                steps=a.steps, guidance_scale=a.guidance, scheduler="ddim", batch_size=len(prompts))
+                                steps=a.steps, guidance_scale=a.guidance, scheduler="ddim", batch_size=len(prompts),
+                                **({} if a.sae else assets.gate_options(concept)))
         for row, (before, after) in enumerate(pairs):
             if not cells[row]:
                 cells[row].append(before)

@@ -108,6 +108,8 @@ def test_eval_refuses_block_strengths_it_cannot_use(capsys):
     assert code == 2 and "--min-coverage-of takes CONCEPT=SHARE, got 'stripes=most'" in err
     code, _, err = run_cli(capsys, "eval", "--quick", "--detect-with", "stripes=stripes (detector)")
     assert code == 2 and "lacks the detector 'stripes (detector)'" in err
+    code, _, err = run_cli(capsys, "eval", "--quick", "--gates", str(Path(__file__)))
+    assert code == 2 and "--gates: " in err and "is not JSON" in err
 
 
 def test_eval_update_refuses_missing_foreign_and_mismatched_reports_before_generating(capsys, tmp_path):

@@ -214,6 +214,19 @@ def test_gates_and_detectors_reach_the_erasers() -> None:
         Evaluator(None, [objects], None, EvalSettings(min_coverage=2.0))
 
 
+def test_gates_file_is_read_and_checked(tmp_path) -> None:
+    from saeuron_core.evaluation import load_gates
+
+    good = tmp_path / "gates.json"
+    good.write_text('{"solid": {"min_coverage": 0.05, "detect_with": "solid (detector)"}, "noise": {"min_coverage": 0.1}}')
+    assert load_gates(str(good)) == ({"solid": 0.05, "noise": 0.1}, {"solid": "solid (detector)"})
+    for text in ('[1]', '{"solid": 0.05}', '{"solid": {"min_coverage": 2}}', '{"solid": {"min_coverage": 0.1, "x": 1}}',
+                 '{"solid": {"min_coverage": 0.1, "detect_with": 3}}'):
+        good.write_text(text)
+        with pytest.raises(ConfigError, match="must hold an object"):
+            load_gates(str(good))
+
+
 def test_best_strength_per_concept_from_a_sweep() -> None:
     def row(concept, ua, ira, cra):
         return {"concept": concept, "UA": ua, "IRA": ira, "CRA": cra}

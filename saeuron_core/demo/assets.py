@@ -6,6 +6,7 @@ Objects enter the UNet at two layers, so two object SAEs erase them together; th
 styles, which no single layer carries, are erased at the style block and at ``up_blocks.1.attentions.1``.
 The strengths, one per block and one per concept, were chosen on validation seeds
 (``scripts/sweep_demo_eval.py``; EVALUATION.md): the objects' on seeds 500 and 501, the styles' on 500-503.
+Some concepts are gated (``min_coverage``, read by a detector entry of the same library; ``gates.json``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, ever
 ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 3.0, "mid_block.attentions.0": 3.0,
                    "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 5.0}
 CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
+GATES = "gates.json"                            # {concept: {"min_coverage": share, "detect_with": entry}}
 
 
 def concept_strengths() -> dict[str, float]:
@@ -38,3 +40,20 @@ def concept_strengths() -> dict[str, float]:
 def shipped_strengths() -> tuple[dict[str, float], dict[str, float]]:
     """The strengths the shipped SAEs erase with: ``(per block, per concept)``, both chosen on validation seeds."""
     return dict(ABLATE_STRENGTH), concept_strengths()
+
+
+def shipped_gates() -> tuple[dict[str, float], dict[str, str]]:
+    """The gates the shipped SAEs erase with: ``(min_coverage per concept, detector entry per concept)``."""
+    from ..evaluation import load_gates
+
+    path = ASSETS / GATES
+    return load_gates(str(path)) if path.exists() else ({}, {})
+
+
+def gate_options(concept: str) -> dict[str, dict]:
+    """``min_coverage`` and ``detect_with`` for erasing one shipped concept (empty when it is not gated)."""
+    coverage, detect = shipped_gates()
+    if concept not in coverage:
+        return {}
+    return {"min_coverage": {concept: coverage[concept]},
+            "detect_with": {concept: detect[concept]} if concept in detect else {}}
