@@ -35,9 +35,33 @@ def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, na
     from saeuron_core.hooks import check_sae_fits
     from saeuron_core.pipelines import load_pipeline
 
+    from saeuron_core.demo.assets import shipped_gates
+
     sae = load_sae(ASSETS / name)
-    assert sae.config.hook_point == hook_point and sorted(concept_names(sae)) == sorted(names)
+    coverage, detectors = shipped_gates()
+    # besides its concepts, a library holds the detector entries of the gated concepts it erases
+    wanted = sorted([*names, *(detectors[c] for c in names if c in detectors)])
+    assert sae.config.hook_point == hook_point and sorted(concept_names(sae)) == wanted
     check_sae_fits(load_pipeline(str(ASSETS / "model")).unet, hook_point, sae)
+
+
+def test_shipped_gates_name_detectors_learned_with_peak_specificity():
+    from saeuron_core.demo.assets import gate_options, shipped_gates
+    from saeuron_core.scoring import get_concept
+
+    coverage, detectors = shipped_gates()
+    assert set(detectors) <= set(coverage) <= set(OBJECTS + STYLES)
+    assert all(0 < v <= 1 for v in coverage.values())
+    for concept, entry in detectors.items():
+        assert gate_options(concept) == {"min_coverage": {concept: coverage[concept]}, "detect_with": {concept: entry}}
+        for name in ("sae-styles.safetensors", "sae-styles-extra.safetensors", "sae-objects.safetensors",
+                     "sae-objects-mid.safetensors"):
+            sae = load_sae(ASSETS / name)
+            if concept in concept_names(sae):
+                info = get_concept(sae, entry).info["selection"]
+                assert info["peak_specificity"] == pytest.approx(0.2)
+                assert info["top_n"] == get_concept(sae, concept).info["selection"]["top_n"]
+    assert gate_options("stripes") == {}
 
 
 def test_shipped_outline_uses_more_features_than_the_other_styles():
