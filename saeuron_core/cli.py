@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-coverage", type=float, default=0.0,
                    help="touch a concept only in images where its features fire on at least this share (0-1) of the "
                         "feature map (0: wherever they fire)")
+    e.add_argument("--detect-with", action="append", default=[], metavar="CONCEPT=ENTRY",
+                   help="with --min-coverage: the library entry whose features read CONCEPT's coverage (repeatable)")
     e.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
     _generation_args(e)
     e.add_argument("--batch-size", type=int, default=4)
@@ -516,7 +518,10 @@ def _cmd_erase(a: argparse.Namespace) -> int:
 
     out = _png_out(a.out)
     sae = load_sae(a.sae, device=a.device)
-    options = {"start": a.start, "end": a.end, "cfg": a.cfg, "min_coverage": a.min_coverage}
+    from .options import parse_assignments
+
+    options = {"start": a.start, "end": a.end, "cfg": a.cfg, "min_coverage": a.min_coverage,
+               "detect_with": parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY")}
     ConceptEraser(sae, a.concept, a.method, strength=a.strength, **options)  # bad options fail before the model loads
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
     pairs = compare_erasure(pipe, sae, a.concept, a.prompt, method=a.method, strength=a.strength, seed=a.seed,

@@ -624,9 +624,10 @@ def format_report(report: dict[str, Any]) -> str:
     if (s.get("start", 0.0), s.get("end", 1.0)) != (0.0, 1.0):
         lines += [f"The SAE methods act from {s['start']:g} to {s['end']:g} of the denoising.", ""]
     if s.get("min_coverage") or s.get("min_coverage_of"):
-        gates = ([f"{100 * s['min_coverage']:g}% for every concept"] if s.get("min_coverage") else []) + [
-            f"{c} {100 * v:g}%" + (f" (read by {s.get('detect_with', {})[c]!r})" if c in s.get("detect_with", {}) else "")
-            for c, v in s.get("min_coverage_of", {}).items()]
+        of, by = s.get("min_coverage_of", {}), s.get("detect_with", {})
+        gates = ([f"{100 * s['min_coverage']:g}% for every other concept"] if s.get("min_coverage") else []) + [
+            f"{c} {100 * of.get(c, s['min_coverage']):g}%" + (f" (read by {by[c]!r})" if c in by else "")
+            for c in dict.fromkeys([*of, *by])]
         lines += ["The SAE methods touch a concept only in images where its features fire on at least this share of "
                   "the feature map (min_coverage): " + ", ".join(gates) + ".", ""]
     if s.get("ablate_strength_of"):

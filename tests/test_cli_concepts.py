@@ -183,6 +183,10 @@ def test_user_errors_exit_2_with_one_line(capsys, learned):
     assert_user_error(*run_cli(capsys, *erase_args(f, "--strength", "nan"))[::2], "strength")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--start", "0.9", "--end", "0.1"))[::2], "start <= end")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--concept", "dog"))[::2], "unknown concept 'dog'; this SAE knows: 'cat'")
+    assert_user_error(*run_cli(capsys, *erase_args(f, "--min-coverage", "2"))[::2], "min_coverage must be between 0 and 1")
+    assert_user_error(*run_cli(capsys, *erase_args(f, "--min-coverage", "0.1", "--detect-with", "cat=cat (d)"))[::2],
+                      "unknown concept 'cat (d)'; this SAE knows: 'cat'")
+    assert_user_error(*run_cli(capsys, *erase_args(f, "--detect-with", "cat"))[::2], "--detect-with takes CONCEPT=ENTRY")
     assert_user_error(*run_cli(capsys, "inspect", "--model", "tiny", "--sae", f / "s.safetensors", "--prompt", "a cat",
                                "--concept", "dog", "--out", f / "o.png")[::2], "unknown concept 'dog'")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--out", f / "grid.jpg"))[::2], "ending in .png")
