@@ -215,18 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where replacement patches come from")
     ev.add_argument("--dilation", type=int, default=0, help="grow the detection mask by this many patches")
     ev.add_argument("--threshold-scale", type=float, default=1.0, help="multiply the firing thresholds")
-    ev.add_argument("--min-coverage", type=float, default=0.0,
-                    help="erase a concept only in images where its features fire on at least this share (0-1) of "
-                         "the hooked feature map (0: everywhere they fire)")
-    ev.add_argument("--min-coverage-of", action="append", default=[], metavar="CONCEPT=SHARE",
-                    help="one concept's own min coverage (repeatable)")
+    add_gate_args(ev)
     ev.add_argument("--gates", default=None, metavar="FILE",
                     help="JSON {concept: {\"min_coverage\": share, \"detect_with\": entry}} (default: the shipped "
                          "gates when the shipped SAEs are used; '' for none); --min-coverage-of and --detect-with "
                          "add to it")
-    ev.add_argument("--detect-with", action="append", default=[], metavar="CONCEPT=ENTRY",
-                    help="the library entry whose features read CONCEPT's coverage for the gate (repeatable; "
-                         "default: its own)")
     ev.add_argument("--window", default="0:1", help="START:END fractions of the denoising where the SAE methods act")
     ev.add_argument("--multi", default="2,4,8", help="sizes of concept sets erased at once ('' for none)")
     ev.add_argument("--generalization", default="euler_a:30",
@@ -240,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
                          "settings; needs --multi '' --generalization ''); written back to it unless --json is given")
     ev.add_argument("--markdown", default=None, help="write the tables here")
     return p
+
+
+def add_gate_args(p: argparse.ArgumentParser) -> None:
+    """``--min-coverage``, ``--min-coverage-of``, ``--detect-with`` (read back by :func:`gate_args`)."""
+    p.add_argument("--min-coverage", type=float, default=0.0,
+                   help="erase a concept only in images where its features fire on at least this share (0-1) of "
+                        "the hooked feature map (0: everywhere they fire)")
+    p.add_argument("--min-coverage-of", action="append", default=[], metavar="CONCEPT=SHARE",
+                   help="one concept's own min coverage (repeatable)")
+    p.add_argument("--detect-with", action="append", default=[], metavar="CONCEPT=ENTRY",
+                   help="the library entry whose features read CONCEPT's coverage for the gate (repeatable; "
+                        "default: its own)")
+
+
+def gate_args(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
+    """``(min_coverage_of, detect_with)`` from the options :func:`add_gate_args` adds."""
+    from .options import parse_assignments
+
+    return (parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float),
+            parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY"))
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -614,9 +627,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .options import parse_assignments
 
     at = parse_assignments(a.ablate_strength_at, "--ablate-strength-at", "HOOK_POINT=STRENGTH", float)
-    gate_of, detector_of = _gates(a.gates, shipped=not a.sae)
-    coverage_of = {**gate_of, **parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float)}
-    detect_with = {**detector_of, **parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY", str)}
+    (gate_of, detector_of), (own_of, own_detectors) = _gates(a.gates, shipped=not a.sae), gate_args(a)
+    coverage_of, detect_with = {**gate_of, **own_of}, {**detector_of, **own_detectors}
     if a.ablate_strength is None and not a.sae and not at:  # the shipped SAEs with the strengths chosen for them
         at, of = assets.shipped_strengths()
         if a.ablate_strengths is not None:

@@ -69,6 +69,12 @@ def _check_coverage(name: Optional[str], value: float) -> None:
                           f"features must fire before the image is edited), got {value}")
 
 
+def _selected_cells(c: ConceptData) -> tuple[Tensor, Tensor, Tensor]:
+    """``(selected mask [buckets, M], bucket index, feature id)`` of each selected candidate of ``c``."""
+    sel = c.selected_mask()
+    return sel, torch.arange(c.n_buckets)[:, None].expand_as(c.feature_ids)[sel], c.feature_ids[sel]
+
+
 def _check_strength(method: str, name: Optional[str], value: float) -> None:
     upper = MAX_ABLATE_STRENGTH if method == "ablate" else 1.0
     if not math.isfinite(value) or not 0.0 <= value <= upper:
@@ -122,11 +128,11 @@ class ConceptEraser:
             _check_strength(method, name, value)
         self.concepts: list[ConceptData] = [get_concept(sae, name) for name in self.strengths]
         self.min_coverage = self._coverage_per_concept(min_coverage)
-        self.detect_with = self._detectors(detect_with or {})
+        entries = self._detectors(detect_with or {})
+        self.detect_with = {name: d.name for name, d in entries.items()}
         # the entry whose features read each gated concept's coverage (None: not gated)
-        self.detectors: list[Optional[ConceptData]] = [
-            (get_concept(sae, self.detect_with[c.name]) if c.name in self.detect_with else c)
-            if float(self.min_coverage[j]) > 0 else None for j, c in enumerate(self.concepts)]
+        self.detectors: list[Optional[ConceptData]] = [entries.get(c.name, c) if float(self.min_coverage[j]) > 0
+                                                       else None for j, c in enumerate(self.concepts)]
         self.record_masks = record_masks
         self.masks: list[MaskRecord] = []
         self._sae_copies: dict[torch.device, TopKSAE] = {}
@@ -135,10 +141,7 @@ class ConceptEraser:
     def _coverage_per_concept(self, min_coverage: Union[float, Mapping[str, float]]) -> Tensor:
         """``[n_concepts]`` gate of each erased concept (a mapping names some; the others get 0)."""
         if isinstance(min_coverage, Mapping):
-            stray = sorted(set(min_coverage) - set(self.strengths))
-            if stray:
-                raise ConfigError(f"min_coverage is set for {', '.join(map(repr, stray))}, which this eraser does "
-                                  f"not erase (it erases {', '.join(map(repr, self.strengths))})")
+            self._refuse_stray("min_coverage", min_coverage)
             values = {str(k): float(v) for k, v in min_coverage.items()}
         else:
             _check_coverage(None, float(min_coverage))
@@ -147,19 +150,20 @@ class ConceptEraser:
             _check_coverage(name, value)
         return torch.tensor([values.get(name, 0.0) for name in self.strengths], dtype=torch.float32)
 
-    def _detectors(self, detect_with: Mapping[str, str]) -> dict[str, str]:
-        """``{concept: library entry}`` checked: the concept is erased here and the entry is in the library."""
+    def _refuse_stray(self, option: str, names: Mapping[str, Any]) -> None:
+        stray = sorted(set(map(str, names)) - set(self.strengths))
+        if stray:
+            raise ConfigError(f"{option} is set for {', '.join(map(repr, stray))}, which this eraser does not "
+                              f"erase (it erases {', '.join(map(repr, self.strengths))})")
+
+    def _detectors(self, detect_with: Mapping[str, str]) -> dict[str, ConceptData]:
+        """``{concept: detector entry}`` checked: the concept is erased here and the entry is in the library."""
         if not isinstance(detect_with, Mapping):
             raise ConfigError("detect_with must map erased concepts to library entries, like {'solid': 'solid "
                               "(detector)'}")
-        out = {str(k): str(v) for k, v in detect_with.items()}
-        stray = sorted(set(out) - set(self.strengths))
-        if stray:
-            raise ConfigError(f"detect_with is set for {', '.join(map(repr, stray))}, which this eraser does not "
-                              f"erase (it erases {', '.join(map(repr, self.strengths))})")
-        for name, entry in out.items():
-            get_concept(self.sae, entry)  # an unknown entry fails here, with the known ones listed
-        return out
+        self._refuse_stray("detect_with", detect_with)
+        # an unknown entry fails here, with the known ones listed
+        return {str(k): get_concept(self.sae, str(v)) for k, v in detect_with.items()}
 
     # -- lookup tables: one dense row of n_latents per timestep bucket, for all concepts at once ----
     def _build_tables(self) -> None:
@@ -183,18 +187,14 @@ class ConceptEraser:
             gamma = -self.strengths[c.name]
             if gamma == 0.0:
                 continue  # strength 0: the concept changes nothing
-            sel = c.selected_mask()
-            b_idx = torch.arange(nb)[:, None].expand_as(c.feature_ids)[sel]
-            f_idx = c.feature_ids[sel]
+            sel, b_idx, f_idx = _selected_cells(c)
             # A feature shared by several concepts takes the strongest push and the lowest threshold.
             scale[b_idx, f_idx] = torch.minimum(scale[b_idx, f_idx], gamma * c.mu[sel])
             thr[b_idx, f_idx] = torch.minimum(thr[b_idx, f_idx], c.threshold[sel] * self.threshold_scale)
             edits[j, b_idx, f_idx] = True
             detector = self.detectors[j]
             if detector is not None:  # gated: its detector's features read the coverage (scale 1: no edit)
-                dsel = detector.selected_mask()
-                db = torch.arange(nb)[:, None].expand_as(detector.feature_ids)[dsel]
-                df = detector.feature_ids[dsel]
+                dsel, db, df = _selected_cells(detector)
                 thr[db, df] = torch.minimum(thr[db, df], detector.threshold[dsel] * self.threshold_scale)
                 reads[j, db, df] = True
         # Compact per-bucket slots: the union of the selected features, their push and threshold.

@@ -68,7 +68,8 @@ def main() -> None:
     clf = load_classifier(a.classifier)
     # Each concept's own strength where the validation sweep chose one, else that of its first SAE's block.
     at, of = assets.shipped_strengths()
-    shipped = EvalSettings(ablate_strength_at=at, ablate_strength_of=of)
+    coverage, detectors = assets.shipped_gates() if not a.sae else ({}, {})
+    shipped = EvalSettings(ablate_strength_at=at, ablate_strength_of=of, min_coverage_of=coverage, detect_with=detectors)
     ablate = {c: a.ablate_strength if a.ablate_strength is not None else shipped.strength_for(c, s[0].config.hook_point)
               for c, s in saes.items()}
     prompts = a.prompt or [f"a {a.object} in {a.style} style", f"a circle in {a.style} style",
@@ -81,7 +82,7 @@ def main() -> None:
     for title, concept, method, strength in columns[1:]:
         pairs = compare_erasure(pipe, saes[concept], concept, prompts, method=method, strength=strength, seed=a.seed,
                                 steps=a.steps, guidance_scale=a.guidance, scheduler="ddim", batch_size=len(prompts),
-                                **({} if a.sae else assets.gate_options(concept)))
+                                **shipped.gate_options([concept]))
         for row, (before, after) in enumerate(pairs):
             if not cells[row]:
                 cells[row].append(before)

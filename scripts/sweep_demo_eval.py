@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 ASSETS = os.path.join(ROOT, "demo_assets")
 
-from saeuron_core.cli import parse_seeds  # noqa: E402  (after the sys.path line above)
+from saeuron_core.cli import add_gate_args, gate_args, parse_seeds  # noqa: E402  (after the sys.path line above)
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,12 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--strengths", default="1,3,10,30")
     p.add_argument("--end", type=float, default=1.0, help="erase only until this fraction of the denoising")
-    p.add_argument("--min-coverage", type=float, default=0.0,
-                   help="erase a concept only in images where it fires on this share of the feature map")
-    p.add_argument("--min-coverage-of", action="append", default=[], metavar="CONCEPT=SHARE",
-                   help="one concept's own min coverage (repeatable)")
-    p.add_argument("--detect-with", action="append", default=[], metavar="CONCEPT=ENTRY",
-                   help="the library entry that reads CONCEPT's coverage (repeatable)")
+    add_gate_args(p)
     p.add_argument("--replace", default="sample:0,sample:1,uncond:0",
                    help="SOURCE:DILATION[:THRESHOLD_SCALE] settings ('' for none)")
     p.add_argument("--per-concept-out", default=None,
@@ -65,11 +60,9 @@ def main() -> None:
     from saeuron_core.pipelines import load_pipeline
 
     t0 = time.time()
-    from saeuron_core.options import parse_assignments
-
+    coverage_of, detect_with = gate_args(a)
     base = EvalSettings(seeds=a.seeds, steps=a.steps, end=a.end, min_coverage=a.min_coverage,
-                        min_coverage_of=parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float),
-                        detect_with=parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY"))
+                        min_coverage_of=coverage_of, detect_with=detect_with)
     from saeuron_core.demo.assets import SAES
 
     saes = [load_sae(p) for p in (a.sae or [os.path.join(ASSETS, name) for name in SAES])]

@@ -46,14 +46,17 @@ def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, na
 
 
 def test_shipped_gates_name_detectors_learned_with_peak_specificity():
-    from saeuron_core.demo.assets import gate_options, shipped_gates
+    from saeuron_core.demo.assets import shipped_gates
+    from saeuron_core.evaluation import EvalSettings
     from saeuron_core.scoring import get_concept
 
     coverage, detectors = shipped_gates()
+    shipped = EvalSettings(min_coverage_of=coverage, detect_with=detectors)  # as the eval CLI and erase demo build it
     assert set(detectors) <= set(coverage) <= set(OBJECTS + STYLES)
     assert all(0 < v <= 1 for v in coverage.values())
     for concept, entry in detectors.items():
-        assert gate_options(concept) == {"min_coverage": {concept: coverage[concept]}, "detect_with": {concept: entry}}
+        assert shipped.gate_options([concept]) == {"min_coverage": {concept: coverage[concept]},
+                                                   "detect_with": {concept: entry}}
         for name in ("sae-styles.safetensors", "sae-styles-extra.safetensors", "sae-objects.safetensors",
                      "sae-objects-mid.safetensors"):
             sae = load_sae(ASSETS / name)
@@ -61,7 +64,7 @@ def test_shipped_gates_name_detectors_learned_with_peak_specificity():
                 info = get_concept(sae, entry).info["selection"]
                 assert info["peak_specificity"] == pytest.approx(0.2)
                 assert info["top_n"] == get_concept(sae, concept).info["selection"]["top_n"]
-    assert gate_options("stripes") == {}
+    assert shipped.gate_options(["stripes"]) == {"min_coverage": {"stripes": 0.0}, "detect_with": {}}  # not gated
 
 
 def test_shipped_outline_uses_more_features_than_the_other_styles():

@@ -48,12 +48,3 @@ def shipped_gates() -> tuple[dict[str, float], dict[str, str]]:
 
     path = ASSETS / GATES
     return load_gates(str(path)) if path.exists() else ({}, {})
-
-
-def gate_options(concept: str) -> dict[str, dict]:
-    """``min_coverage`` and ``detect_with`` for erasing one shipped concept (empty when it is not gated)."""
-    coverage, detect = shipped_gates()
-    if concept not in coverage:
-        return {}
-    return {"min_coverage": {concept: coverage[concept]},
-            "detect_with": {concept: detect[concept]} if concept in detect else {}}
