@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-measure only --concepts and merge their rows into this earlier --json report (same "
                          "settings; needs --multi '' --generalization ''); written back to it unless --json is given")
     ev.add_argument("--markdown", default=None, help="write the tables here")
+    ev.add_argument("--misread-dir", default=None, metavar="DIR",
+                    help="write sheets of the misread images here: the clean run's (none.png) and each erasure's "
+                         "(<method>-<concept>.png: the concept still read, then its kind's other images read "
+                         "wrong), each with a .json of prompts, seeds and readings")
     return p
 
 
@@ -647,7 +651,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         concepts, multi, gen = concepts or ["star", "stripes"], [], None
     earlier = load_report(a.update) if a.update else None
     if earlier is not None:
-        check_updatable(earlier, settings, set_runs=bool(multi or gen))
+        check_updatable(earlier, settings, set_runs=bool(multi or gen),
+                        concepts=concepts or (earlier.get("grid") or {}).get("objects", []) +
+                        (earlier.get("grid") or {}).get("styles", []))
     saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
     pipe = load_pipeline(_demo_asset(a.model, "model"))
@@ -655,7 +661,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if gen:
         set_scheduler(pipe, gen[0])
     report = evaluate(pipe, saes, classifier, settings, methods=methods, concepts=concepts, multi=multi,
-                      generalization=gen, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                      generalization=gen, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                      misread_dir=a.misread_dir)
     if earlier is not None:
         report = update_report(earlier, report)
     text = format_report(report)

@@ -327,6 +327,67 @@ class Evaluator:
         counts = Counter(f"{names[t]} as {names[r]}" for t, r in zip(label[wrong].tolist(), pred[wrong].tolist()))
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
+    def misread_tiles(self, out: RunOutput, concept: Optional[str] = None) -> list[dict[str, Any]]:
+        """The images whose reading went wrong, one dict each (prompt, seed, head, true and read label, why).
+
+        Without ``concept`` (the clean run) every image a head misreads; with an erased ``concept``
+        its own images still read as it (``"still"``: what UA missed) and the other images of its kind
+        read wrong (``"lost"``: what IRA lost), in that order.
+        """
+        n = len(self.settings.seeds)
+        lo, ls = self._labels()
+        heads = {"object": (lo, out.objects, self.grid.object_names), "style": (ls, out.styles, self.grid.style_names)}
+        if concept is None:
+            picks = [(head, i, "misread") for head, (label, pred, _) in heads.items()
+                     for i in (pred != label).nonzero().squeeze(1).tolist()]
+            picks.sort(key=lambda p: p[1])
+        else:
+            head, cid = self.grid.kind_of(concept)
+            label, pred, _ = heads[head]
+            still = ((label == cid) & (pred == cid)).nonzero().squeeze(1).tolist()
+            lost = ((label != cid) & (pred != label)).nonzero().squeeze(1).tolist()
+            picks = [(head, i, "still") for i in still] + [(head, i, "lost") for i in lost]
+        tiles = []
+        for head, i, why in picks:
+            label, pred, names = heads[head]
+            tiles.append({"index": i, "prompt": self.grid.prompts[i // n], "seed": self.settings.seeds[i % n],
+                          "head": head, "true": names[int(label[i])], "read": names[int(pred[i])], "why": why})
+        return tiles
+
+    def save_misread_sheet(self, out: RunOutput, path: str, concept: Optional[str] = None, scale: int = 6) -> list[dict[str, Any]]:
+        """Write ``path`` (PNG sheet of :meth:`misread_tiles`, labelled ``true -> read``) and ``path`` + ``.json``.
+
+        With nothing wrong only the JSON (an empty list) is written.
+        """
+        from PIL import Image
+
+        from .inspection import image_grid
+
+        tiles = self.misread_tiles(out, concept)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".json", "w", encoding="utf-8") as f:
+            json.dump(tiles, f, indent=1)
+        if not tiles:
+            return tiles
+        band = 14  # a dark strip above each picture holds its label, so the label hides none of it
+        h, w = out.images.shape[-2:]
+        cells, labels = [], []
+        for t in tiles:
+            cell = Image.new("RGB", (w * scale, h * scale + band))
+            pic = Image.fromarray(out.images[t["index"]].permute(1, 2, 0).numpy())
+            cell.paste(pic.resize((w * scale, h * scale), Image.NEAREST), (0, band))
+            cells.append(cell)
+            labels.append(f"{t['true']} -> {t['read']}")
+        cols = min(8, len(cells))
+        while len(cells) % cols:
+            cells.append(Image.new("RGB", cells[0].size, (255, 255, 255)))
+            labels.append("")
+        rows = [cells[r:r + cols] for r in range(0, len(cells), cols)]
+        grid = image_grid(rows, labels=[labels[r:r + cols] for r in range(0, len(labels), cols)],
+                          min_label_width=w * scale)
+        grid.save(path)
+        return tiles
+
     def clean_misreads(self, clean: RunOutput) -> dict[str, dict[str, int]]:
         """The wrong readings of each head over the whole grid of a run (of the clean run: where IRA starts)."""
         lo, ls = self._labels()
@@ -353,11 +414,16 @@ class Evaluator:
         return float(((m - m_ref).abs() / sd_ref + (sd / sd_ref).log().abs()).mean())
 
     def per_concept(self, method: str, concepts: Sequence[str], clean: RunOutput, *, scheduler: Optional[str] = None,
-                    steps: Optional[int] = None) -> list[dict[str, Any]]:
-        """One run per concept erased alone (``none`` reuses ``clean``), with its metrics."""
+                    steps: Optional[int] = None, misread_dir: Optional[str] = None) -> list[dict[str, Any]]:
+        """One run per concept erased alone (``none`` reuses ``clean``), with its metrics.
+
+        ``misread_dir``: also write each run's misread sheet there (:meth:`save_misread_sheet`).
+        """
         rows = []
         for c in concepts:
             out = clean if method == "none" else self.run(method, [c], scheduler=scheduler, steps=steps)
+            if misread_dir:
+                self.save_misread_sheet(out, os.path.join(misread_dir, f"{method}-{c.replace(' ', '-')}.png"), c)
             rows.append({"concept": c, "kind": self.grid.kind_of(c)[0], **self.concept_metrics(out, c, clean)})
         return rows
 
@@ -463,8 +529,13 @@ def summary_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float
 def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
              methods: Sequence[str] = METHODS, concepts: Optional[Sequence[str]] = None,
              multi: Sequence[int] = (2, 4, 8), generalization: Optional[tuple[str, int]] = ("euler_a", 30),
-             progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Full mini-UnlearnCanvas evaluation; returns a JSON-ready report."""
+             progress: Optional[Callable[[str], None]] = None, misread_dir: Optional[str] = None) -> dict[str, Any]:
+    """Full mini-UnlearnCanvas evaluation; returns a JSON-ready report.
+
+    ``misread_dir``: write there a sheet of the misread images of the clean run (``none.png``) and of
+    each concept's erasure (``<method>-<concept>.png``: still read as the concept, then the other
+    images of its kind read wrong), each with a ``.json`` list of prompt, seed and readings.
+    """
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
@@ -480,6 +551,8 @@ def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
                           f"(saeuron learn-concept) or evaluate other concepts")
     t0 = time.perf_counter()
     clean = ev.run("none")
+    if misread_dir:
+        ev.save_misread_sheet(clean, os.path.join(misread_dir, "none.png"))
     saes = [{"hook_point": hp, "concepts": [c for c in concepts if i in ev.owners.get(c, [])],
              "ablate_strength": ev.ablate_strength(i)} for i, hp in enumerate(ev.hook_points)]
     report: dict[str, Any] = {"settings": asdict(settings), "saes": saes,
@@ -487,7 +560,7 @@ def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
                               "clean_accuracy": ev.accuracy(clean), "clean_misread": ev.clean_misreads(clean),
                               "per_concept": {}, "summary": {}}
     for method in methods:
-        rows = ev.per_concept(method, concepts, clean)
+        rows = ev.per_concept(method, concepts, clean, misread_dir=misread_dir if method != "none" else None)
         report["per_concept"][method] = rows
         report["summary"][method] = summary_by_kind(rows)
     if multi:
@@ -527,24 +600,59 @@ def _refuse_set_runs(has_set_runs: bool) -> None:
                           "merge): add --multi '' --generalization ''")
 
 
-def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs: bool = False) -> None:
-    """Fail before generating anything when an update of ``report`` would be refused (other settings, or
-    ``set_runs``: several-at-once or generalisation runs asked for)."""
-    _refuse_set_runs(set_runs)
+# Settings that hold one value per concept: an update may change them for the concepts it re-measures.
+PER_CONCEPT_SETTINGS = ("ablate_strength_of", "min_coverage_of", "detect_with")
+
+
+def _without(settings: dict[str, Any], concepts: Sequence[str]) -> dict[str, Any]:
+    """``settings`` with the per-concept entries of ``concepts`` left out."""
+    out = dict(settings)
+    for key in PER_CONCEPT_SETTINGS:
+        out[key] = {c: v for c, v in (out.get(key) or {}).items() if c not in concepts}
+    return out
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-concept settings that differ between two reports' settings: ``{key: {concept: new value}}``."""
+    out = {}
+    for key in PER_CONCEPT_SETTINGS:
+        a, b = old.get(key) or {}, new.get(key) or {}
+        diff = {c: b.get(c) for c in sorted(set(a) | set(b)) if a.get(c) != b.get(c)}
+        if diff:
+            out[key] = diff
+    return out
+
+
+def _with_defaults(report: dict[str, Any]) -> dict[str, Any]:
     # settings added after the report was written count as their defaults
-    old = {**json.loads(json.dumps(asdict(EvalSettings()))), **(report.get("settings") or {})}
-    _check_same("settings", old, json.loads(json.dumps(asdict(settings))))
+    return {**json.loads(json.dumps(asdict(EvalSettings()))), **(report.get("settings") or {})}
+
+
+def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs: bool = False,
+                    concepts: Sequence[str] = ()) -> None:
+    """Fail before generating anything when an update of ``report`` would be refused (other settings, or
+    ``set_runs``: several-at-once or generalisation runs asked for).
+
+    Only the re-measured ``concepts`` may have their own strength, gate or detector changed.
+    """
+    _refuse_set_runs(set_runs)
+    new = json.loads(json.dumps(asdict(settings)))
+    _check_same("settings", _without(_with_defaults(report), concepts), _without(new, concepts))
 
 
 def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old`` with the per-concept rows that ``new`` re-measured, and its summaries recomputed.
 
-    For re-evaluating only the concepts whose library changed: ``new`` must come from the same
-    settings, grid and SAE blocks, and reproduce ``old``'s clean accuracy (the same model and seeds;
-    generation is deterministic), and must not hold several-at-once or generalisation runs, which
-    cannot be merged row by row.
+    For re-evaluating only the concepts whose library or own settings (strength, gate, detector)
+    changed: ``new`` must come from the same settings otherwise, grid and SAE blocks, and reproduce
+    ``old``'s clean accuracy (the same model and seeds; generation is deterministic), and must not
+    hold several-at-once or generalisation runs, which cannot be merged row by row. The merged
+    report takes ``new``'s settings, and its ``updates`` entry records the per-concept ones changed.
     """
-    for key in ("settings", "grid", "clean_accuracy"):
+    concepts = {r["concept"] for rows in new["per_concept"].values() for r in rows}
+    old_settings = _with_defaults(old)
+    _check_same("settings", _without(old_settings, concepts), _without(new.get("settings") or {}, concepts))
+    for key in ("grid", "clean_accuracy"):
         _check_same(key, old.get(key), new.get(key))
     if "clean_misread" in old and "clean_misread" in new:
         _check_same("clean_misread", old["clean_misread"], new["clean_misread"])
@@ -565,13 +673,17 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
                           if in_sets else "generalisation summary covers every concept")
                           + "; run the whole evaluation instead")
     out = copy.deepcopy(old)
+    out["settings"] = copy.deepcopy(new["settings"])
     for method, rows in new["per_concept"].items():
         merged = {r["concept"]: r for r in out["per_concept"][method]}
         merged.update({r["concept"]: r for r in rows})
         out["per_concept"][method] = sorted(merged.values(), key=lambda r: order.index(r["concept"]))
         out["summary"][method] = summary_by_kind(out["per_concept"][method])
-    out["updates"] = [*old.get("updates", []), {"concepts": concepts, "methods": list(new["per_concept"]),
-                                                 "seconds": new["seconds"]}]
+    entry = {"concepts": concepts, "methods": list(new["per_concept"]), "seconds": new["seconds"]}
+    changed = _changed(old_settings, new["settings"])
+    if changed:
+        entry["changed"] = changed
+    out["updates"] = [*old.get("updates", []), entry]
     return out
 
 
@@ -661,8 +773,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines += _summary_table(g["summary"])
     lines += ["", f"Evaluation time: {report['seconds']:.0f} s."]
     for u in report.get("updates", []):
+        changed = "; ".join(f"{key.replace('_', ' ')} " + ", ".join(f"{c} {v}" for c, v in vals.items())
+                            for key, vals in u.get("changed", {}).items())
         lines.append(f"Re-measured by an update: {', '.join(u['methods'])} rows of {', '.join(u['concepts'])} "
-                     f"({u['seconds']:.0f} s).")
+                     f"({u['seconds']:.0f} s)" + (f", with {changed}" if changed else "") + ".")
     return "\n".join(lines)
 
 

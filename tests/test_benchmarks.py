@@ -22,25 +22,33 @@ def run_quick(module: str, *extra: str) -> str:
     return proc.stdout
 
 
-def table_rows(text: str, title: str) -> list[str]:
-    """First cells of the Markdown table under the ``### title...`` heading."""
+def table_cells(text: str, title: str) -> list[list[str]]:
+    """Cells of each row of the Markdown table under the ``### title...`` heading."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("### " + title))
     rows = []
     for line in lines[start + 4:]:
         if not line.startswith("|"):
             break
-        rows.append(line.split("|")[1].strip())
+        rows.append([cell.strip() for cell in line.split("|")[1:-1]])
     return rows
+
+
+def table_rows(text: str, title: str) -> list[str]:
+    """First cells of the Markdown table under the ``### title...`` heading."""
+    return [cells[0] for cells in table_cells(text, title)]
 
 
 @pytest.mark.slow
 def test_eraser_overhead_quick():
     out = run_quick("benchmarks.eraser_overhead")
-    variants = ["no hook", "ablate, 1 concept", "ablate, 10 concepts", "replace, 1 concept"]
+    variants = ["no hook", "ablate, 1 concept", "ablate, 10 concepts", "replace, 1 concept", "ablate, 1 concept, gated"]
     assert table_rows(out, "Eraser overhead per UNet call: tiny SD1.5") == variants + ["(SAE encode, all tokens)"]
     assert table_rows(out, "Eraser overhead per UNet call: tiny SDXL") == variants + ["(SAE encode, all tokens)"]
     assert table_rows(out, "Eraser overhead per model call through ComfyUI") == variants
+    # The gate is open on the benchmark's input: the gated eraser edits what the ungated one does.
+    edited = {cells[0]: cells[7] for cells in table_cells(out, "Eraser overhead per UNet call: tiny SD1.5")}
+    assert edited["ablate, 1 concept, gated"] == edited["ablate, 1 concept"] != "0.0%"
     assert "GFLOP/s" in out
 
 

@@ -115,9 +115,19 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
 
     # Re-measuring one concept into the report (--update) reproduces its rows: generation is deterministic.
     code, out, err = run_cli(capsys, "eval", "--quick", "--concepts", "stripes", "--update", tmp_path / "report.json",
-                             "--json", tmp_path / "updated.json")
+                             "--json", tmp_path / "updated.json", "--misread-dir", tmp_path / "misread")
     assert code == 0, err
     updated = json.loads((tmp_path / "updated.json").read_text())
+    # The misread sheets list exactly the images the metrics counted wrong.
+    clean_tiles = json.loads((tmp_path / "misread" / "none.png.json").read_text())
+    assert len(clean_tiles) == sum(sum(c.values()) for c in report["clean_misread"].values())
+    for method in ("negative_prompt", "ablate", "replace"):
+        row = next(r for r in report["per_concept"][method] if r["concept"] == "stripes")
+        tiles = json.loads((tmp_path / "misread" / f"{method}-stripes.png.json").read_text())
+        assert sum(t["why"] == "still" for t in tiles) == round((1 - row["UA"]) * 8)  # 8 stripes prompts, 1 seed
+        assert sum(t["why"] == "lost" for t in tiles) == round((1 - row["IRA"]) * 56) == sum(row["misread"].values())
+        assert all(t["head"] == "style" for t in tiles)
+        assert (tmp_path / "misread" / f"{method}-stripes.png").exists() == bool(tiles)
     for method, rows in report["per_concept"].items():
         assert [r["concept"] for r in updated["per_concept"][method]] == [r["concept"] for r in rows]
         for new_row, row in zip(updated["per_concept"][method], rows):
@@ -162,6 +172,16 @@ def test_eval_refuses_bad_concept_strength_files(capsys, tmp_path):
     assert code == 2 and "is not JSON" in err
     code, _, err = run_cli(capsys, "eval", "--quick", "--ablate-strengths", str(tmp_path / "missing.json"))
     assert code == 2 and "cannot read" in err
+
+
+@pytest.mark.parametrize("name", ["eval-report.json", "eval-generalization.json"])
+def test_shipped_reports_were_measured_with_the_shipped_strengths_and_gates(name):
+    from saeuron_core.demo.assets import shipped_gates, shipped_strengths
+
+    settings = json.loads((Path(__file__).resolve().parents[1] / "docs" / name).read_text())["settings"]
+    (at, of), (coverage, detectors) = shipped_strengths(), shipped_gates()
+    assert settings["ablate_strength_at"] == at and settings["ablate_strength_of"] == of
+    assert settings["min_coverage_of"] == coverage and settings["detect_with"] == detectors
 
 
 def test_shipped_concept_strengths_cover_every_concept():

@@ -56,6 +56,41 @@ def test_ua_ira_cra_from_classifier_readings() -> None:
     assert m["CRA"] == pytest.approx(1 - 17 / 128)
 
 
+def test_misread_sheets_show_what_the_metrics_counted_wrong(tmp_path) -> None:
+    from PIL import Image
+
+    ev = _evaluator(seeds=2)
+    lo, ls = ev._labels()
+    star = ev.grid.object_names.index("star")
+    objs, stys = lo.clone(), ls.clone()
+    kept = (lo == star).nonzero()[:3, 0]           # 3 star images still read as star
+    objs[lo == star] = 0
+    objs[kept] = star
+    other = (lo != star).nonzero()[5, 0]           # one other object misread
+    objs[other] = (objs[other] + 1) % 8
+    stys[7] = (stys[7] + 1) % 8                    # a style misread: not the erased concept's kind
+    out = _run(ev, objs, stys)
+    tiles = ev.misread_tiles(out, "star")
+    assert [t["why"] for t in tiles] == ["still"] * 3 + ["lost"]
+    assert [t["index"] for t in tiles] == kept.tolist() + [int(other)]
+    t = tiles[-1]
+    assert (t["prompt"], t["seed"], t["head"]) == (ev.grid.prompts[int(other) // 2], int(other) % 2, "object")
+    assert (t["true"], t["read"]) == (ev.grid.object_names[lo[other]], ev.grid.object_names[objs[other]])
+    clean_tiles = ev.misread_tiles(out)                    # every misread of both heads, in image order
+    assert [(t["index"], t["head"]) for t in clean_tiles] == sorted(
+        [(i, "object") for i in (objs != lo).nonzero()[:, 0].tolist()] + [(7, "style")])
+    written = ev.save_misread_sheet(out, str(tmp_path / "sheets" / "ablate-star.png"), "star")
+    assert written == tiles
+    sheet = Image.open(tmp_path / "sheets" / "ablate-star.png")
+    assert sheet.size == (4 * 32 * 6, 32 * 6 + 14)        # 4 tiles in one row, each with its label band
+    import json
+
+    assert json.loads((tmp_path / "sheets" / "ablate-star.png.json").read_text()) == tiles
+    # Nothing wrong: only the (empty) list is written.
+    assert ev.save_misread_sheet(_run(ev, lo.clone(), ls.clone()), str(tmp_path / "clean.png")) == []
+    assert not (tmp_path / "clean.png").exists() and (tmp_path / "clean.png.json").read_text().strip() == "[]"
+
+
 def test_activation_shift_measures_distance_from_concept_free_statistics() -> None:
     ev = _evaluator(seeds=1)
     grid = ev.grid
@@ -280,6 +315,30 @@ def test_update_report_replaces_rows_and_recomputes_the_summary() -> None:
     assert merged["summary"]["ablate"]["object"]["UA"] == 1.0
     assert merged["updates"] == [{"concepts": ["outline"], "methods": ["ablate"], "seconds": 3.0}]
     assert "Re-measured by an update: ablate rows of outline (3 s)." in format_report(merged)
+
+
+def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
+    from saeuron_core.evaluation import check_updatable, update_report
+
+    old = _report({"ablate": [_row("noise", "style", 0.5), _row("outline", "style", 0.25)]})
+    old["settings"].update(ablate_strength_of={"noise": 1.0, "outline": 5.0}, min_coverage_of={"outline": 0.2},
+                           detect_with={"outline": "outline (detector)"})
+    new = _report({"ablate": [_row("outline", "style", 0.75)]}, seconds=3.0)
+    new["settings"].update(ablate_strength_of={"noise": 1.0, "outline": 7.0}, min_coverage_of={"outline": 0.3},
+                           detect_with={"outline": "outline (detector)"})
+    merged = update_report(old, new)
+    assert merged["settings"]["ablate_strength_of"] == {"noise": 1.0, "outline": 7.0}
+    assert merged["settings"]["min_coverage_of"] == {"outline": 0.3}
+    assert merged["updates"][0]["changed"] == {"ablate_strength_of": {"outline": 7.0}, "min_coverage_of": {"outline": 0.3}}
+    assert "with ablate strength of outline 7.0; min coverage of outline 0.3." in format_report(merged)
+    settings = EvalSettings(**{k: v for k, v in new["settings"].items()})
+    check_updatable(old, settings, concepts=["outline"])
+    # Another concept's own setting, or the re-measured one's when it is not re-measured, is refused.
+    with pytest.raises(ConfigError, match="settings differ"):
+        check_updatable(old, settings, concepts=["noise"])
+    new["settings"]["ablate_strength_of"]["noise"] = 2.0
+    with pytest.raises(ConfigError, match="settings differ"):
+        update_report(old, new)
 
 
 @pytest.mark.parametrize("change, message", [
