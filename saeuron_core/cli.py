@@ -651,9 +651,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         concepts, multi, gen = concepts or ["star", "stripes"], [], None
     earlier = load_report(a.update) if a.update else None
     if earlier is not None:
+        grid = earlier.get("grid") or {}  # without --concepts every concept is re-measured
         check_updatable(earlier, settings, set_runs=bool(multi or gen),
-                        concepts=concepts or (earlier.get("grid") or {}).get("objects", []) +
-                        (earlier.get("grid") or {}).get("styles", []))
+                        concepts=concepts or grid.get("objects", []) + grid.get("styles", []))
     saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
     pipe = load_pipeline(_demo_asset(a.model, "model"))
