@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -83,8 +85,6 @@ def test_misread_sheets_show_what_the_metrics_counted_wrong(tmp_path) -> None:
     assert written == tiles
     sheet = Image.open(tmp_path / "sheets" / "ablate-star.png")
     assert sheet.size == (4 * 32 * 6, 32 * 6 + 14)        # 4 tiles in one row, each with its label band
-    import json
-
     assert json.loads((tmp_path / "sheets" / "ablate-star.png.json").read_text()) == tiles
     # Nothing wrong: only the (empty) list is written.
     assert ev.save_misread_sheet(_run(ev, lo.clone(), ls.clone()), str(tmp_path / "clean.png")) == []
@@ -331,7 +331,7 @@ def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
     assert merged["settings"]["min_coverage_of"] == {"outline": 0.3}
     assert merged["updates"][0]["changed"] == {"ablate_strength_of": {"outline": 7.0}, "min_coverage_of": {"outline": 0.3}}
     assert "with ablate strength of outline 7.0; min coverage of outline 0.3." in format_report(merged)
-    settings = EvalSettings(**{k: v for k, v in new["settings"].items()})
+    settings = EvalSettings(**new["settings"])
     check_updatable(old, settings, concepts=["outline"])
     # Another concept's own setting, or the re-measured one's when it is not re-measured, is refused.
     with pytest.raises(ConfigError, match="settings differ"):
