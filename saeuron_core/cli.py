@@ -255,8 +255,14 @@ def gate_args(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
     """``(min_coverage_of, detect_with)`` from the options :func:`add_gate_args` adds."""
     from .options import parse_assignments
 
-    return (parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float),
-            parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY"))
+    return parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float), detect_with_arg(a)
+
+
+def detect_with_arg(a: argparse.Namespace) -> dict[str, str]:
+    """``--detect-with CONCEPT=ENTRY`` (repeatable) as ``{concept: entry}``."""
+    from .options import parse_assignments
+
+    return parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -535,10 +541,8 @@ def _cmd_erase(a: argparse.Namespace) -> int:
 
     out = _png_out(a.out)
     sae = load_sae(a.sae, device=a.device)
-    from .options import parse_assignments
-
     options = {"start": a.start, "end": a.end, "cfg": a.cfg, "min_coverage": a.min_coverage,
-               "detect_with": parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY")}
+               "detect_with": detect_with_arg(a)}
     ConceptEraser(sae, a.concept, a.method, strength=a.strength, **options)  # bad options fail before the model loads
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
     pairs = compare_erasure(pipe, sae, a.concept, a.prompt, method=a.method, strength=a.strength, seed=a.seed,

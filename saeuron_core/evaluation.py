@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from contextlib import ExitStack
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -604,7 +604,7 @@ def _refuse_set_runs(has_set_runs: bool) -> None:
 PER_CONCEPT_SETTINGS = ("ablate_strength_of", "min_coverage_of", "detect_with")
 
 
-def _without(settings: dict[str, Any], concepts: Sequence[str]) -> dict[str, Any]:
+def _without(settings: dict[str, Any], concepts: Collection[str]) -> dict[str, Any]:
     """``settings`` with the per-concept entries of ``concepts`` left out."""
     out = dict(settings)
     for key in PER_CONCEPT_SETTINGS:
@@ -628,6 +628,11 @@ def _with_defaults(report: dict[str, Any]) -> dict[str, Any]:
     return {**json.loads(json.dumps(asdict(EvalSettings()))), **(report.get("settings") or {})}
 
 
+def _check_settings(report: dict[str, Any], settings: dict[str, Any], concepts: Collection[str]) -> None:
+    """Refuse ``settings`` that differ from ``report``'s other than in ``concepts``' own entries."""
+    _check_same("settings", _without(_with_defaults(report), concepts), _without(settings, concepts))
+
+
 def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs: bool = False,
                     concepts: Sequence[str] = ()) -> None:
     """Fail before generating anything when an update of ``report`` would be refused (other settings, or
@@ -636,8 +641,7 @@ def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs:
     Only the re-measured ``concepts`` may have their own strength, gate or detector changed.
     """
     _refuse_set_runs(set_runs)
-    new = json.loads(json.dumps(asdict(settings)))
-    _check_same("settings", _without(_with_defaults(report), concepts), _without(new, concepts))
+    _check_settings(report, json.loads(json.dumps(asdict(settings))), concepts)
 
 
 def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -649,9 +653,8 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     hold several-at-once or generalisation runs, which cannot be merged row by row. The merged
     report takes ``new``'s settings, and its ``updates`` entry records the per-concept ones changed.
     """
-    concepts = {r["concept"] for rows in new["per_concept"].values() for r in rows}
-    old_settings = _with_defaults(old)
-    _check_same("settings", _without(old_settings, concepts), _without(new.get("settings") or {}, concepts))
+    remeasured = {r["concept"] for rows in new["per_concept"].values() for r in rows}
+    _check_settings(old, new.get("settings") or {}, remeasured)
     for key in ("grid", "clean_accuracy"):
         _check_same(key, old.get(key), new.get(key))
     if "clean_misread" in old and "clean_misread" in new:
@@ -664,7 +667,7 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"cannot update the report: it has no {', '.join(missing)} rows to update")
     order = old["grid"]["objects"] + old["grid"]["styles"]
-    concepts = sorted({r["concept"] for rows in new["per_concept"].values() for r in rows}, key=order.index)
+    concepts = sorted(remeasured, key=order.index)
     # Rows measured over every concept at once would go stale without a word.
     in_sets = sorted({c for rows in (old.get("multi") or {}).values() for r in rows for c in r["concepts"]}
                      & set(concepts), key=order.index)
@@ -680,7 +683,7 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         out["per_concept"][method] = sorted(merged.values(), key=lambda r: order.index(r["concept"]))
         out["summary"][method] = summary_by_kind(out["per_concept"][method])
     entry = {"concepts": concepts, "methods": list(new["per_concept"]), "seconds": new["seconds"]}
-    changed = _changed(old_settings, new["settings"])
+    changed = _changed(_with_defaults(old), new["settings"])
     if changed:
         entry["changed"] = changed
     out["updates"] = [*old.get("updates", []), entry]
