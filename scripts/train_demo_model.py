@@ -50,6 +50,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="training target (default: the resumed state's, v_prediction for a new run); changing it fine-tunes",
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from an exported model folder (its EMA weights; AdamW moments start at zero) when --out has no "
+        "train_state yet; needs --restart-at set to the model's step",
+    )
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0)
@@ -99,6 +105,7 @@ class Trainer:
         self.alphas_cumprod = sched.alphas_cumprod.float()
         self.num_t = sched.config.num_train_timesteps
         self.step = 0
+        self.initialised = False  # set when a new cycle starts from an exported model (--init-from)
         # Only 64 distinct prompts plus "": tokenize them once.
         prompts = [make_prompt(o, s) for o in OBJECTS for s in STYLES] + [""]
         self.prompt_ids = dict(zip(prompts, tokenize(self.tokenizer, prompts)))
@@ -142,9 +149,9 @@ class Trainer:
         os.replace(tmp, self.state_path)
 
     def load_state(self) -> bool:
-        """Resume from the state file if present; returns whether it did."""
+        """Resume from the state file if present (else from --init-from); returns whether it did."""
         if not os.path.exists(self.state_path):
-            return False
+            return self.init_from_model() if self.a.init_from else False
         with safe_open(self.state_path, framework="pt") as f:
             meta = f.metadata()
             saved_cfg = json.loads(meta["config"])
@@ -163,6 +170,8 @@ class Trainer:
                 done = {"total_steps": saved_cfg["total_steps"], "lr": saved_cfg["lr"], "prediction_type": saved_pred}
                 history = history + [{**done, "restarts": saved_cfg.get("restarts", [])}]
             self.config["history"] = history
+            if "init_from" in saved_cfg:
+                self.config["init_from"] = saved_cfg["init_from"]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         for prefix, mod in self._modules().items():
             sd = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -179,6 +188,31 @@ class Trainer:
             # A new cycle (or a new target): its EMA starts from the live weights, not the old average.
             self.ema_unet.load_state_dict(self.unet.state_dict())
             self.ema_te.load_state_dict(self.te.state_dict())
+        return True
+
+    def init_from_model(self) -> bool:
+        """Start a new cycle from an exported model folder: its weights become live and EMA weights."""
+        folder = self.a.init_from
+        with open(os.path.join(folder, "training.json"), encoding="utf-8") as f:
+            done = json.load(f)
+        if done["unet"] != self.config["unet"]:
+            raise SystemExit(f"UNet config in {folder} differs from the current one; refusing to start from it")
+        if self.a.restart_at != done["step"]:
+            raise SystemExit(f"{folder} is at step {done['step']}: give --restart-at {done['step']} to start a cycle there")
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).state_dict()
+        te = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).state_dict()
+        for mod, sd in ((self.unet, unet), (self.ema_unet, unet), (self.te, te), (self.ema_te, te)):
+            mod.load_state_dict(sd)
+        if self.a.prediction_type is None:
+            self.prediction_type = self.config["prediction_type"] = done["prediction_type"]
+        cycle = {k: done[k] for k in ("total_steps", "lr", "prediction_type", "restarts")}
+        self.config["history"] = done.get("history", []) + [cycle]
+        self.config["init_from"] = os.path.normpath(folder)
+        self.step = done["step"]
+        self.initialised = True
         return True
 
     def export_model(self) -> None:
@@ -269,9 +303,10 @@ def main() -> None:
     resumed = tr.load_state()
     stop = min(a.stop_at if a.stop_at is not None else a.total_steps, a.total_steps)
     log_path = os.path.join(a.out, "train_log.txt")
+    how = f"started from {a.init_from} at" if tr.initialised else "resumed at" if resumed else "started"
     log = open(log_path, "a", buffering=1)
     msg = (
-        f"# {'resumed at' if resumed else 'started'} step {tr.step} (stop {stop}, total {a.total_steps}); "
+        f"# {how} step {tr.step} (stop {stop}, total {a.total_steps}); "
         f"unet {count_params(tr.unet)} params, text encoder {count_params(tr.te)} params, threads {a.threads}, "
         f"pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
     )

@@ -57,6 +57,34 @@ def test_eps_run_then_v_prediction_fine_tune_with_warm_restart(tmp_path):
     assert info["step"] == 5 and info["prediction_type"] == "v_prediction" and len(info["history"]) == 1
 
 
+@pytest.mark.slow
+def test_new_cycle_starts_from_an_exported_model(tmp_path):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    assert train(first, "--total-steps", "2").returncode == 0
+    second = tmp_path / "second"
+    p = train(second, "--init-from", str(first / "model"), "--restart-at", "1", "--total-steps", "3")
+    assert p.returncode != 0 and "give --restart-at 2" in p.stderr
+    # lr 0: the step changes nothing, so the new cycle's weights are exactly the exported ones.
+    p = train(second, "--init-from", str(first / "model"), "--restart-at", "2", "--total-steps", "3", "--lr", "0")
+    assert p.returncode == 0, p.stderr
+    assert f"started from {first / 'model'} at step 2" in (second / "train_log.txt").read_text()
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        before = load_file(str(first / "model" / part / f"{name}.safetensors"))
+        after = load_file(str(second / "model" / part / f"{name}.safetensors"))
+        assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+    info, _ = exported(second)
+    assert info["step"] == 3 and info["restarts"] == [2] and info["init_from"] == str(first / "model")
+    assert info["history"] == [{"total_steps": 2, "lr": 1e-3, "prediction_type": "v_prediction", "restarts": []}]
+
+    # It resumes from its own state afterwards (--init-from is then ignored), keeping where it came from.
+    p = train(second, "--init-from", str(first / "model"), "--restart-at", "2", "--total-steps", "4")
+    assert p.returncode == 0, p.stderr
+    info, _ = exported(second)
+    assert info["step"] == 4 and info["init_from"] == str(first / "model") and len(info["history"]) == 1
+
+
 def test_lr_schedule_restarts_at_the_given_step():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
