@@ -25,8 +25,8 @@ ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, ever
 # One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind
 # (at up_blocks.1.attentions.1, outline's first choice, made with the retained-confidence floor; outline and
 # gradient, the only concepts there, now have their own).
-ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 3.0, "mid_block.attentions.0": 3.0,
-                   "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 5.0}
+ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 5.0, "mid_block.attentions.0": 5.0,
+                   "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 3.0}
 CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
 GATES = "gates.json"                            # {concept: {"min_coverage": share, "detect_with": entry}}
 
