@@ -24,7 +24,8 @@ SAES = (*OBJECT_SAES, *STYLE_SAES)  # what the evaluation uses: every SAE with a
 ALL_CONCEPTS_SAE = "sae.safetensors"            # up_blocks.1.attentions.1, every object and style
 # One strength per block, for concepts without their own: the best mean of UA, IRA and CRA over its kind
 # (at up_blocks.1.attentions.1, outline's first choice, made with the retained-confidence floor; outline and
-# gradient, the only concepts there, now have their own).
+# gradient, the only concepts there, now have their own). Chosen on the step-10500 model; the shipped step-12500
+# model keeps them (EVALUATION.md, "The step-12500 model").
 ABLATE_STRENGTH = {"down_blocks.2.attentions.1": 5.0, "mid_block.attentions.0": 5.0,
                    "up_blocks.1.attentions.2": 2.0, "up_blocks.1.attentions.1": 3.0}
 CONCEPT_STRENGTHS = "ablate-strengths.json"     # {concept: strength}, the best of each concept
