@@ -1,13 +1,11 @@
-"""Glue shared by the nodes: the ``sae`` model folder, concept lists, and patching a MODEL clone.
-
-ComfyUI modules are imported inside functions so that the pack's root ``__init__`` stays cheap
-and importable outside ComfyUI.
-"""
+"""Glue shared by the nodes: the ``sae`` model folder, concept lists, and patching a MODEL clone."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Callable, Optional
+
+from comfy_api.latest import io
 
 from saeuron_core.comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_target
 from saeuron_core.errors import ConfigError
@@ -16,6 +14,7 @@ from saeuron_core.sae import TopKSAE
 
 CATEGORY = "SAeUron"
 SAE_FOLDER = "sae"
+SAE = io.Custom("SAE")  # the SAE socket type: a TopKSAE with its concept library
 
 
 def register_sae_folder() -> None:
@@ -52,12 +51,23 @@ def list_saes() -> list[str]:
     return sorted(found)
 
 
+def path_in_folder(root: str, name: str, what: str, folder: str) -> str:
+    """``root/name`` when the *name* stays inside ``root``; ``..`` or an absolute name is refused.
+
+    Judged on the name, not on where links lead: a model folder or file linked from another disk (how many
+    ComfyUI users keep their models) is inside the folder it is linked from.
+    """
+    root = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root, str(name)))
+    if os.path.isabs(str(name)) or os.path.commonpath([path, root]) != root or path == root:
+        raise ConfigError(f"{what} {name!r} points outside the {folder} model folder")
+    return path
+
+
 def resolve_sae(name: str) -> str:
     """Absolute path of a listed SAE; names that leave the sae folders are refused."""
     for root in sae_dirs():
-        path = os.path.realpath(os.path.join(root, name))
-        if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-            raise ConfigError(f"SAE name {name!r} points outside the sae model folder")
+        path = path_in_folder(root, name, "SAE name", SAE_FOLDER)
         if os.path.exists(path):
             return path
     raise ConfigError(f"SAE {name!r} not found in the sae model folders ({', '.join(sae_dirs()) or 'none'})")
@@ -70,6 +80,20 @@ def validation(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except ConfigError as exc:
         return str(exc)
     return True
+
+
+def check_choice(name: str, value: Any, choices: list) -> None:
+    """Refuse a combo value that is not offered (ComfyUI 0.3.x does not check V3 combos itself)."""
+    if value not in choices:
+        shown = ", ".join(map(repr, choices[:20])) + (", ..." if len(choices) > 20 else "") or "none"
+        raise ConfigError(f"{name} {value!r} is not one of the choices ({shown})")
+
+
+def check_sampling_choices(sampler_name: str, scheduler: str) -> None:
+    import comfy.samplers
+
+    check_choice("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS)
+    check_choice("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)
 
 
 def parse_concepts(text: str) -> list[str]:
@@ -95,8 +119,6 @@ def block_target(model: Any, sae: TopKSAE, hook_point: Optional[str] = None) -> 
 
 def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTarget] = None) -> Any:
     """A clone of ``model`` whose SAE hook point runs ``fn`` on every call (the input MODEL is unchanged)."""
-    import comfy.utils
-
     from .wrapper import SAEWrappedTransformer
 
     target = target or block_target(model, sae)
@@ -106,6 +128,9 @@ def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTa
     if target.kind == "output_patch":
         clone.set_model_output_block_patch(patch)
     else:
-        current = clone.object_patches.get(target.module_path) or comfy.utils.get_attr(base, target.module_path)
+        # This clone's own object patch, else the model's original module. Never the module now on the shared
+        # model: ComfyUI leaves a sampled clone's object patches applied there until it unpatches lazily, so that
+        # module may belong to another clone.
+        current = clone.get_model_object(target.module_path)
         clone.add_object_patch(target.module_path, SAEWrappedTransformer(current, patch))
     return clone

@@ -4,59 +4,59 @@ from __future__ import annotations
 
 from typing import Any
 
+from comfy_api.latest import io
+
 from saeuron_core.errors import ConfigError
-from saeuron_core.interventions import MAX_ABLATE_STRENGTH, ConceptEraser, check_options
-from saeuron_core.sae import TopKSAE
+from saeuron_core.interventions import MAX_ABLATE_STRENGTH, ConceptEraser as Eraser, check_options
 from saeuron_core.scoring import concept_names
 
-from .common import CATEGORY, block_target, parse_concepts, parse_pairs, patch_block, validation
+from .common import CATEGORY, SAE, block_target, parse_concepts, parse_pairs, patch_block, validation
 
 
-class ConceptEraserNode:
-    DESCRIPTION = ("Erases concepts (styles, objects) from the model with the SAE's features. 'ablate' pushes the "
-                   "concept's features negative where they fire (SAeUron); 'replace' only detects where the concept "
-                   "is and swaps those patches for ones without it. Works on a copy: the input MODEL is unchanged. "
-                   "Chain two erasers to erase both sets.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the concepts erased.",)
-    FUNCTION = "erase"
+class ConceptEraser(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAeUronConceptEraser",
+            display_name="Concept Eraser (SAE)",
+            category=CATEGORY,
+            description=("Erases concepts (styles, objects) from the model with the SAE's features. 'ablate' pushes "
+                         "the concept's features negative where they fire (SAeUron); 'replace' only detects where the "
+                         "concept is and swaps those patches for ones without it. Works on a copy: the input MODEL is "
+                         "unchanged. Chain two erasers to erase both sets."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to erase from (it is not modified)."),
+                SAE.Input("sae", tooltip="An SAE trained on this model's block, with the concepts in its library."),
+                io.String.Input("concepts", default="", multiline=False,
+                                tooltip="Concept names from the SAE's library, separated by commas. In the page, "
+                                        "click to pick them from the SAE chosen in Load SAE."),
+                io.Combo.Input("method", options=["ablate", "replace"], default="ablate",
+                               tooltip="ablate: push features negative; replace: detect and swap patches."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=MAX_ABLATE_STRENGTH, step=0.05,
+                               tooltip="ablate: the negative multiplier (0 = off, below 1 pushes less hard, 1 = "
+                                       "SAeUron's style setting, up to 100); replace: share of replacement, 0 to 1."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start erasing at this fraction of the denoising (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stop erasing after this fraction of the denoising (1 = last step)."),
+                io.Combo.Input("cfg_half", options=["both", "cond", "uncond"], default="both",
+                               tooltip="Which classifier-free guidance half to edit."),
+                io.Float.Input("min_coverage", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Only touch an image where the concept's features fire on at least this share "
+                                       "of the feature map (0 = wherever they fire). Keeps pictures without the "
+                                       "concept as they were."),
+                io.String.Input("detect_with", default="", multiline=False, optional=True,
+                                tooltip="With min_coverage: another library entry that decides where the concept "
+                                        "is, as 'concept=entry' pairs separated by commas (e.g. 'solid=solid "
+                                        "(detector)'). Empty: each concept's own features."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the concepts erased.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (it is not modified)."}),
-            "sae": ("SAE", {"tooltip": "An SAE trained on this model's block, with the concepts in its library."}),
-            "concepts": ("STRING", {"default": "", "multiline": False,
-                                    "tooltip": "Concept names from the SAE's library, separated by commas. In the "
-                                               "page, click to pick them from the SAE chosen in Load SAE."}),
-            "method": (["ablate", "replace"], {"default": "ablate",
-                                              "tooltip": "ablate: push features negative; replace: detect and swap patches."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_ABLATE_STRENGTH, "step": 0.05,
-                                   "tooltip": "ablate: the negative multiplier (0 = off, below 1 pushes less hard, "
-                                              "1 = SAeUron's style setting, up to 100); replace: share of "
-                                              "replacement, 0 to 1."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Start erasing at this fraction of the denoising (0 = first step)."}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Stop erasing after this fraction of the denoising (1 = last step)."}),
-            "cfg_half": (["both", "cond", "uncond"], {"default": "both",
-                                                     "tooltip": "Which classifier-free guidance half to edit."}),
-        }, "optional": {
-            "min_coverage": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Only touch an image where the concept's features fire on at least "
-                                                  "this share of the feature map (0 = wherever they fire). Keeps "
-                                                  "pictures without the concept as they were."}),
-            "detect_with": ("STRING", {"default": "", "multiline": False,
-                                       "tooltip": "With min_coverage: another library entry that decides where the "
-                                                  "concept is, as 'concept=entry' pairs separated by commas (e.g. "
-                                                  "'solid=solid (detector)'). Empty: each concept's own features."}),
-        }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, concepts: str = "", method: str = "ablate", strength: float = 1.0,
+    def validate_inputs(cls, concepts: str = "", method: str = "ablate", strength: float = 1.0,
                         start_percent: float = 0.0, end_percent: float = 1.0, cfg_half: str = "both",
-                        min_coverage: float = 0.0, detect_with: str = "") -> Any:
+                        min_coverage: float = 0.0, detect_with: str = "") -> bool | str:
         def check() -> None:
             check_options(method, strength, start_percent, end_percent, cfg_half, min_coverage)
             parse_pairs(detect_with)
@@ -64,13 +64,14 @@ class ConceptEraserNode:
                 raise ConfigError("choose at least one concept (names from the SAE's library, comma separated)")
         return validation(check)
 
-    def erase(self, model: Any, sae: TopKSAE, concepts: str, method: str, strength: float, start_percent: float,
-              end_percent: float, cfg_half: str, min_coverage: float = 0.0, detect_with: str = "") -> tuple[Any]:
+    @classmethod
+    def execute(cls, model: Any, sae: Any, concepts: str, method: str, strength: float, start_percent: float,
+                end_percent: float, cfg_half: str, min_coverage: float = 0.0, detect_with: str = "") -> io.NodeOutput:
         target = block_target(model, sae)
         names = parse_concepts(concepts)
         if not names:
             known = ", ".join(concept_names(sae)) or "none"
             raise ConfigError(f"no concept chosen; this SAE knows: {known}")
-        eraser = ConceptEraser(sae, names, method, strength=strength, start=start_percent, end=end_percent,
-                               cfg=cfg_half, min_coverage=min_coverage, detect_with=parse_pairs(detect_with))
-        return (patch_block(model, sae, eraser, target),)
+        eraser = Eraser(sae, names, method, strength=strength, start=start_percent, end=end_percent,
+                        cfg=cfg_half, min_coverage=min_coverage, detect_with=parse_pairs(detect_with))
+        return io.NodeOutput(patch_block(model, sae, eraser, target))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from comfy_api.latest import io
+
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae import TopKSAE
 from saeuron_core.scoring import (DEFAULT_MIN_SPECIFICITY, ConceptRecorder, ConceptStats, check_concept_name,
                                   check_selection, with_concept)
 
-from .common import CATEGORY, block_target, patch_block, validation
+from .common import CATEGORY, SAE, block_target, check_sampling_choices, patch_block, validation
 
 
 def _prompts(text: str) -> list[str]:
@@ -22,60 +24,66 @@ def _encode(clip: Any, text: str) -> list:
     return [[cond, {"pooled_output": pooled}]]
 
 
-class LearnConcept:
-    DESCRIPTION = ("Finds the SAE features of a concept: samples the positive prompts (with the concept) and the "
-                   "negative prompts (without it), scores every feature per timestep and adds the concept to a copy "
-                   "of the SAE's library. Connect Save SAE to keep it.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAE",)
-    OUTPUT_TOOLTIPS = ("The SAE with the concept added (the input SAE is unchanged).",)
-    FUNCTION = "learn"
-
+class LearnConcept(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
+    def define_schema(cls) -> io.Schema:
         import comfy.samplers
 
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the SAE was trained on."}),
-            "clip": ("CLIP", {"tooltip": "Text encoder used to encode the prompts."}),
-            "sae": ("SAE", {"tooltip": "The SAE to learn the concept for."}),
-            "latent_image": ("LATENT", {"tooltip": "Latent to sample from (e.g. Empty Latent Image); sets the size."}),
-            "concept_name": ("STRING", {"default": "my concept", "tooltip": "Name of the concept in the library."}),
-            "positive_prompts": ("STRING", {"multiline": True, "default": "",
-                                            "tooltip": "Prompts that contain the concept, one per line."}),
-            "negative_prompts": ("STRING", {"multiline": True, "default": "",
-                                            "tooltip": "Similar prompts without the concept, one per line."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of every sample."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps per prompt."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler used while scoring."}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule used while scoring."}),
-            "top_n": ("INT", {"default": 3, "min": 1, "max": 64, "tooltip": "Features kept per timestep."}),
-        }, "optional": {
-            "min_specificity": ("FLOAT", {
-                "default": DEFAULT_MIN_SPECIFICITY, "min": 0.0, "max": 0.99, "step": 0.05,
-                "tooltip": "Keep only features that fire mostly with the concept: (with - without) / (with + without) "
-                           "of their mean activations must reach this. Higher erases less but leaves other "
-                           "pictures alone; 0 is SAeUron's original selection."}),
-            "peak_specificity": ("FLOAT", {
-                "default": -1.0, "min": -1.0, "max": 0.99, "step": 0.05,
-                "tooltip": "Also require that specificity against each negative prompt on its own (the one where "
-                           "the feature is most active), so that a feature the concept shares with one sibling "
-                           "(a ring for a circle) is not chosen. Below 0: off (the default)."}),
-        }}
+        return io.Schema(
+            node_id="SAeUronLearnConcept",
+            display_name="Learn Concept (SAE)",
+            category=CATEGORY,
+            description=("Finds the SAE features of a concept: samples the positive prompts (with the concept) and "
+                         "the negative prompts (without it), scores every feature per timestep and adds the concept "
+                         "to a copy of the SAE's library. Connect Save SAE to keep it."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the SAE was trained on."),
+                io.Clip.Input("clip", tooltip="Text encoder used to encode the prompts."),
+                SAE.Input("sae", tooltip="The SAE to learn the concept for."),
+                io.Latent.Input("latent_image",
+                                tooltip="Latent to sample from (e.g. Empty Latent Image); sets the size."),
+                io.String.Input("concept_name", default="my concept", tooltip="Name of the concept in the library."),
+                io.String.Input("positive_prompts", multiline=True, default="",
+                                tooltip="Prompts that contain the concept, one per line."),
+                io.String.Input("negative_prompts", multiline=True, default="",
+                                tooltip="Similar prompts without the concept, one per line."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of every sample."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps per prompt."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="Sampler used while scoring."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="Noise schedule used while scoring."),
+                io.Int.Input("top_n", default=3, min=1, max=64, tooltip="Features kept per timestep."),
+                io.Float.Input("min_specificity", default=DEFAULT_MIN_SPECIFICITY, min=0.0, max=0.99, step=0.05,
+                               optional=True,
+                               tooltip="Keep only features that fire mostly with the concept: (with - without) / "
+                                       "(with + without) of their mean activations must reach this. Higher erases "
+                                       "less but leaves other pictures alone; 0 is SAeUron's original selection."),
+                io.Float.Input("peak_specificity", default=-1.0, min=-1.0, max=0.99, step=0.05, optional=True,
+                               tooltip="Also require that specificity against each negative prompt on its own (the "
+                                       "one where the feature is most active), so that a feature the concept shares "
+                                       "with one sibling (a ring for a circle) is not chosen. Below 0: off (the "
+                                       "default)."),
+            ],
+            outputs=[SAE.Output(tooltip="The SAE with the concept added (the input SAE is unchanged).")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concept_name: str = "", positive_prompts: str = "", negative_prompts: str = "") -> Any:
+    def validate_inputs(cls, concept_name: str = "", positive_prompts: str = "", negative_prompts: str = "",
+                        sampler_name: str = "euler", scheduler: str = "normal") -> bool | str:
         def check() -> None:
+            check_sampling_choices(sampler_name, scheduler)
             check_concept_name(concept_name)
             if not _prompts(positive_prompts) or not _prompts(negative_prompts):
                 raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
         return validation(check)
 
-    def learn(self, model: Any, clip: Any, sae: TopKSAE, latent_image: dict, concept_name: str, positive_prompts: str,
-              negative_prompts: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-              top_n: int, min_specificity: float = DEFAULT_MIN_SPECIFICITY,
-              peak_specificity: float = -1.0) -> tuple[TopKSAE]:
+    @classmethod
+    def execute(cls, model: Any, clip: Any, sae: TopKSAE, latent_image: dict, concept_name: str,
+                positive_prompts: str, negative_prompts: str, seed: int, steps: int, cfg: float, sampler_name: str,
+                scheduler: str, top_n: int, min_specificity: float = DEFAULT_MIN_SPECIFICITY,
+                peak_specificity: float = -1.0) -> io.NodeOutput:
         import comfy.utils
         import nodes as comfy_nodes
 
@@ -103,5 +111,5 @@ class LearnConcept:
                 "guidance_scale": cfg, "scheduler": f"comfyui {sampler_name}/{scheduler}", "seeds": [seed]}
         merged = stats.merge(range(len(positive)), range(len(positive), len(positive) + len(negative)),
                              peak=peak is not None)
-        return (with_concept(sae, merged.result(name, top_n=top_n, min_specificity=min_specificity, info=info,
-                                                peak_specificity=peak)),)
+        return io.NodeOutput(with_concept(sae, merged.result(name, top_n=top_n, min_specificity=min_specificity,
+                                                             info=info, peak_specificity=peak)))

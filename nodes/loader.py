@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from comfy_api.latest import io
 
 from saeuron_core.comfy_layout import (sampling_settings_from_scheduler, unet_config_from_diffusers,
                                        vae_config_from_diffusers)
 from saeuron_core.errors import ConfigError
 from saeuron_core.formats import load_safetensors
 
-from .common import CATEGORY
+from .common import CATEGORY, check_choice, path_in_folder, validation
 
 FOLDER = "diffusers"
 
@@ -38,9 +39,7 @@ def _resolve(name: str) -> Path:
     import folder_paths
 
     for root in folder_paths.get_folder_paths(FOLDER):
-        path = Path(root, name).resolve()
-        if Path(root).resolve() not in path.parents:
-            raise ConfigError(f"model name {name!r} points outside the diffusers model folder")
+        path = Path(path_in_folder(root, name, "model name", FOLDER))
         if (path / "model_index.json").is_file():
             return path
     raise ConfigError(f"no diffusers pipeline folder {name!r} in models/diffusers")
@@ -118,8 +117,10 @@ def load_clip(path: Path) -> Any:
     sd_tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(path / "tokenizer"),
                                      embedding_size=int(cfg["hidden_size"]))
 
-    def tokenizer_cls(embedding_directory: Any = None) -> Any:
-        return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer=sd_tokenizer)
+    def tokenizer_cls(embedding_directory: Any = None, tokenizer_data: Any = None) -> Any:
+        # ComfyUI passes tokenizer_data (e.g. a checkpoint's embedded tokenizer settings) since 2024.
+        return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {},
+                                           tokenizer=sd_tokenizer)
 
     clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config_path),
                                    special_tokens=special)
@@ -191,48 +192,60 @@ def load_vae(path: Path) -> Any:
     return vae
 
 
-class EmptyLatentForVAE:
-    DESCRIPTION = ("An empty latent sized for the given VAE (its channel count and downscale factor), e.g. 3 channels "
-                   "at full resolution for a pixel-space model, 4 channels at 1/8 for SD 1.x. ComfyUI's Empty Latent "
-                   "Image always makes SD's 4-channel 1/8 latent.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Zeros of shape [batch, channels, height / downscale, width / downscale].",)
-    FUNCTION = "generate"
+class EmptyLatentForVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAeUronEmptyLatent",
+            display_name="Empty Latent (sized for the VAE)",
+            category=CATEGORY,
+            description=("An empty latent sized for the given VAE (its channel count and downscale factor), e.g. 3 "
+                         "channels at full resolution for a pixel-space model, 4 channels at 1/8 for SD 1.x. ComfyUI's "
+                         "Empty Latent Image always makes SD's 4-channel 1/8 latent."),
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE that will decode the result; it sets channels and scale."),
+                io.Int.Input("width", default=512, min=8, max=8192, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=8, max=8192, step=8, tooltip="Image height in pixels."),
+                io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="Images per batch."),
+            ],
+            outputs=[io.Latent.Output(
+                tooltip="Zeros of shape [batch, channels, height / downscale, width / downscale].")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {
-            "vae": ("VAE", {"tooltip": "The VAE that will decode the result; it sets channels and scale."}),
-            "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image width in pixels."}),
-            "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image height in pixels."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images per batch."}),
-        }}
-
-    def generate(self, vae: Any, width: int, height: int, batch_size: int) -> tuple[dict[str, torch.Tensor]]:
+    def execute(cls, vae: Any, width: int, height: int, batch_size: int) -> io.NodeOutput:
         scale = int(getattr(vae, "downscale_ratio", 8))
         if width % scale or height % scale:
             raise ConfigError(f"width and height must be multiples of the VAE's downscale factor {scale}, "
                               f"got {width}x{height}")
         channels = int(getattr(vae, "latent_channels", 4))
-        return ({"samples": torch.zeros(batch_size, channels, height // scale, width // scale)},)
+        return io.NodeOutput({"samples": torch.zeros(batch_size, channels, height // scale, width // scale)})
 
 
-class LoadDiffusersModel:
-    DESCRIPTION = ("Loads a local diffusers pipeline folder from models/diffusers (UNet, CLIP text encoder, VAE) with "
-                   "ComfyUI's own model classes, built from the folder's configs, so small or custom SD-style models "
-                   "load too. Standard checkpoints load with ComfyUI's Load Checkpoint as usual.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The diffusion model.", "The text encoder.", "The autoencoder.")
-    FUNCTION = "load"
+class LoadDiffusersModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAeUronLoadDiffusersModel",
+            display_name="Load Diffusers Model (any SD-style config)",
+            category=CATEGORY,
+            description=("Loads a local diffusers pipeline folder from models/diffusers (UNet, CLIP text encoder, "
+                         "VAE) with ComfyUI's own model classes, built from the folder's configs, so small or custom "
+                         "SD-style models load too. Standard checkpoints load with ComfyUI's Load Checkpoint as "
+                         "usual."),
+            inputs=[io.Combo.Input("model_path", options=list_pipelines(),
+                                   tooltip="A folder in models/diffusers holding model_index.json, unet/, "
+                                           "text_encoder/, tokenizer/, scheduler/ and vae/ (safetensors weights); "
+                                           "without vae/ the model works in pixel space.")],
+            outputs=[io.Model.Output(tooltip="The diffusion model."), io.Clip.Output(tooltip="The text encoder."),
+                     io.Vae.Output(tooltip="The autoencoder.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"model_path": (list_pipelines(), {
-            "tooltip": "A folder in models/diffusers holding model_index.json, unet/, text_encoder/, tokenizer/, "
-                       "scheduler/ and vae/ (safetensors weights); without vae/ the model works in pixel space."})}}
+    def validate_inputs(cls, model_path: str = "") -> bool | str:
+        return validation(check_choice, "model_path", model_path, list_pipelines())
 
-    def load(self, model_path: str) -> tuple[Any, Any, Any]:
+    @classmethod
+    def execute(cls, model_path: str) -> io.NodeOutput:
         path = _resolve(model_path)
-        return load_unet(path), load_clip(path), load_vae(path)
+        return io.NodeOutput(load_unet(path), load_clip(path), load_vae(path))

@@ -46,6 +46,8 @@ def register_routes() -> bool:
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if instance is None:
         return False
+    if any(getattr(r, "path", None) == ROUTE for r in instance.routes):
+        return True  # already added (the pack's node list was asked for again)
     import asyncio
 
     from aiohttp import web

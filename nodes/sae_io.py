@@ -5,31 +5,40 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from comfy_api.latest import io
+
 from saeuron_core.errors import ConfigError
 from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.sae import TopKSAE
 
-from .common import CATEGORY, list_saes, resolve_sae, sae_dirs, validation
+from .common import (CATEGORY, SAE, SAE_FOLDER, check_choice, list_saes, path_in_folder, resolve_sae, sae_dirs,
+                     validation)
 
 
-class LoadSAE:
+class LoadSAE(io.ComfyNode):
     """Loads an SAE from ComfyUI's ``models/sae`` folder."""
 
-    DESCRIPTION = ("Loads a sparse autoencoder (SAE) trained on one UNet block, with its concept library. "
-                   "Native .safetensors files and sparsify/SAeUron or SAELens folders from models/sae are listed.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAE",)
-    RETURN_NAMES = ("sae",)
-    OUTPUT_TOOLTIPS = ("The SAE with its concept library.",)
-    FUNCTION = "load"
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAeUronLoadSAE",
+            display_name="Load SAE",
+            category=CATEGORY,
+            description=("Loads a sparse autoencoder (SAE) trained on one UNet block, with its concept library. "
+                         "Native .safetensors files and sparsify/SAeUron or SAELens folders from models/sae are "
+                         "listed."),
+            inputs=[io.Combo.Input("sae_name", options=list_saes(),
+                                   tooltip="SAE file or folder in models/sae (or a folder set for 'sae' in "
+                                           "extra_model_paths.yaml).")],
+            outputs=[SAE.Output(display_name="sae", tooltip="The SAE with its concept library.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"sae_name": (list_saes(), {
-            "tooltip": "SAE file or folder in models/sae (or a folder set for 'sae' in extra_model_paths.yaml)."})}}
+    def validate_inputs(cls, sae_name: str = "") -> bool | str:
+        return validation(check_choice, "sae_name", sae_name, list_saes())
 
-    def load(self, sae_name: str) -> tuple[TopKSAE]:
-        return (load_sae(resolve_sae(sae_name)),)
+    @classmethod
+    def execute(cls, sae_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_sae(resolve_sae(sae_name)))
 
 
 def _target_path(filename: str) -> tuple[str, str]:
@@ -42,39 +51,41 @@ def _target_path(filename: str) -> tuple[str, str]:
         raise ConfigError("give the SAE a file name, e.g. my_sae.safetensors")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    root = os.path.realpath(dirs[0])
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.isabs(name) or os.path.commonpath([path, root]) != root:
-        raise ConfigError(f"filename {filename!r} must stay inside the sae model folder")
-    return name, path
+    try:
+        return name, path_in_folder(dirs[0], name, "filename", SAE_FOLDER)
+    except ConfigError:
+        raise ConfigError(f"filename {filename!r} must stay inside the sae model folder") from None
 
 
-class SaveSAE:
+class SaveSAE(io.ComfyNode):
     """Writes an SAE (with its concepts) into the first ``sae`` model folder."""
 
-    DESCRIPTION = ("Saves the SAE, including concepts learned in this graph, as one .safetensors file in "
-                   "models/sae. An existing file is only replaced when 'overwrite' is on.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAeUronSaveSAE",
+            display_name="Save SAE",
+            category=CATEGORY,
+            description=("Saves the SAE, including concepts learned in this graph, as one .safetensors file in "
+                         "models/sae. An existing file is only replaced when 'overwrite' is on."),
+            inputs=[
+                SAE.Input("sae", tooltip="The SAE to save."),
+                io.String.Input("filename", default="my_sae.safetensors",
+                                tooltip="File name inside models/sae (sub-folders allowed, no '..')."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace the file if it already exists."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {
-            "sae": ("SAE", {"tooltip": "The SAE to save."}),
-            "filename": ("STRING", {"default": "my_sae.safetensors",
-                                    "tooltip": "File name inside models/sae (sub-folders allowed, no '..')."}),
-            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace the file if it already exists."}),
-        }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, filename: str = "") -> Any:
+    def validate_inputs(cls, filename: str = "") -> bool | str:
         return validation(_target_path, filename)
 
-    def save(self, sae: TopKSAE, filename: str, overwrite: bool) -> dict[str, Any]:
+    @classmethod
+    def execute(cls, sae: Any, filename: str, overwrite: bool) -> io.NodeOutput:
         name, path = _target_path(filename)
         if os.path.exists(path) and not overwrite:
             raise ConfigError(f"{name} already exists in the sae folder; turn on 'overwrite' or choose another name")
         save_sae(sae, path)
-        return {"ui": {"text": [f"saved {name}"]}}
+        return io.NodeOutput(ui={"text": [f"saved {name}"]})

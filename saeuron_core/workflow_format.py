@@ -9,13 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}
 
 
 def is_widget(spec: Any) -> bool:
     kind = spec[0]
     return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def combo_choices(spec: Any) -> list | None:
+    """The choices of a combo input: ``[choices, {...}]`` (V1 nodes) or ``["COMBO", {"options": ...}]`` (V3)."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        return list(spec[1].get("options", [])) if len(spec) > 1 else []
+    return None
 
 
 def _inputs(info: dict[str, Any]) -> list[tuple[str, Any]]:

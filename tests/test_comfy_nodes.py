@@ -9,6 +9,7 @@ from saeuron_core.errors import ConfigError
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.hooks import BlockHook
 from saeuron_core.interventions import ConceptEraser
+from saeuron_core.workflow_format import combo_choices
 from saeuron_core.sae import SAEConfig, TopKSAE
 from saeuron_core.scoring import concept_names, get_concept, learn_concept
 
@@ -33,7 +34,16 @@ def host(comfy, tiny_pipe, tmp_path_factory):
 
 
 def node(host, name):
-    return host["pack"].NODE_CLASS_MAPPINGS[name]()
+    """The node class ComfyUI registered for ``name`` (V3: classmethods ``execute`` / ``validate_inputs``)."""
+    import comfy_host
+
+    return comfy_host.node_class(name)
+
+
+def run(host, name, *args, **kwargs):
+    """``execute`` of a node; its outputs as a tuple (and the NodeOutput's ``ui``)."""
+    out = node(host, name).execute(*args, **kwargs)
+    return out.args
 
 
 def sample(host, model, prompt="a cat", seed=0, steps=4):
@@ -47,8 +57,24 @@ def sample(host, model, prompt="a cat", seed=0, steps=4):
         return comfy_nodes.common_ksampler(model, seed, steps, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
 
 
+PACK_NODES = {"SAeUronLoadSAE", "SAeUronConceptEraser", "SAeUronLearnConcept", "SAeUronSaveSAE",
+              "SAeUronFeatureInspector", "SAeUronLoadDiffusersModel", "SAeUronEmptyLatent"}
+
+
+def test_every_node_is_a_v3_node_registered_through_the_entry_point(host):
+    """ComfyUI loaded the pack through ``comfy_entrypoint`` (it exports no NODE_CLASS_MAPPINGS) as V3 nodes."""
+    import comfy_host
+    from comfy_api.latest import io
+
+    assert set(comfy_host._STATE["node_ids"]) == PACK_NODES
+    assert not hasattr(host["pack"], "NODE_CLASS_MAPPINGS") and callable(host["pack"].comfy_entrypoint)
+    for name in PACK_NODES:
+        assert issubclass(node(host, name), io.ComfyNode)
+
+
 def test_nodes_have_tooltips_descriptions_and_category(host):
-    for cls in host["pack"].NODE_CLASS_MAPPINGS.values():
+    for name in PACK_NODES:
+        cls = node(host, name)
         assert cls.CATEGORY == "SAeUron" and cls.DESCRIPTION
         for spec in cls.INPUT_TYPES()["required"].values():
             assert spec[1].get("tooltip"), cls
@@ -61,36 +87,36 @@ def test_load_sae_lists_native_files_and_imported_folders(host):
 
     save_file({k: v.contiguous() for k, v in host["sae"].tensors().items()}, str(folder / "sae.safetensors"))
     (folder / "cfg.json").write_text(json.dumps({"d_in": 32, "num_latents": 128, "k": 8}))
-    choices = node(host, "SAeUronLoadSAE").INPUT_TYPES()["required"]["sae_name"][0]
+    choices = combo_choices(node(host, "SAeUronLoadSAE").INPUT_TYPES()["required"]["sae_name"])
     assert {"tiny.safetensors", "unet.up_blocks.1.attentions.1"} <= set(choices)
-    loaded = node(host, "SAeUronLoadSAE").load("tiny.safetensors")[0]
+    loaded = run(host, "SAeUronLoadSAE", "tiny.safetensors")[0]
     assert concept_names(loaded) == ["cat", "dog"]
-    assert node(host, "SAeUronLoadSAE").load("unet.up_blocks.1.attentions.1")[0].source_format == "sparsify"
+    assert run(host, "SAeUronLoadSAE", "unet.up_blocks.1.attentions.1")[0].source_format == "sparsify"
     with pytest.raises(ConfigError, match="outside the sae model folder"):
-        node(host, "SAeUronLoadSAE").load("../../etc/passwd")
+        run(host, "SAeUronLoadSAE", "../../etc/passwd")
 
 
 def test_eraser_patches_a_clone_and_never_the_input(host):
     model = host["model"]
     before = sample(host, model)
     options_before = json.dumps(str(model.model_options)), dict(model.object_patches)
-    erased_model = node(host, "SAeUronConceptEraser").erase(model, host["sae"], "cat", "ablate", 20.0, 0.0, 1.0,
+    erased_model = run(host, "SAeUronConceptEraser", model, host["sae"], "cat", "ablate", 20.0, 0.0, 1.0,
                                                             "both")[0]
     erased = sample(host, erased_model)
     after = sample(host, model)
     assert not torch.allclose(before, erased)
     assert torch.equal(before, after)
     assert (json.dumps(str(model.model_options)), dict(model.object_patches)) == options_before
-    zero = node(host, "SAeUronConceptEraser").erase(model, host["sae"], "cat", "ablate", 0.0, 0.0, 1.0, "both")[0]
+    zero = run(host, "SAeUronConceptEraser", model, host["sae"], "cat", "ablate", 0.0, 0.0, 1.0, "both")[0]
     assert torch.equal(sample(host, zero), before)
 
 
 def test_erasers_chain(host):
     model = host["model"]
     eraser = node(host, "SAeUronConceptEraser")
-    cat = eraser.erase(model, host["sae"], "cat", "ablate", 20.0, 0.0, 1.0, "both")[0]
-    both_chained = eraser.erase(cat, host["sae"], "dog", "ablate", 20.0, 0.0, 1.0, "both")[0]
-    both_at_once = eraser.erase(model, host["sae"], "cat, dog", "ablate", 20.0, 0.0, 1.0, "both")[0]
+    cat = eraser.execute(model, host["sae"], "cat", "ablate", 20.0, 0.0, 1.0, "both").args[0]
+    both_chained = eraser.execute(cat, host["sae"], "dog", "ablate", 20.0, 0.0, 1.0, "both").args[0]
+    both_at_once = eraser.execute(model, host["sae"], "cat, dog", "ablate", 20.0, 0.0, 1.0, "both").args[0]
     chained, at_once, only_cat = (sample(host, m, "a cat and a dog") for m in (both_chained, both_at_once, cat))
     assert not torch.allclose(chained, only_cat)
     assert len(both_chained.model_options["transformer_options"]["patches"]["output_block_patch"]) == 2
@@ -119,7 +145,7 @@ def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx, 
         diffusers_out = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
     node_options = {k: (", ".join(f"{c}={e}" for c, e in v.items()) if k == "detect_with" else v)
                     for k, v in options.items()}
-    patched = node(host, "SAeUronConceptEraser").erase(model, sae, concept, method, strength, 0.0, 1.0, "both",
+    patched = run(host, "SAeUronConceptEraser", model, sae, concept, method, strength, 0.0, 1.0, "both",
                                                        **node_options)[0]
     options = {"patches": patched.model_options["transformer_options"].get("patches", {}),
                "cond_or_uncond": [1, 0], "sigmas": sigma}
@@ -148,15 +174,15 @@ def test_min_coverage_reaches_the_eraser_and_gates_images(host):
     closed = raw_outputs(host, HOOK, host["sae"], min_coverage=1.0)
     assert not torch.allclose(raw_outputs(host, HOOK, host["sae"])[0], closed[2], atol=1e-4)
     torch.testing.assert_close(closed[1], closed[2], atol=1e-5, rtol=1e-5)  # nothing covers the whole map
-    error = node(host, "SAeUronConceptEraser").VALIDATE_INPUTS(concepts="cat", min_coverage=1.5)
+    error = node(host, "SAeUronConceptEraser").validate_inputs(concepts="cat", min_coverage=1.5)
     assert isinstance(error, str) and "min_coverage must be between 0 and 1" in error
     # another entry decides where cat is: the node passes 'concept=entry' pairs through
     by_dog = raw_outputs(host, HOOK, host["sae"], min_coverage=0.05, detect_with={"cat": "dog"})
     torch.testing.assert_close(by_dog[1], by_dog[0], atol=1e-4, rtol=1e-4)
-    error = node(host, "SAeUronConceptEraser").VALIDATE_INPUTS(concepts="cat", detect_with="cat")
+    error = node(host, "SAeUronConceptEraser").validate_inputs(concepts="cat", detect_with="cat")
     assert isinstance(error, str) and "detect_with takes 'concept=entry' pairs" in error
     with pytest.raises(ConfigError, match="unknown concept 'horse'"):
-        node(host, "SAeUronConceptEraser").erase(host["model"], host["sae"], "cat", "ablate", 1.0, 0.0, 1.0, "both",
+        run(host, "SAeUronConceptEraser", host["model"], host["sae"], "cat", "ablate", 1.0, 0.0, 1.0, "both",
                                                  min_coverage=0.1, detect_with="cat=horse")
 
 
@@ -164,7 +190,7 @@ def test_block_before_an_upsampler_or_last_uses_an_object_patch(host):
     """up_blocks.1.attentions.2 is the UNet's last block here: it needs the wrapped SpatialTransformer."""
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="up_blocks.1.attentions.2"))
     sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
-    patched = node(host, "SAeUronConceptEraser").erase(host["model"], sae, "cat", "ablate", 10.0, 0.0, 1.0, "both")[0]
+    patched = run(host, "SAeUronConceptEraser", host["model"], sae, "cat", "ablate", 10.0, 0.0, 1.0, "both")[0]
     assert list(patched.object_patches) == ["diffusion_model.output_blocks.5.1"]
     diffusers_out, comfy_out, plain = raw_outputs(host, "up_blocks.1.attentions.2", sae)
     assert not torch.allclose(diffusers_out, plain, atol=1e-4)
@@ -196,8 +222,8 @@ def test_erasers_on_two_blocks_chain_like_two_diffusers_hooks(host):
         both = unet(x, t, encoder_hidden_states=ctx).sample
     with torch.no_grad():
         plain = unet(x, t, encoder_hidden_states=ctx).sample
-    first = eraser.erase(model, down, "cat", "ablate", 10.0, 0.0, 1.0, "both")[0]
-    chained = eraser.erase(first, host["sae"], "dog", "ablate", 10.0, 0.0, 1.0, "both")[0]
+    first = eraser.execute(model, down, "cat", "ablate", 10.0, 0.0, 1.0, "both").args[0]
+    chained = eraser.execute(first, host["sae"], "dog", "ablate", 10.0, 0.0, 1.0, "both").args[0]
     assert list(chained.object_patches) == ["diffusion_model.input_blocks.2.1"]
     assert len(chained.model_options["transformer_options"]["patches"]["output_block_patch"]) == 1
     assert not model.object_patches and "patches" not in model.model_options.get("transformer_options", {})
@@ -216,35 +242,35 @@ def test_erasers_on_two_blocks_chain_like_two_diffusers_hooks(host):
 def test_eraser_errors(host):
     eraser = node(host, "SAeUronConceptEraser")
     with pytest.raises(ConfigError, match=r"unknown concept 'horse'; this SAE knows: 'cat', 'dog'"):
-        eraser.erase(host["model"], host["sae"], "horse", "ablate", 1.0, 0.0, 1.0, "both")
+        eraser.execute(host["model"], host["sae"], "horse", "ablate", 1.0, 0.0, 1.0, "both")
     with pytest.raises(ConfigError, match="no concept chosen; this SAE knows: cat, dog"):
-        eraser.erase(host["model"], host["sae"], " , ", "ablate", 1.0, 0.0, 1.0, "both")
+        eraser.execute(host["model"], host["sae"], " , ", "ablate", 1.0, 0.0, 1.0, "both")
     wide = TopKSAE(SAEConfig(d_in=1280, n_latents=64, k=4, hook_point=HOOK))
     with pytest.raises(ConfigError, match="expects 1280 channels but 'up_blocks.1.attentions.1' of this model has 32"):
-        eraser.erase(host["model"], wide, "cat", "ablate", 1.0, 0.0, 1.0, "both")
+        eraser.execute(host["model"], wide, "cat", "ablate", 1.0, 0.0, 1.0, "both")
     elsewhere = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, hook_point="up_blocks.3.attentions.1"))
     elsewhere.concepts, elsewhere.extra_tensors = {}, {}
     with pytest.raises(ConfigError, match="no attention block 'up_blocks.3.attentions.1'; it has"):
-        eraser.erase(host["model"], elsewhere, "cat", "ablate", 1.0, 0.0, 1.0, "both")
+        eraser.execute(host["model"], elsewhere, "cat", "ablate", 1.0, 0.0, 1.0, "both")
     with pytest.raises(ConfigError, match="between 0 and 1"):
-        eraser.erase(host["model"], host["sae"], "cat", "replace", 2.0, 0.0, 1.0, "both")
+        eraser.execute(host["model"], host["sae"], "cat", "replace", 2.0, 0.0, 1.0, "both")
 
 
 def test_learn_concept_and_save_sae(host):
-    learned = node(host, "SAeUronLearnConcept").learn(
+    learned = run(host, "SAeUronLearnConcept", 
         host["model"], host["clip"], host["sae"], {"samples": torch.zeros(1, 4, 8, 8)}, "tree",
         "a tree\na tall tree", "a house\na car", 0, 3, 5.0, "euler", "normal", 2, min_specificity=0.0)[0]
     assert concept_names(learned) == ["cat", "dog", "tree"]
     assert concept_names(host["sae"]) == ["cat", "dog"]  # the input SAE is not changed
     save = node(host, "SAeUronSaveSAE")
-    save.save(learned, "learned.safetensors", False)
+    save.execute(learned, "learned.safetensors", False)
     assert concept_names(load_sae(host["models"] / "sae" / "learned.safetensors")) == ["cat", "dog", "tree"]
     with pytest.raises(ConfigError, match="already exists"):
-        save.save(learned, "learned", False)
-    save.save(host["sae"], "learned", True)
+        save.execute(learned, "learned", False)
+    save.execute(host["sae"], "learned", True)
     assert concept_names(load_sae(host["models"] / "sae" / "learned.safetensors")) == ["cat", "dog"]
     with pytest.raises(ConfigError, match="inside the sae model folder"):
-        save.save(learned, "../escape.safetensors", False)
+        save.execute(learned, "../escape.safetensors", False)
 
 
 def test_learn_concept_checks_each_negative_prompt_with_peak_specificity(host):
@@ -253,12 +279,12 @@ def test_learn_concept_checks_each_negative_prompt_with_peak_specificity(host):
     # the other negative, the concept's features still stand out; checked against each one, none does.
     args = (host["model"], host["clip"], host["sae"], {"samples": torch.zeros(1, 4, 8, 8)}, "tree",
             "a tree", "a tree\na car", 0, 3, 5.0, "euler", "normal", 2)
-    pooled = get_concept(learn.learn(*args, min_specificity=0.0)[0], "tree")
+    pooled = get_concept(learn.execute(*args, min_specificity=0.0).args[0], "tree")
     assert int(pooled.n_selected.sum()) > 0
     with pytest.raises(ConfigError, match="against every negative prompt"):
-        learn.learn(*args, min_specificity=0.0, peak_specificity=0.05)
+        learn.execute(*args, min_specificity=0.0, peak_specificity=0.05)
     with pytest.raises(ConfigError, match="peak_specificity must be in"):
-        learn.learn(*args, peak_specificity=1.5)
+        learn.execute(*args, peak_specificity=1.5)
 
 
 def test_feature_inspector_outputs_overlay_mask_and_summary(host):
@@ -269,14 +295,16 @@ def test_feature_inspector_outputs_overlay_mask_and_summary(host):
     neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
     inspector = node(host, "SAeUronFeatureInspector")
     with torch.inference_mode():
-        out = inspector.inspect(host["model"], host["sae"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
+        out = inspector.execute(host["model"], host["sae"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
                                 comfy_host.tiny_vae(), "cat", 0, 4, 5.0, "euler", "normal", 5)
-    overlay, heat, summary = out["result"]
+    overlay, heat, summary = out.args
     assert overlay.shape == (1, 16, 16, 3) and 0 <= float(overlay.min()) and float(overlay.max()) <= 1
     assert heat.shape == (1, 16, 16) and 0 <= float(heat.min()) and float(heat.max()) <= 1
-    assert len(summary.strip().splitlines()) == 4 and out["ui"]["text"] == [summary]
+    assert len(summary.strip().splitlines()) == 4 and out.ui["text"] == [summary]
+    preview = out.ui["saeuron_overlay"]  # the temp preview the page shows on the node
+    assert len(preview) == 1 and preview[0]["type"] == "temp"
     with pytest.raises(ConfigError, match="choose a concept"):
-        inspector.inspect(host["model"], host["sae"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
+        inspector.execute(host["model"], host["sae"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
                           comfy_host.tiny_vae(), "", 0, 4, 5.0, "euler", "normal", 5)
 
 
@@ -288,8 +316,8 @@ def test_load_diffusers_model_matches_the_diffusers_components(host, tmp_path):
     pipe.save_pretrained(str(root / "tiny"), safe_serialization=True)
     folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
     loader = node(host, "SAeUronLoadDiffusersModel")
-    assert loader.INPUT_TYPES()["required"]["model_path"][0] == ["tiny"]
-    model, clip, vae = loader.load("tiny")
+    assert combo_choices(loader.INPUT_TYPES()["required"]["model_path"]) == ["tiny"]
+    model, clip, vae = loader.execute("tiny").args
     torch.manual_seed(0)
     x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([500.0, 500.0])
     with torch.no_grad():
@@ -304,13 +332,13 @@ def test_load_diffusers_model_matches_the_diffusers_components(host, tmp_path):
                                    atol=1e-5, rtol=1e-5)
     assert model.model.latent_format.scale_factor == pipe.vae.config.scaling_factor
     with pytest.raises(ConfigError, match="outside the diffusers model folder"):
-        loader.load("../sae")
+        loader.execute("../sae")
 
 
 def test_unloading_and_reloading_the_model_keeps_the_behaviour(host):
     import comfy.model_management
 
-    erased_model = node(host, "SAeUronConceptEraser").erase(host["model"], host["sae"], "cat", "replace", 1.0, 0.0,
+    erased_model = run(host, "SAeUronConceptEraser", host["model"], host["sae"], "cat", "replace", 1.0, 0.0,
                                                             1.0, "both")[0]
     first, plain = sample(host, erased_model), sample(host, host["model"])
     comfy.model_management.unload_all_models()
@@ -331,7 +359,7 @@ def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
     _save_random_demo(root / "pixel-demo")
     folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
     pipe = load_pipeline(str(root / "pixel-demo"))
-    model, clip, vae = node(host, "SAeUronLoadDiffusersModel").load("pixel-demo")
+    model, clip, vae = run(host, "SAeUronLoadDiffusersModel", "pixel-demo")
     torch.manual_seed(0)
     x, ctx, t = torch.randn(2, 3, 32, 32), torch.randn(2, 77, 64), torch.tensor([300.0, 700.0])
     with torch.no_grad():
@@ -341,7 +369,7 @@ def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
                              return_tensors="pt").input_ids
         cond = clip.encode_from_tokens(clip.tokenize("a star in stripes style"))
         assert (cond - pipe.text_encoder(ids)[0]).abs().max() < 1e-2
-    latent = node(host, "SAeUronEmptyLatent").generate(vae, 32, 32, 2)[0]
+    latent = run(host, "SAeUronEmptyLatent", vae, 32, 32, 2)[0]
     assert latent["samples"].shape == (2, 3, 32, 32) and not latent["samples"].any()
     pos = comfy_nodes.CLIPTextEncode().encode(clip, "a star in stripes style")[0]
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
@@ -354,9 +382,9 @@ def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
 
     sd_like = comfy_host.tiny_vae()
     f = sd_like.downscale_ratio
-    assert node(host, "SAeUronEmptyLatent").generate(sd_like, 8 * f, 8 * f, 1)[0]["samples"].shape == (1, 4, 8, 8)
+    assert run(host, "SAeUronEmptyLatent", sd_like, 8 * f, 8 * f, 1)[0]["samples"].shape == (1, 4, 8, 8)
     with pytest.raises(ConfigError, match=f"multiples of the VAE's downscale factor {f}"):
-        node(host, "SAeUronEmptyLatent").generate(sd_like, 8 * f + 1, 8 * f, 1)
+        run(host, "SAeUronEmptyLatent", sd_like, 8 * f + 1, 8 * f, 1)
 
 
 def test_cosine_schedule_matches_diffusers(host):
@@ -390,7 +418,7 @@ def test_shipped_demo_erasure_agrees_between_comfyui_and_diffusers(host, method)
     if not (root / "shipped-demo").exists():
         shutil.copytree(DEMO_ASSETS / "model", root / "shipped-demo")
     folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
-    model = node(host, "SAeUronLoadDiffusersModel").load("shipped-demo")[0]
+    model = run(host, "SAeUronLoadDiffusersModel", "shipped-demo")[0]
     pipe = load_pipeline(str(DEMO_ASSETS / "model"))
     sae = load_sae(DEMO_ASSETS / "sae.safetensors")
     ids = pipe.tokenizer(["", "a star in stripes style"], padding="max_length", max_length=77,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from saeuron_core.formats import load_sae, save_sae
+from saeuron_core.workflow_format import combo_choices
 from saeuron_core.sae import SAEConfig, TopKSAE
 from saeuron_core.scoring import add_concept, concept_names
 
@@ -36,7 +37,7 @@ def test_object_info_lists_every_node_with_its_inputs(server):
         assert entry["category"] == "SAeUron" and entry["description"]
         for spec in entry["input"]["required"].values():
             assert spec[1].get("tooltip")
-    assert info["SAeUronLoadSAE"]["input"]["required"]["sae_name"][0] == ["planted.safetensors"]
+    assert combo_choices(info["SAeUronLoadSAE"]["input"]["required"]["sae_name"]) == ["planted.safetensors"]
     assert info["SAeUronConceptEraser"]["output"] == ["MODEL"]
 
 

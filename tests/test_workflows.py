@@ -1,4 +1,4 @@
-"""Every workflow in workflows/: checked against the server's /object_info and run through /prompt."""
+"""Every workflow in example_workflows/ (API twins in docs/api-workflows/): checked against the server's /object_info and run through /prompt."""
 
 import json
 from pathlib import Path
@@ -11,13 +11,14 @@ from PIL import Image
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.sae import SAEConfig, TopKSAE
 from saeuron_core.scoring import concept_names, learn_concept
-from saeuron_core.workflow_format import is_widget, ui_to_api
+from saeuron_core.workflow_format import combo_choices, is_widget, ui_to_api
 
 from conftest import HOOK
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-UI_FILES = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith(".api.json"))
+UI_FILES = sorted((ROOT / "example_workflows").glob("*.json"))
+API_DIR = ROOT / "docs" / "api-workflows"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_there_are_workflows_in_both_formats():
     names = {p.stem for p in UI_FILES}
     assert names == {"erase_style", "erase_object", "erase_object_and_style", "compare_ablate_replace", "learn_concept",
                      "inspect_features"}
-    assert all((ROOT / "workflows" / f"{n}.api.json").is_file() for n in names)
+    assert all((API_DIR / f"{n}.api.json").is_file() for n in names)
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
@@ -47,18 +48,19 @@ def test_ui_workflow_matches_object_info(server, path):
     for node in ui["nodes"]:
         assert node["type"] in info, f"{path.name}: unknown node type {node['type']}"
     api = ui_to_api(ui, info)
-    assert api == json.loads(path.with_suffix("").with_suffix(".api.json").read_text())
+    assert api == json.loads((API_DIR / f"{path.stem}.api.json").read_text())
     for node_id, node in api.items():
         spec = info[node["class_type"]]["input"]
         for name, s in spec.get("required", {}).items():
             assert name in node["inputs"], f"{path.name}: node {node_id} ({node['class_type']}) misses {name}"
             value = node["inputs"][name]
-            if isinstance(value, list) and not isinstance(s[0], list):
+            choices = combo_choices(s)
+            if isinstance(value, list) and choices is None:
                 src = nodes[int(value[0])]
                 out_type = info[src["type"]]["output"][value[1]]
                 assert out_type == s[0], f"{path.name}: node {node_id}.{name} expects {s[0]}, linked {out_type}"
-            elif isinstance(s[0], list):
-                assert value in s[0], f"{path.name}: node {node_id}.{name} = {value!r} is not one of {s[0]}"
+            elif choices is not None:
+                assert value in choices, f"{path.name}: node {node_id}.{name} = {value!r} is not one of {choices}"
             elif is_widget(s) and s[0] in ("INT", "FLOAT") and len(s) > 1:
                 assert s[1].get("min", -float("inf")) <= value <= s[1].get("max", float("inf"))
     for link in ui["links"]:
@@ -69,7 +71,7 @@ def test_ui_workflow_matches_object_info(server, path):
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_workflow_runs_through_prompt(server, path):
-    api = json.loads(path.with_suffix("").with_suffix(".api.json").read_text())
+    api = json.loads((API_DIR / f"{path.stem}.api.json").read_text())
     entry = server.run(api, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
     import comfy_host
@@ -105,7 +107,7 @@ def test_workflow_runs_through_prompt(server, path):
     ("learn_concept", "7", {"filename": "../../outside"}, "must stay inside the sae model folder"),
 ])
 def test_bad_widget_values_are_refused_before_running(server, workflow, node, change, message):
-    api = json.loads((ROOT / "workflows" / f"{workflow}.api.json").read_text())
+    api = json.loads((API_DIR / f"{workflow}.api.json").read_text())
     api[node]["inputs"].update(change)
     status, reply = server.post("/prompt", {"prompt": api})
     # ComfyUI refuses the graph (400) or, when other outputs are still valid, queues only those (200);
@@ -114,7 +116,7 @@ def test_bad_widget_values_are_refused_before_running(server, workflow, node, ch
 
 
 def test_unknown_concept_and_unfit_sae_fail_with_the_message(server):
-    api = json.loads((ROOT / "workflows" / "erase_style.api.json").read_text())
+    api = json.loads((API_DIR / "erase_style.api.json").read_text())
     api["6"]["inputs"]["concepts"] = "horse"
     entry = server.run(api)
     error = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
@@ -124,9 +126,9 @@ def test_unknown_concept_and_unfit_sae_fail_with_the_message(server):
 
 def test_graphs_are_isolated_in_one_server(server):
     """Erased and plain graphs sharing one model, in any order: each output equals that graph run alone."""
-    erase = json.loads((ROOT / "workflows" / "erase_style.api.json").read_text())
+    erase = json.loads((API_DIR / "erase_style.api.json").read_text())
     plain = {k: v for k, v in erase.items() if k in {"1", "2", "3", "4", "5", "10", "11", "12", "13"}}
-    other = json.loads((ROOT / "workflows" / "erase_object.api.json").read_text())
+    other = json.loads((API_DIR / "erase_object.api.json").read_text())
 
     def pixels(graph, prefix):
         graph = json.loads(json.dumps(graph))
@@ -165,7 +167,7 @@ def test_many_queued_prompts_with_erasers_keep_memory_bounded(server, capsys):
     """Queue LOAD_PROMPTS erase graphs at once (varying seeds so nothing is cached); memory stays bounded."""
     import time
 
-    api = json.loads((ROOT / "workflows" / "compare_ablate_replace.api.json").read_text())
+    api = json.loads((API_DIR / "compare_ablate_replace.api.json").read_text())
     graph = {k: v for k, v in api.items() if k in {"1", "2", "3", "4", "5", "6", "7", "20", "21", "22", "23", "30",
                                                    "31", "32", "33"}}
     graph["5"]["inputs"]["batch_size"] = 1
