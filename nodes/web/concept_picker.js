@@ -9,7 +9,6 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const PICKER_NODES = new Set(["SAeUronConceptEraser", "SAeUronFeatureInspector"]);
-const PICKER_TYPE = "saeuron.concepts";
 const ROUTE = "/saeuron/concepts";
 
 /** Concept names of a widget value: separated by commas or new lines (as the nodes read them). */
@@ -18,11 +17,6 @@ export function parseConcepts(text) {
 		.split(/[\n,]/)
 		.map((s) => s.trim())
 		.filter(Boolean);
-}
-
-function escapeHtml(text) {
-	const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-	return String(text).replace(/[&<>"']/g, (c) => map[c]);
 }
 
 /** `{ concepts }` of an SAE file, or `{ error }` with the server's message. */
@@ -92,8 +86,8 @@ async function openMenu(node, widget, event) {
 	const offer = await offeredConcepts(node);
 	widget.saeuronLibrary = offer.names ? { sae: offer.sae, names: offer.names } : null;
 	const chosen = new Set(parseConcepts(widget.value));
-	const mark = (name) => `${chosen.has(name) ? "☑" : "☐"} ${escapeHtml(name)}`;
-	const toggle = (name) => {
+	const mark = (name) => `${chosen.has(name) ? "☑" : "☐"} ${name}`;
+	const toggle = (name, suffix = "") => {
 		return function () {
 			if (chosen.has(name)) chosen.delete(name);
 			else chosen.add(name);
@@ -101,7 +95,7 @@ async function openMenu(node, widget, event) {
 			// Library order first, then names typed by hand that this SAE does not know.
 			const value = [...known.filter((n) => chosen.has(n)), ...[...chosen].filter((n) => !known.includes(n))];
 			setValue(node, widget, value.join(", "));
-			this.innerHTML = mark(name);
+			this.textContent = mark(name) + suffix;
 			return true; // keep the menu open: several names can be chosen
 		};
 	};
@@ -111,22 +105,29 @@ async function openMenu(node, widget, event) {
 	}
 	for (const name of chosen) {
 		if (!(offer.names ?? []).includes(name)) {
-			entries.push({ content: mark(name) + " (not in this SAE)", saeuronConcept: name, callback: toggle(name) });
+			const suffix = " (not in this SAE)";
+			entries.push({ content: mark(name) + suffix, saeuronConcept: name, callback: toggle(name, suffix) });
 		}
 	}
-	if (offer.error) entries.push({ content: escapeHtml(offer.error), disabled: true });
+	if (offer.error) entries.push({ content: offer.error, disabled: true });
 	else if (!offer.names.length) entries.push({ content: "this SAE has no concepts yet (use Learn Concept)", disabled: true });
 	entries.push(null, {
 		content: "Edit as text…",
 		callback: () => app.canvas.prompt("concepts", widget.value, (v) => setValue(node, widget, v), event),
 	});
-	const title = offer.sae ? `Concepts in ${escapeHtml(offer.sae)}` : "Concepts";
-	new LiteGraph.ContextMenu(entries, {
+	const title = offer.sae ? `Concepts in ${offer.sae}` : "Concepts";
+	const menu = new LiteGraph.ContextMenu(entries, {
 		event,
 		title,
 		className: "dark saeuron-concept-menu",
 		scale: Math.max(1, app.canvas.ds.scale),
 	});
+	// Names are file and concept names, not markup: frontends differ in whether they set a
+	// menu's text as HTML, so put in the plain text ourselves (entries come in order).
+	const items = menu.root.querySelectorAll(".litemenu-entry");
+	entries.forEach((entry, i) => entry && items[i] && (items[i].textContent = entry.content));
+	const heading = menu.root.querySelector(".litemenu-title");
+	if (heading) heading.textContent = title;
 }
 
 function refreshLibrary(node, widget) {
@@ -144,9 +145,9 @@ function refreshLibrary(node, widget) {
 }
 
 function installPicker(node, widget) {
-	widget.type = PICKER_TYPE;
+	// The widget keeps the frontend's own string type (serialisation, input socket); only its
+	// drawing and its click are ours.
 	widget.draw = function (ctx, node, width, y, height) {
-		if (this.type !== PICKER_TYPE) return; // converted to an input: hidden
 		refreshLibrary(node, this);
 		const margin = 15;
 		const names = parseConcepts(this.value);
@@ -171,17 +172,23 @@ function installPicker(node, widget) {
 		ctx.fillText(`${shown.length > 34 ? shown.slice(0, 33) + "…" : shown}  ▾`, width - margin * 2, y + height * 0.7);
 		ctx.restore();
 	};
-	widget.mouse = function (event, pos, node) {
-		if (event.type === LiteGraph.pointerevents_method + "down") openMenu(node, this, event);
+	// The canvas offers a widget its pointer-down first (frontends 1.27 to 1.58); claiming it here
+	// keeps the frontend's own text prompt closed. The menu opens on the click (pointer up, no drag),
+	// as the frontend's combo menus do.
+	widget.onPointerDown = function (pointer, node) {
+		pointer.onClick = (upEvent) => openMenu(node, this, upEvent);
 		return true;
 	};
 }
 
-app.registerExtension({
+const extension = {
 	name: "SAeUron.ConceptPicker",
 	nodeCreated(node) {
 		if (!PICKER_NODES.has(node.comfyClass)) return;
 		const widget = node.widgets?.find((w) => w.name === "concepts");
 		if (widget) installPicker(node, widget);
 	},
-});
+};
+// ComfyUI can serve this folder under two names (pyproject's `web` and WEB_DIRECTORY); the
+// frontend refuses a second extension of the same name, so register once.
+if (!app.extensions.some((e) => e.name === extension.name)) app.registerExtension(extension);

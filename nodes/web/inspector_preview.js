@@ -3,7 +3,7 @@
 // preview (`app.nodeOutputs[id].images`) lets the page load, size and draw it as usual.
 import { app } from "../../scripts/app.js";
 
-app.registerExtension({
+const extension = {
 	name: "SAeUron.InspectorPreview",
 	nodeCreated(node) {
 		if (node.comfyClass !== "SAeUronFeatureInspector") return;
@@ -17,4 +17,6 @@ app.registerExtension({
 			}
 		};
 	},
-});
+};
+// Served under two names (pyproject's `web` and WEB_DIRECTORY), this file runs twice: register once.
+if (!app.extensions.some((e) => e.name === extension.name)) app.registerExtension(extension);

@@ -1,7 +1,7 @@
 // Save SAE says what it wrote ("saved my_sae.safetensors") under its widgets once it has run.
 import { app } from "../../scripts/app.js";
 
-app.registerExtension({
+const extension = {
 	name: "SAeUron.SaveStatus",
 	nodeCreated(node) {
 		if (node.comfyClass !== "SAeUronSaveSAE") return;
@@ -24,4 +24,6 @@ app.registerExtension({
 			ctx.restore();
 		};
 	},
-});
+};
+// Served under two names (pyproject's `web` and WEB_DIRECTORY), this file runs twice: register once.
+if (!app.extensions.some((e) => e.name === extension.name)) app.registerExtension(extension);
