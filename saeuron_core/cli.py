@@ -395,13 +395,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
         sae = load_sae(a.path)
         info["concept_details"] = {}
-        for name in info["concepts"]:
-            try:
-                data = get_concept(sae, name)
-            except SaeuronError as exc:  # one broken entry should not hide the rest of the file
-                info["concept_details"][name] = {"error": str(exc)}
-                details[name] = f"{name}: unreadable ({exc})"
-                continue
+        for name in info["concepts"]:  # every entry was validated when the file was read
+            data = get_concept(sae, name)
             info["concept_details"][name] = describe_concept(data)
             details[name] = format_concept(name, data)
     if a.json:

@@ -25,13 +25,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import ConfigError, SAEFormatError
-from .sae import SAEConfig, TopKSAE
-from .scoring import check_concept_name
+from .sae import SAEConfig, TopKSAE, dtype_name
+from .scoring import check_library
 
 FORMAT_VERSION = "1"
 CORE_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar", ".npz", ".npy"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+SAE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what SAE weights may be stored in
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                    "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -168,8 +169,9 @@ def _check_tensors(path: Path, tensors: dict[str, Tensor], names: tuple[str, ...
         raise SAEFormatError(f"{path}: missing tensor(s) {missing}; an SAE file needs {list(names)}")
     for name in names:
         t = tensors[name]
-        if not t.is_floating_point():
-            raise SAEFormatError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected a float tensor")
+        if t.dtype not in SAE_DTYPES:
+            raise SAEFormatError(f"{path}: tensor {name!r} has dtype {dtype_name(t.dtype)}; expected a float tensor "
+                                 f"({', '.join(map(dtype_name, SAE_DTYPES))})")
         if not torch.isfinite(t).all():
             raise SAEFormatError(f"{path}: tensor {name!r} contains NaN or infinite values")
 
@@ -177,9 +179,13 @@ def _check_tensors(path: Path, tensors: dict[str, Tensor], names: tuple[str, ...
 def _build(path: Path, config: SAEConfig, tensors: dict[str, Tensor], device: str | torch.device,
            dtype: torch.dtype | None) -> TopKSAE:
     try:
-        return TopKSAE.from_tensors(config, tensors, device=device, dtype=dtype)
+        sae = TopKSAE.from_tensors(config, tensors, device=device, dtype=dtype)
     except ConfigError as exc:
         raise SAEFormatError(f"{path}: {exc}") from None
+    for name, t in sae.tensors().items():  # finite in the file's dtypes, but also in the SAE's one?
+        if not torch.isfinite(t).all():
+            raise SAEFormatError(f"{path}: tensor {name!r} has values beyond the range of {dtype_name(sae.dtype)}")
+    return sae
 
 
 # -- native format -----------------------------------------------------------------------
@@ -235,14 +241,11 @@ def _load_native(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     sae.concepts = _json_field(path, metadata, "concepts", {})
     if not isinstance(sae.training_summary, dict) or not isinstance(sae.concepts, dict):
         raise SAEFormatError(f"{path}: 'training' and 'concepts' metadata must be JSON objects")
-    for name, entry in sae.concepts.items():
-        try:
-            check_concept_name(name)
-        except ConfigError as exc:
-            raise SAEFormatError(f"{path}: concept library holds a bad name ({exc})") from None
-        if not isinstance(entry, dict):
-            raise SAEFormatError(f"{path}: concept {name!r} has a malformed library entry")
     sae.extra_tensors = {k: v for k, v in tensors.items() if k not in CORE_TENSORS}
+    try:
+        check_library(sae)
+    except SAEFormatError as exc:
+        raise SAEFormatError(f"{path}: {exc}") from None
     sae.source_format = "native"
     return sae
 

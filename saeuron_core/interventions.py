@@ -129,6 +129,10 @@ class ConceptEraser:
         self.concepts: list[ConceptData] = [get_concept(sae, name) for name in self.strengths]
         self.min_coverage = self._coverage_per_concept(min_coverage)
         entries = self._detectors(detect_with or {})
+        for c in self.concepts + list(entries.values()):
+            if not c.n_selected.any():
+                raise ConfigError(f"concept {c.name!r} selects no feature at any timestep, so erasing with it would "
+                                  f"change nothing; relearn it (e.g. with a lower min_specificity)")
         self.detect_with = {name: d.name for name, d in entries.items()}
         # the entry whose features read each gated concept's coverage (None: not gated)
         self.detectors: list[Optional[ConceptData]] = [entries.get(c.name, c) if float(self.min_coverage[j]) > 0

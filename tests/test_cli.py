@@ -13,6 +13,9 @@ from safetensors.torch import save_file
 from cli_helpers import assert_user_error, run_cli
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.scoring import add_concept
+
+from planted import concept
 
 
 
@@ -23,7 +26,8 @@ from saeuron_core.sae import SAEConfig, TopKSAE
 def sae_file(tmp_path):
     path = tmp_path / "s.safetensors"
     sae = TopKSAE(SAEConfig(d_in=8, n_latents=32, k=4, hook_point="up_blocks.1.attentions.1", model_family="sd1"))
-    sae.concepts = {"cat": {}, "van gogh": {}}
+    for name in ("cat", "van gogh"):
+        add_concept(sae, concept(name, {range(50): [3]}))
     save_sae(sae, path)
     return path
 

@@ -9,6 +9,9 @@ from safetensors.torch import save_file
 from saeuron_core.errors import SAEFormatError
 from saeuron_core.formats import convert, describe, load_sae, read_safetensors_header, save_sae
 from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.scoring import add_concept
+
+from planted import concept
 
 D, N, K = 12, 48, 5
 
@@ -20,8 +23,7 @@ def random_sae(dtype=torch.float32):
         sae.encoder.bias.normal_()
         sae.b_dec.normal_()
     sae.training_summary = {"steps": 10, "final": {"fvu": 0.1}}
-    sae.concepts = {"cat": {"prompts": ["a cat"], "timesteps": [999, 500]}}
-    sae.extra_tensors = {"concepts.cat.features": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    add_concept(sae, concept("cat", {range(50): [3, 7]}))
     return sae.to(dtype)
 
 
@@ -45,7 +47,8 @@ def test_native_round_trip_is_bit_exact(tmp_path, dtype):
         assert torch.equal(loaded.tensors()[name], tensor), name
     assert loaded.config == sae.config
     assert loaded.concepts == sae.concepts and loaded.training_summary == sae.training_summary
-    assert torch.equal(loaded.extra_tensors["concepts.cat.features"], sae.extra_tensors["concepts.cat.features"])
+    assert loaded.extra_tensors.keys() == sae.extra_tensors.keys()
+    assert all(torch.equal(t, sae.extra_tensors[name]) for name, t in loaded.extra_tensors.items())
     save_sae(loaded, b)
     # Same header (tensor layout, offsets, metadata; JSON key order may differ) and same data bytes.
     assert read_safetensors_header(a) == read_safetensors_header(b)
