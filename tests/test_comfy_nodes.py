@@ -204,6 +204,29 @@ def test_block_before_an_upsampler_or_last_uses_an_object_patch(host):
     assert keys == set(host["model"].model.state_dict())
 
 
+def test_an_eraser_built_after_another_clone_was_sampled_wraps_the_original_block(host):
+    """ComfyUI 0.3.x leaves a sampled clone's object patches applied on the shared model until it unpatches
+    lazily. An eraser built then, on another clone of the same MODEL, must still wrap the model's own block,
+    not the other clone's eraser: the same pictures as when built on an unpatched model."""
+    import comfy.model_management
+
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="up_blocks.1.attentions.2"))  # object patch
+    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    model = host["model"]
+    comfy.model_management.unload_all_models()
+    replace_alone = sample(host, run(host, "SAeUronConceptEraser", model, sae, "cat", "replace", 1.0, 0.0, 1.0,
+                                     "both")[0])
+    comfy.model_management.unload_all_models()
+    ablate = run(host, "SAeUronConceptEraser", model, sae, "cat", "ablate", 20.0, 0.0, 1.0, "both")[0]
+    ablated = sample(host, ablate)  # leaves ablate's wrapper on the shared model
+    replace = run(host, "SAeUronConceptEraser", model, sae, "cat", "replace", 1.0, 0.0, 1.0, "both")[0]
+    assert not isinstance(replace.object_patches["diffusion_model.output_blocks.5.1"].inner,
+                          type(replace.object_patches["diffusion_model.output_blocks.5.1"]))
+    assert torch.equal(sample(host, replace), replace_alone)
+    assert not torch.equal(ablated, replace_alone)
+    comfy.model_management.unload_all_models()
+
+
 def test_erasers_on_two_blocks_chain_like_two_diffusers_hooks(host):
     """An eraser on a down block (object patch) chained with one on the up block (output patch), as the
     erase_object_and_style workflow does with the demo's object and style SAEs: the same output as two
