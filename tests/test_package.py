@@ -4,6 +4,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,24 @@ def test_no_pickle_loading_outside_tests():
     pattern = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle=True")
     files = [p for p in ROOT.rglob("*.py") if not {".venv", ".hosts", "tests"} & set(p.relative_to(ROOT).parts)]
     assert not [p for p in files if pattern.search(p.read_text())]
+
+
+def test_comfy_registry_metadata():
+    """What the Comfy registry and ComfyUI-Manager read: [tool.comfy] and a [project] with a licence file."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and isinstance(comfy["includes"], list)
+    assert comfy["Icon"].startswith("https://") and (ROOT / "docs" / comfy["Icon"].rsplit("/docs/", 1)[1]).is_file()
+    assert (ROOT / comfy["web"]).is_dir() and any((ROOT / comfy["web"]).glob("*.js"))
+    assert (ROOT / meta["project"]["license"]["file"]).is_file()
+    assert meta["project"]["urls"]["Repository"].startswith("https://")
+
+
+def test_tracked_tree_is_small():
+    """What a user downloads: no training state or rejected candidates, under 40 MB in all."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [ROOT / f for f in listed.stdout.decode().split("\0") if f]
+    assert sum(f.stat().st_size for f in files if f.is_file()) < 40e6
+    assert not [f for f in files if f.is_file() and f.stat().st_size > 10e6]

@@ -1,5 +1,6 @@
 """Every workflow in example_workflows/ (API twins in docs/api-workflows/): checked against the server's /object_info and run through /prompt."""
 
+import io
 import json
 from pathlib import Path
 
@@ -10,9 +11,10 @@ from PIL import Image
 
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import concept_names, learn_concept
+from saeuron_core.scoring import concept_names, get_concept, learn_concept
 from saeuron_core.workflow_format import combo_choices, is_widget, ui_to_api
 
+from comfy_host import PACK_NAME
 from conftest import HOOK
 
 pytestmark = pytest.mark.slow
@@ -69,6 +71,37 @@ def test_ui_workflow_matches_object_info(server, path):
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
 
 
+THUMBNAIL_HEIGHT = 256
+
+
+def write_thumbnail(name: str, pictures: list[Image.Image]) -> Path:
+    """``example_workflows/<name>.jpg``, the picture the Templates dialog shows: ``pictures`` side by side."""
+    tiles = [p.convert("RGB").resize((THUMBNAIL_HEIGHT * p.width // p.height, THUMBNAIL_HEIGHT), Image.NEAREST)
+             for p in pictures]
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), THUMBNAIL_HEIGHT), "white")
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, 0))
+        x += tile.width + 8
+    path = ROOT / "example_workflows" / f"{name}.jpg"
+    sheet.save(path, quality=90)
+    return path
+
+
+def library_picture(sae, concept: str) -> Image.Image:
+    """A learned concept as a square picture: a row per selected feature, a column per timestep bucket (early
+    steps on the right), brighter for a higher score."""
+    data = get_concept(sae, concept)
+    mask = data.selected_mask() & data.observed[:, None]
+    features = sorted({int(f) for f in data.feature_ids[mask]})
+    grid = np.zeros((data.n_buckets, max(len(features), 1)), dtype=np.float32)
+    for b, m in zip(*np.nonzero(mask.numpy())):
+        grid[b, features.index(int(data.feature_ids[b, m]))] = max(float(data.scores[b, m]), 0.0)
+    grid = (255 * grid / max(float(grid.max()), 1e-8)).astype(np.uint8)
+    picture = Image.fromarray(np.stack([grid, grid // 2, 255 - grid], -1).transpose(1, 0, 2))
+    return picture.resize((THUMBNAIL_HEIGHT, THUMBNAIL_HEIGHT), Image.NEAREST)
+
+
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_workflow_runs_through_prompt(server, path):
     api = json.loads((API_DIR / f"{path.stem}.api.json").read_text())
@@ -90,13 +123,34 @@ def test_workflow_runs_through_prompt(server, path):
                     out.append(torch.from_numpy(np.array(im)).float())
             return torch.stack(out)
         assert (pixels("23") - pixels("13")).abs().mean() > 5.0
+    # The thumbnail: the first picture of each saved branch (before, after...), or the learned concept.
+    pictures = [Image.open(server.root / "output" / out["images"][0]["subfolder"] / out["images"][0]["filename"])
+                for _, out in sorted(entry["outputs"].items()) if out.get("images")]
     if path.stem == "learn_concept":
         learned = load_sae(server.models / "sae" / "saeuron-demo-learned.safetensors")
         assert concept_names(learned) == sorted(concept_names(load_sae(server.models / "sae" / "saeuron-demo.safetensors"))
                                                 + ["round things"])
+        pictures = [library_picture(learned, "round things")]
+    assert write_thumbnail(path.stem, pictures).stat().st_size > 0
     if path.stem == "inspect_features":
         texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
         assert texts and len(texts[0].splitlines()) == api["6"]["inputs"]["steps"]
+
+
+def test_the_templates_dialog_offers_every_ui_workflow_with_its_thumbnail(server):
+    """ComfyUI offers example_workflows/ as the pack's templates: only UI graphs, each with a thumbnail."""
+    import urllib.request
+
+    offered = server.get("/workflow_templates")
+    assert sorted(offered[PACK_NAME]) == sorted(p.stem for p in UI_FILES)
+    for path in UI_FILES:
+        base = f"{server.url}/api/workflow_templates/{PACK_NAME}/{path.stem}"
+        with urllib.request.urlopen(base + ".json", timeout=30) as r:
+            assert json.loads(r.read()) == json.loads(path.read_text())
+        with urllib.request.urlopen(base + ".jpg", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/jpeg"
+            with Image.open(io.BytesIO(r.read())) as im:
+                assert im.height == THUMBNAIL_HEIGHT
 
 
 @pytest.mark.parametrize("workflow, node, change, message", [
@@ -124,32 +178,84 @@ def test_unknown_concept_and_unfit_sae_fail_with_the_message(server):
         in error["exception_message"]
 
 
-def test_graphs_are_isolated_in_one_server(server):
-    """Erased and plain graphs sharing one model, in any order: each output equals that graph run alone."""
-    erase = json.loads((API_DIR / "erase_style.api.json").read_text())
-    plain = {k: v for k, v in erase.items() if k in {"1", "2", "3", "4", "5", "10", "11", "12", "13"}}
-    other = json.loads((API_DIR / "erase_object.api.json").read_text())
+def all_ordered_pairs(names: list[str]) -> list[str]:
+    """A run order in which every name follows every other name at least once (an Euler circuit of the
+    complete directed graph: ``n * (n - 1) + 1`` runs)."""
+    left = {a: [b for b in names if b != a] for a in names}
+    stack, order = [names[0]], []
+    while stack:
+        if left[stack[-1]]:
+            stack.append(left[stack[-1]].pop())
+        else:
+            order.append(stack.pop())
+    return order[::-1]
 
-    def pixels(graph, prefix):
-        graph = json.loads(json.dumps(graph))
-        for node in graph.values():
-            if node["class_type"] == "SaveImage":
-                node["inputs"]["filename_prefix"] = f"iso/{prefix}_{node['inputs']['filename_prefix'].split('/')[-1]}"
-        entry = server.run(graph)
-        assert entry["status"]["status_str"] == "success"
-        out = {}
-        for node_id, o in sorted(entry["outputs"].items()):
-            for img in o.get("images", []):
-                with Image.open(server.root / "output" / img["subfolder"] / img["filename"]) as im:
-                    out.setdefault(node_id, []).append(im.tobytes())
-        return out
 
-    alone = {"plain": pixels(plain, "a1"), "erase": pixels(erase, "a2"), "other": pixels(other, "a3")}
-    for i, order in enumerate((["erase", "plain", "other", "plain"], ["other", "erase", "plain", "erase"])):
-        for j, name in enumerate(order):
-            graph = {"plain": plain, "erase": erase, "other": other}[name]
-            assert pixels(graph, f"o{i}{j}") == alone[name], f"{name} changed when run after {order[:j]}"
-    assert alone["erase"]["13"] == alone["plain"]["13"]  # the "before" branch of the erase graph is the plain graph
+def isolation_graphs() -> dict[str, dict]:
+    """Every shipped workflow, a plain graph (no eraser), and ablate + replace on two clones of one MODEL at an
+    output-patched block (the shipped ``compare_ablate_replace`` erases at an object-patched one)."""
+    graphs = {p.stem: json.loads((API_DIR / f"{p.stem}.api.json").read_text()) for p in UI_FILES}
+    erase = graphs["erase_style"]
+    graphs["plain"] = {k: v for k, v in erase.items() if k in {"1", "2", "3", "4", "5", "10", "11", "12", "13"}}
+    output_patched = json.loads(json.dumps(graphs["compare_ablate_replace"]))
+    output_patched["2"]["inputs"]["sae_name"] = "saeuron-demo.safetensors"  # up_blocks.1.attentions.1
+    graphs["compare_output_patched"] = output_patched
+    return graphs
+
+
+def run_for_outputs(server, graph: dict, tag: str) -> dict[str, list[bytes]]:
+    """Run a graph with its files renamed by ``tag`` (so output nodes run again) and return what it made:
+    decoded pixels per SaveImage node, tensors of a saved SAE."""
+    graph = json.loads(json.dumps(graph))
+    for node in graph.values():
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] = f"iso/{tag}_{node['inputs']['filename_prefix'].split('/')[-1]}"
+        if node["class_type"] == "SAeUronSaveSAE":
+            node["inputs"]["filename"] = f"iso/{tag}.safetensors"
+    entry = server.run(graph, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    out = {}
+    for node_id, o in sorted(entry["outputs"].items()):
+        for img in o.get("images", []):
+            with Image.open(server.root / "output" / img["subfolder"] / img["filename"]) as im:
+                out.setdefault(node_id, []).append(im.tobytes())
+    for node_id, node in graph.items():
+        if node["class_type"] == "SAeUronSaveSAE":
+            saved = load_sae(server.models / "sae" / node["inputs"]["filename"])
+            out[node_id] = [t.numpy().tobytes() for _, t in sorted(saved.tensors().items())]
+    assert out, "the graph made nothing to compare"
+    return out
+
+
+def fresh(server) -> None:
+    """Models unloaded and every cache dropped, as on a newly started server."""
+    status, _ = server.post("/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    # The server applies /free after its next queue item: run a trivial graph so that it has.
+    server.run({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+
+
+def test_every_graph_gives_the_same_images_alone_and_after_any_other(server):
+    """Each shipped workflow (and two eraser graphs sharing one MODEL at an output- and an object-patched
+    block) run alone on a fresh server, then all of them back to back in an order where each one follows
+    each other one, with models and caches kept: every run gives exactly the pictures it gave alone, and
+    the unerased branch of every graph is the plain graph's picture (the loaded MODEL is never changed)."""
+    graphs = isolation_graphs()
+    alone = {}
+    for name, graph in graphs.items():
+        fresh(server)
+        alone[name] = run_for_outputs(server, graph, f"alone_{name}")
+    assert alone["compare_ablate_replace"]["23"] != alone["compare_ablate_replace"]["33"]  # ablate != replace
+    assert alone["compare_output_patched"]["23"] != alone["compare_output_patched"]["33"]
+    fresh(server)
+    order = all_ordered_pairs(list(graphs))
+    for i, name in enumerate(order):
+        got = run_for_outputs(server, graphs[name], f"run{i}_{name}")
+        assert got == alone[name], f"{name} changed when run after {order[:i][-3:]} (run {i} of {len(order)})"
+    for name, outputs in alone.items():
+        if "13" in outputs and graphs[name]["3"] == graphs["plain"]["3"]:
+            assert outputs["13"] == alone["plain"]["13"], f"the unerased branch of {name} differs from the plain graph"
 
 
 def _rss_mb(pid: int) -> float:
