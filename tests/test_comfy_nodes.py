@@ -454,3 +454,35 @@ def test_shipped_demo_erasure_agrees_between_comfyui_and_diffusers(host, method)
                                                      method, x, ctx)
     assert not torch.allclose(diffusers_out, plain, atol=1e-4), "nothing was erased"
     torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+
+
+def test_linked_model_files_and_folders_load_and_only_escaping_names_are_refused(host, tmp_path):
+    """Models kept on another disk and linked into ComfyUI's model folders (a linked file, a linked model folder,
+    a linked sae folder) load; names that leave a folder are refused."""
+    import folder_paths
+
+    other_disk = tmp_path / "other-disk"
+    save_sae(host["sae"], other_disk / "linked.safetensors")
+    host["pipe"].save_pretrained(str(other_disk / "tiny-linked"), safe_serialization=True)
+    (host["models"] / "sae" / "linked.safetensors").symlink_to(other_disk / "linked.safetensors")
+    root = host["models"] / "diffusers"
+    root.mkdir(exist_ok=True)
+    (root / "tiny-linked").symlink_to(other_disk / "tiny-linked", target_is_directory=True)
+    folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
+    assert "linked.safetensors" in combo_choices(node(host, "SAeUronLoadSAE").INPUT_TYPES()["required"]["sae_name"])
+    assert concept_names(run(host, "SAeUronLoadSAE", "linked.safetensors")[0]) == ["cat", "dog"]
+    assert node(host, "SAeUronLoadSAE").validate_inputs(sae_name="linked.safetensors") is True
+    assert "tiny-linked" in combo_choices(node(host, "SAeUronLoadDiffusersModel").INPUT_TYPES()["required"]["model_path"])
+    assert run(host, "SAeUronLoadDiffusersModel", "tiny-linked")[0] is not None
+    with pytest.raises(ConfigError, match="outside the diffusers model folder"):
+        run(host, "SAeUronLoadDiffusersModel", "../../other-disk/tiny-linked")
+    message = node(host, "SAeUronLoadSAE").validate_inputs(sae_name="../sae/linked.safetensors")
+    assert isinstance(message, str) and "is not one of the choices" in message
+    # the whole sae folder a link to another disk
+    saved = folder_paths.folder_names_and_paths["sae"]
+    (tmp_path / "models-sae").symlink_to(other_disk, target_is_directory=True)
+    folder_paths.folder_names_and_paths["sae"] = ([str(tmp_path / "models-sae")], {".safetensors"})
+    try:
+        assert concept_names(run(host, "SAeUronLoadSAE", "linked.safetensors")[0]) == ["cat", "dog"]
+    finally:
+        folder_paths.folder_names_and_paths["sae"] = saved
