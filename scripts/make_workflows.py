@@ -141,13 +141,12 @@ def object_info() -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import comfy_host
 
-    pack = comfy_host.start(Path(tempfile.mkdtemp()))
-    import nodes
+    comfy_host.start(Path(tempfile.mkdtemp()))
+    import nodes  # ComfyUI's registry, the pack's nodes included
 
-    classes = {**nodes.NODE_CLASS_MAPPINGS, **pack.NODE_CLASS_MAPPINGS}
     info = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES),
-                   "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
-            for name, cls in classes.items()}
+                   "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)}
+            for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
     return json.loads(json.dumps(info))  # tuples become lists, as over HTTP
 
 
