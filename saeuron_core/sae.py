@@ -42,7 +42,9 @@ class SAEConfig:
     """Shape of an SAE and where it belongs.
 
     ``hook_point`` is the diffusers module path (e.g. ``up_blocks.1.attentions.1``) and
-    ``model_family`` the model it was trained on (``sd1``, ``sd2``, ``sdxl``, ``demo``, ...).
+    ``model_family`` the model it was trained on (``sd1``, ``sd2``, ``sdxl``, ``flux``, ``sd3``, ``demo``, ...).
+    ``residual``: the SAE reads the block's update (output minus input) instead of its output; its edits
+    are added onto the block output.
     """
 
     d_in: int
@@ -51,6 +53,7 @@ class SAEConfig:
     hook_point: str = ""
     model_family: str = ""
     normalize_decoder: bool = True
+    residual: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,10 @@ class SAEConfig:
             raise ConfigError(f"SAE config: k ({self.k}) must not exceed n_latents ({self.n_latents})")
         if not isinstance(self.hook_point, str) or not isinstance(self.model_family, str):
             raise ConfigError("SAE config: hook_point and model_family must be strings")
+        if not isinstance(self.normalize_decoder, bool) or not isinstance(self.extra, dict):
+            raise ConfigError("SAE config: normalize_decoder must be true or false and extra a JSON object")
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"SAE config: residual must be true or false, got {self.residual!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +82,10 @@ class SAEConfig:
         if missing:
             raise ConfigError(f"SAE config is missing {sorted(missing)}")
         kwargs = {key: value for key, value in data.items() if key in known}
-        extra = dict(kwargs.pop("extra", {}) or {})
+        extra = kwargs.pop("extra", None) or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"SAE config: extra must be a JSON object, got {extra!r}")
+        extra = {**extra}
         extra.update({key: value for key, value in data.items() if key not in known})
         return cls(**kwargs, extra=extra)
 
