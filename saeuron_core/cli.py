@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=parse_seeds, default=[0], help="'0,1,2' or '0-9'")
     c.add_argument("--every-n-steps", type=int, default=1)
     c.add_argument("--halves", choices=["cond", "both"], default="cond")
+    c.add_argument("--residual", action="store_true",
+                   help="record the block's update (output minus input), for an SAE that reads residual updates")
     c.add_argument("--tokens-per-map", type=int, default=None, help="random subset of spatial tokens per map")
     c.add_argument("--height", type=int, default=None)
     c.add_argument("--width", type=int, default=None)
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seeds", type=parse_seeds, default=[0], help="'0,1,2' or '0-9'")
     o.add_argument("--every-n-steps", type=int, default=1)
     o.add_argument("--halves", choices=["cond", "both"], default="cond")
+    o.add_argument("--residual", action="store_true", help="train on the block's update (output minus input)")
     o.add_argument("--tokens-per-map", type=int, default=None)
     o.add_argument("--height", type=int, default=None)
     o.add_argument("--width", type=int, default=None)
@@ -292,7 +295,8 @@ def _cmd_collect(a: argparse.Namespace) -> int:
     config = CollectConfig(hook_point=a.hook_point, steps=a.steps, guidance_scale=a.guidance, scheduler=a.scheduler,
                            seeds=a.seeds, every_n_steps=a.every_n_steps, halves=a.halves,
                            tokens_per_map=a.tokens_per_map, height=a.height, width=a.width, batch_size=a.batch_size,
-                           rows_per_shard=a.rows_per_shard, dtype=a.dtype, model=a.model, model_family=a.model_family)
+                           rows_per_shard=a.rows_per_shard, dtype=a.dtype, model=a.model, model_family=a.model_family,
+                           residual=a.residual)
     config.validate()
     prompts = read_prompts(a.prompts)
     if (a.rank is None) != (a.world_size is None):
@@ -356,7 +360,7 @@ def _train_store(a: argparse.Namespace, config, device):
     store = ActivationStore(a.store)
     collect_cfg = store.manifest.get("config", {})
     return train_sae(StoreSource(store, a.shuffle_shards), config, hook_point=collect_cfg.get("hook_point", ""),
-                     model_family=collect_cfg.get("model_family", ""),
+                     model_family=collect_cfg.get("model_family", ""), residual=bool(collect_cfg.get("residual")),
                      checkpoint=a.checkpoint or f"{a.out}.ckpt.safetensors", out=a.out, device=device,
                      source_info={"store": str(a.store), "model": collect_cfg.get("model", ""),
                                   "tokens_in_store": store.n_tokens})
@@ -371,12 +375,13 @@ def _train_online(a: argparse.Namespace, config, device):
     sampling = CollectConfig(hook_point=a.hook_point, steps=a.sampling_steps, guidance_scale=a.guidance,
                              scheduler=a.scheduler, seeds=a.seeds, every_n_steps=a.every_n_steps, halves=a.halves,
                              tokens_per_map=a.tokens_per_map, height=a.height, width=a.width,
-                             batch_size=a.gen_batch_size, dtype=a.dtype, model=a.model, model_family=a.model_family)
+                             batch_size=a.gen_batch_size, dtype=a.dtype, model=a.model, model_family=a.model_family,
+                             residual=a.residual)
     sampling.validate()
     prompts = read_prompts(a.prompts)
     pipe = load_pipeline(a.model, device=device, config=a.config)
     source = OnlineSource(pipe, prompts, sampling, buffer_tokens=a.buffer_tokens)
-    return train_sae(source, config, hook_point=a.hook_point, model_family=a.model_family,
+    return train_sae(source, config, hook_point=a.hook_point, model_family=a.model_family, residual=a.residual,
                      checkpoint=a.checkpoint or f"{a.out}.ckpt.safetensors", out=a.out, device=device,
                      source_info={"online": True, "model": a.model, "prompts": len(prompts), "seeds": a.seeds,
                                   "sampling_steps": a.sampling_steps, "guidance": a.guidance,
@@ -404,7 +409,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
         return 0
     print(f"{info['path']}\n  format:      {info['format']}\n  d_in:        {info['d_in']}\n"
           f"  n_latents:   {info['n_latents']}\n  k:           {info['k']}\n  dtype:       {info['dtype']}\n"
-          f"  hook point:  {info['hook_point'] or '(unknown)'}\n  model:       {info['model_family'] or '(unknown)'}\n"
+          f"  hook point:  {info['hook_point'] or '(unknown)'}"
+          f"{' (reads its residual update: output - input)' if info.get('residual') else ''}\n  model:       {info['model_family'] or '(unknown)'}\n"
           f"  concepts:    {', '.join(info['concepts']) or '(none)'}")
     for name in info["concepts"]:
         print(f"    {details[name]}")
@@ -485,7 +491,7 @@ def _library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]
 def _cmd_learn_concept(a: argparse.Namespace) -> int:
     from .formats import load_sae, save_sae
     from .inspection import format_concept
-    from .hooks import check_sae_fits
+    from .hooks import check_sae_fits, denoiser
     from .pipelines import load_pipeline
     from .scoring import DEFAULT_MIN_SPECIFICITY, check_selection, learn_concepts
 
@@ -499,7 +505,7 @@ def _cmd_learn_concept(a: argparse.Namespace) -> int:
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
     hook_point = a.hook_point or sae.config.hook_point
     if hook_point:
-        check_sae_fits(pipe.unet, hook_point, sae)
+        check_sae_fits(denoiser(pipe), hook_point, sae)
     learned = learn_concepts(pipe, sae, spec, hook_point=hook_point, steps=a.steps, guidance_scale=a.guidance,
                              scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
                              quantile=a.quantile, min_specificity=a.min_specificity, bucket_width=a.bucket_width,

@@ -54,6 +54,7 @@ class CollectConfig:
     dtype: str = "float16"
     model: str = ""
     model_family: str = ""
+    residual: bool = False  # record the block's update (output minus input) instead of its output
 
     def validate(self) -> None:
         for name in ("steps", "every_n_steps", "batch_size", "rows_per_shard"):
@@ -99,7 +100,9 @@ def _open_existing(out: Path, config: CollectConfig, prompts: Sequence[str]) -> 
     if not (out / MANIFEST).is_file():
         return None
     store = ActivationStore(out)
-    if store.manifest.get("config") != json.loads(json.dumps(asdict(config))) or store.manifest.get("prompts") != list(prompts):
+    # Stores made before the residual option existed recorded block outputs.
+    recorded = {"residual": False, **(store.manifest.get("config") or {})}
+    if recorded != json.loads(json.dumps(asdict(config))) or store.manifest.get("prompts") != list(prompts):
         raise StoreError(f"{out}: holds a collection made with other settings or prompts; "
                          f"use a new output folder (or the same settings to resume)")
     return store.manifest
@@ -130,7 +133,7 @@ def call_rows(call: BlockCall, chunk: Sequence[tuple[int, int]], config: Collect
 def run_chunk(pipe: Any, prompts: Sequence[str], chunk: Sequence[tuple[int, int]], config: CollectConfig,
               record: Callable[[BlockCall], None]) -> None:
     """One pipeline call over the ``(seed, prompt)`` items of ``chunk`` with ``record`` on the hook point."""
-    hook = pipeline_hook(pipe, config.hook_point, record)
+    hook = pipeline_hook(pipe, config.hook_point, record, residual=config.residual)
     with hook, torch.no_grad():
         generate(pipe, [prompts[p] for _, p in chunk], [seed for seed, _ in chunk], steps=config.steps,
                  guidance_scale=config.guidance_scale, height=config.height, width=config.width)

@@ -397,6 +397,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "k": sae.k,
         "dtype": str(sae.dtype).replace("torch.", ""),
         "hook_point": sae.config.hook_point,
+        "residual": sae.config.residual,
         "model_family": sae.config.model_family,
         "concepts": sorted(sae.concepts),
         "training": sae.training_summary,

@@ -1,10 +1,11 @@
-"""Hooks on any module of a diffusers UNet, seen as tokens ``[B, H*W, C]``.
+"""Hooks on any block of a diffusers denoiser (a UNet, or a FLUX / SD3 transformer), seen as tokens ``[B, N, C]``.
 
-A :class:`BlockHook` attaches by dotted path (``up_blocks.1.attentions.1``), hands each call's
-output to a function as a :class:`BlockCall` (tokens, the timestep of every batch row, which
-rows are the conditional half under classifier-free guidance) and, if the function returns
-new tokens, puts them back in the module's own layout. Hooks are removed on exit, also on
-exceptions, leaving the model exactly as it was.
+A :class:`BlockHook` attaches by dotted path (``up_blocks.1.attentions.1``, ``transformer_blocks.18``), hands each
+call's output to a function as a :class:`BlockCall` (tokens, the timestep of every batch row, which rows are the
+conditional half under classifier-free guidance) and, if the function returns new tokens, puts them back in the
+module's own layout. With ``residual=True`` the function sees the block's update (output minus input) and its
+edit is added onto the output. Of a DiT block (text and image streams) only the image stream is seen. Hooks are
+removed on exit, also on exceptions, leaving the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -78,7 +79,32 @@ def _memory_format(t: Tensor) -> torch.memory_format:
         and not t.is_contiguous() else torch.contiguous_format
 
 
-def _primary(output: Any) -> Tensor:
+# DiT blocks return ``(encoder_hidden_states, hidden_states)``: the image stream is the second element.
+_IMAGE_STREAM_SECOND = {"FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"}
+# Denoisers whose forward gets the timestep divided by 1000 (FLUX pipelines pass sigma); timestep values are kept on
+# the 0..1000 scale of every other model so that concept data learned in one host apply in the other.
+_TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
+
+
+def denoiser(pipe: Any) -> nn.Module:
+    """The denoising network of a diffusers pipeline: its ``unet`` or its ``transformer``."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ConfigError(f"{type(pipe).__name__} has neither a unet nor a transformer to hook")
+
+
+def _stream_index(module: nn.Module) -> int:
+    return 1 if type(module).__name__ in _IMAGE_STREAM_SECOND else 0
+
+
+def _primary(output: Any, index: int = 0) -> Tensor:
+    if index:
+        if isinstance(output, (tuple, list)) and len(output) > index and isinstance(output[index], Tensor):
+            return output[index]
+        raise HookError(f"cannot read the image stream (element {index}) of a block output of type "
+                        f"{type(output).__name__}")
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
@@ -90,7 +116,9 @@ def _primary(output: Any) -> Tensor:
     raise HookError(f"cannot read hidden states from a module output of type {type(output).__name__}")
 
 
-def _replace_primary(output: Any, new: Tensor) -> Any:
+def _replace_primary(output: Any, new: Tensor, index: int = 0) -> Any:
+    if index:
+        return type(output)([*output[:index], new, *output[index + 1:]])
     if isinstance(output, Tensor):
         return new
     if isinstance(output, tuple):
@@ -113,8 +141,14 @@ def cfg_rows(batch: int, layout: CfgLayout) -> Tensor:
     return torch.cat([first, second])
 
 
-def block_channels(module: nn.Module) -> Optional[int]:
-    """Channel count of a block's output when it can be read from its configuration."""
+def block_channels(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[int]:
+    """Channel count of a block's output when it can be read from its configuration (of a DiT block: the
+    transformer's width, from ``model``'s config)."""
+    if type(module).__name__ in _IMAGE_STREAM_SECOND and model is not None:
+        cfg = getattr(model, "config", None)
+        heads, head_dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
+        if isinstance(heads, int) and isinstance(head_dim, int):
+            return heads * head_dim
     for attr in ("out_channels", "in_channels"):
         value = getattr(module, attr, None)
         if isinstance(value, int):
@@ -128,7 +162,7 @@ def block_channels(module: nn.Module) -> Optional[int]:
 def check_sae_fits(unet: nn.Module, hook_point: str, sae: Any) -> nn.Module:
     """The hooked module, after checking that its width matches the SAE's ``d_in``."""
     module = get_submodule(unet, hook_point)
-    channels = block_channels(module)
+    channels = block_channels(module, unet)
     if channels is not None and channels != sae.d_in:
         raise ConfigError(f"the SAE expects {sae.d_in} channels but {hook_point!r} of this model has {channels}; "
                           f"this SAE was made for {sae.config.hook_point or 'another block'} of "
@@ -139,19 +173,23 @@ def check_sae_fits(unet: nn.Module, hook_point: str, sae: Any) -> nn.Module:
 class BlockHook:
     """Context manager: call ``fn`` on every output of ``model.<path>``.
 
-    ``model`` is the UNet (its forward pre-hook records the timestep of each call).
+    ``model`` is the denoiser (its forward pre-hook records the timestep of each call).
     ``cfg_layout`` says how the batch is split under CFG: ``"uncond_cond"`` (diffusers'
     pipelines: ``cat([uncond, cond])``), ``"cond_uncond"``, ``"none"`` (every row conditional),
-    or a zero-argument callable returning one of those at each UNet call (see :func:`pipeline_hook`).
+    or a zero-argument callable returning one of those at each call (see :func:`pipeline_hook`).
+    ``residual``: hand ``fn`` the block's update (output minus input) and add its edit onto the output.
     """
 
     def __init__(self, model: nn.Module, path: str, fn: HookFn,
-                 cfg_layout: CfgLayout | Callable[[], CfgLayout] = "none") -> None:
+                 cfg_layout: CfgLayout | Callable[[], CfgLayout] = "none", residual: bool = False) -> None:
         self.model = model
         self.path = path
         self.module = get_submodule(model, path)
         self.fn = fn
         self.cfg_layout = cfg_layout
+        self.residual = residual
+        self.stream = _stream_index(self.module)
+        self.timestep_scale = _TIMESTEP_SCALE.get(type(model).__name__, 1.0)
         self.calls = 0
         self._timesteps: Optional[Tensor] = None
         self._layout: CfgLayout = "none"
@@ -159,12 +197,12 @@ class BlockHook:
 
     # Recording the timestep on the UNet is needed because the hooked block never sees it.
     def _unet_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample")
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        t = args[1] if len(args) > 1 and isinstance(args[1], (Tensor, int, float)) else kwargs.get("timestep")
         if sample is None or t is None:
             self._timesteps = None
         else:
-            t = torch.as_tensor(t).detach().float().flatten().cpu()
+            t = torch.as_tensor(t).detach().float().flatten().cpu() * self.timestep_scale
             self._timesteps = t.expand(sample.shape[0]).clone() if t.numel() == 1 else t
         layout = self.cfg_layout() if callable(self.cfg_layout) else self.cfg_layout
         if layout not in ("none", "uncond_cond", "cond_uncond"):
@@ -174,9 +212,18 @@ class BlockHook:
     def _unet_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._timesteps = None
 
-    def _block_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        hidden = _primary(output)
-        tokens, spatial = to_tokens(hidden)
+    def _block_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden = _primary(output, self.stream)
+        out_tokens, spatial = to_tokens(hidden)
+        tokens = out_tokens
+        if self.residual:
+            given = kwargs.get("hidden_states", args[0] if args else None)
+            in_tokens = to_tokens(given)[0] if isinstance(given, Tensor) else None
+            if in_tokens is None or in_tokens.shape != out_tokens.shape:
+                raise HookError(f"residual hook on {self.path!r}: the block's input "
+                                f"{None if in_tokens is None else tuple(in_tokens.shape)} does not match its output "
+                                f"{tuple(out_tokens.shape)}, so it has no update to read")
+            tokens = out_tokens - in_tokens
         call = BlockCall(tokens=tokens, spatial=spatial, timesteps=self._timesteps,
                          is_cond=cfg_rows(tokens.shape[0], self._layout), call_index=self.calls)
         self.calls += 1
@@ -185,7 +232,9 @@ class BlockHook:
             return None
         if new.shape != tokens.shape:
             raise HookError(f"hook function returned shape {tuple(new.shape)}, expected {tuple(tokens.shape)}")
-        return _replace_primary(output, from_tokens(new, spatial, hidden))
+        if self.residual:  # the edit onto the output; where nothing changed the output stays bit for bit
+            new = out_tokens + (new.to(out_tokens.dtype) - tokens)
+        return _replace_primary(output, from_tokens(new, spatial, hidden), self.stream)
 
     def attach(self) -> "BlockHook":
         if self._handles:
@@ -194,7 +243,7 @@ class BlockHook:
             if self.module is not self.model:
                 self._handles.append(self.model.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
                 self._handles.append(self.model.register_forward_hook(self._unet_post_hook))
-            self._handles.append(self.module.register_forward_hook(self._block_hook))
+            self._handles.append(self.module.register_forward_hook(self._block_hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
@@ -214,12 +263,13 @@ class BlockHook:
 
 
 def pipeline_cfg_layout(pipe: Any) -> Callable[[], CfgLayout]:
-    """CFG layout of a diffusers pipeline, read at each UNet call (``[uncond, cond]`` when CFG is on)."""
+    """CFG layout of a diffusers pipeline, read at each denoiser call (``[uncond, cond]`` when CFG is on; FLUX
+    pipelines run the halves in separate calls, and guidance-distilled ones have no unconditional half)."""
     def layout() -> CfgLayout:
         return "uncond_cond" if bool(getattr(pipe, "do_classifier_free_guidance", False)) else "none"
     return layout
 
 
-def pipeline_hook(pipe: Any, path: str, fn: HookFn) -> BlockHook:
-    """A :class:`BlockHook` on ``pipe.unet`` that labels CFG halves the way the pipeline batches them."""
-    return BlockHook(pipe.unet, path, fn, cfg_layout=pipeline_cfg_layout(pipe))
+def pipeline_hook(pipe: Any, path: str, fn: HookFn, residual: bool = False) -> BlockHook:
+    """A :class:`BlockHook` on the pipeline's denoiser that labels CFG halves the way the pipeline batches them."""
+    return BlockHook(denoiser(pipe), path, fn, cfg_layout=pipeline_cfg_layout(pipe), residual=residual)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
-from .hooks import BlockCall, check_sae_fits, pipeline_hook
+from .hooks import BlockCall, check_sae_fits, denoiser, pipeline_hook
 from .interventions import ConceptsArg, Method, erase
 from .pipelines import generate, set_scheduler
 from .sae import TopKSAE
@@ -215,13 +215,13 @@ def inspect(pipe: Any, sae: TopKSAE, prompt: str, *, concepts: Optional[str | Se
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
-    check_sae_fits(pipe.unet, hook_point, sae)
+    check_sae_fits(denoiser(pipe), hook_point, sae)
     record = InspectRecorder(sae, data, top)
     old_scheduler = pipe.scheduler
     try:
         if scheduler:
             set_scheduler(pipe, scheduler)
-        with pipeline_hook(pipe, hook_point, record):
+        with pipeline_hook(pipe, hook_point, record, residual=sae.config.residual):
             out = generate(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                            height=height, width=width, output_type="pil")
     finally:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .collection import CollectConfig, call_rows, run_chunk
 from .errors import ConfigError, StoreError
-from .hooks import BlockCall, block_channels, get_submodule
+from .hooks import BlockCall, block_channels, denoiser, get_submodule
 from .pipelines import set_scheduler
 from .sae import dtype_from_name
 from .store import generator
@@ -80,7 +80,8 @@ class OnlineSource:
     @property
     def d_in(self) -> int:
         if self._d_in is None:
-            channels = block_channels(get_submodule(self.pipe.unet, self.config.hook_point))
+            model = denoiser(self.pipe)
+            channels = block_channels(get_submodule(model, self.config.hook_point), model)
             if channels is not None:
                 self._d_in = channels
             else:

@@ -488,7 +488,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
     Every distinct prompt is generated once per seed, whatever the number of concepts using it;
     each concept is then scored from the statistics of its own prompts and added to ``sae``.
     """
-    from .hooks import check_sae_fits, pipeline_hook
+    from .hooks import check_sae_fits, denoiser, pipeline_hook
     from .pipelines import generate, set_scheduler
 
     if not concepts:
@@ -506,7 +506,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
-    check_sae_fits(pipe.unet, hook_point, sae)
+    check_sae_fits(denoiser(pipe), hook_point, sae)
     prompts = list(dict.fromkeys(p for pos, neg in cleaned.values() for p in pos + neg))
     group = {p: i for i, p in enumerate(prompts)}
     old_scheduler = pipe.scheduler
@@ -520,7 +520,7 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
     bar = tqdm(total=len(work), desc=f"learn {label}", unit="gen", disable=not progress)
     scheduler_name = type(pipe.scheduler).__name__
     try:
-        with pipeline_hook(pipe, hook_point, record), torch.no_grad():
+        with pipeline_hook(pipe, hook_point, record, residual=sae.config.residual), torch.no_grad():
             for begin in range(0, len(work), batch_size):
                 chunk = work[begin:begin + batch_size]
                 record.groups = torch.tensor([group[p] for p, _ in chunk], dtype=torch.long)

@@ -307,6 +307,7 @@ def _load_checkpoint(path: Path, sae: TopKSAE, opt: torch.optim.Optimizer) -> tu
 
 
 def train_sae(source: BatchSource, config: TrainConfig, *, hook_point: str = "", model_family: str = "",
+              residual: bool = False,
               checkpoint: Optional[str | Path] = None, out: Optional[str | Path] = None,
               device: str | torch.device = "cpu", progress: bool = True,
               on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
@@ -329,7 +330,7 @@ def train_sae(source: BatchSource, config: TrainConfig, *, hook_point: str = "",
     total = int(distributed.broadcast_object(total, info=info))
     base_lr = config.lr or auto_lr(n_latents)
     sae_config = SAEConfig(d_in=d_in, n_latents=n_latents, k=config.k, hook_point=hook_point,
-                           model_family=model_family)
+                           model_family=model_family, residual=residual)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         sae = TopKSAE(sae_config, device=device)
