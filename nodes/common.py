@@ -36,12 +36,14 @@ def sae_dirs() -> list[str]:
 
 
 def list_saes() -> list[str]:
-    """Native ``.safetensors`` files and sparsify/SAELens folders (holding ``cfg.json``) under the sae folders."""
+    """Native ``.safetensors`` files, sparsify/SAELens folders (``cfg.json`` + weights) and SDLens/sdxl-unbox
+    folders (``config.json`` + ``state_dict.pth``) under the sae folders."""
     found: set[str] = set()
     for root in sae_dirs():
         for here, dirs, files in os.walk(root, followlinks=True):
             rel = os.path.relpath(here, root)
-            if "cfg.json" in files and ("sae.safetensors" in files or "sae_weights.safetensors" in files):
+            if ("cfg.json" in files and ("sae.safetensors" in files or "sae_weights.safetensors" in files)) or \
+                    ("config.json" in files and "state_dict.pth" in files):
                 found.add(rel.replace(os.sep, "/"))
                 dirs[:] = []
                 continue

@@ -41,6 +41,9 @@ def parse_seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected seeds like '0,1,2' or '0-9', got {text!r}") from None
 
 
+IMPORT_HOOK_HELP = "block of an imported folder that does not name it (e.g. transformer_blocks.18)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="saeuron", description="SAE concept erasure for diffusion models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -117,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe an SAE file or folder")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--hook-point", default=None, help=IMPORT_HOOK_HELP)
 
-    v = sub.add_parser("convert", help="sparsify/SAeUron or SAELens folder -> native .safetensors")
+    v = sub.add_parser("convert", help="sparsify/SAeUron, SAELens or SDLens/sdxl-unbox folder -> native .safetensors")
     v.add_argument("src")
     v.add_argument("dst")
+    v.add_argument("--hook-point", default=None, help=IMPORT_HOOK_HELP)
 
     m = sub.add_parser("make-tiny-pipeline", help="write a random tiny SD-layout diffusers pipeline (for tries and tests)")
     m.add_argument("out")
@@ -391,14 +396,14 @@ def _train_online(a: argparse.Namespace, config, device):
 def _cmd_info(a: argparse.Namespace) -> int:
     from .formats import describe
 
-    info = describe(a.path)
+    info = describe(a.path, hook_point=a.hook_point)
     details: dict[str, str] = {}
     if info["concepts"]:
         from .formats import load_sae
         from .inspection import describe_concept, format_concept
         from .scoring import get_concept
 
-        sae = load_sae(a.path)
+        sae = load_sae(a.path, hook_point=a.hook_point)
         info["concept_details"] = {}
         for name in info["concepts"]:  # every entry was validated when the file was read
             data = get_concept(sae, name)
@@ -424,7 +429,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
 def _cmd_convert(a: argparse.Namespace) -> int:
     from .formats import convert
 
-    out = convert(a.src, a.dst)
+    out = convert(a.src, a.dst, hook_point=a.hook_point)
     print(f"wrote {out}")
     return 0
 

@@ -5,8 +5,10 @@ Native: one ``.safetensors`` file with ``encoder.weight [n, d]``, ``encoder.bias
 metadata strings: ``saeuron_format`` (version), ``config`` (:class:`SAEConfig`),
 ``training`` (summary) and ``concepts`` (the concept library).
 
-Imported (read-only): EleutherAI sparsify / SAeUron folders (``cfg.json`` + ``sae.safetensors``)
-and SAELens folders (``cfg.json`` + ``sae_weights.safetensors``). Nothing is ever unpickled.
+Imported (read-only): EleutherAI sparsify / SAeUron folders (``cfg.json`` + ``sae.safetensors``),
+SAELens folders (``cfg.json`` + ``sae_weights.safetensors``) and SDLens / sdxl-unbox folders (``config.json`` +
+``state_dict.pth``, see :mod:`.import_sdlens`). Nothing is ever unpickled, except that one ``state_dict.pth``
+through torch's weights-only unpickler (tensors only; any other object is refused without running it).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SAEFormatError(
             f"{path}: '{path.suffix}' files are pickle-based and are never loaded (unpickling runs "
-            f"arbitrary code). Expected a .safetensors SAE file or a sparsify/SAELens folder; convert "
+            f"arbitrary code). Expected a .safetensors SAE file or an SAE folder; convert "
             f"the checkpoint to safetensors in a trusted environment first"
         )
 
@@ -256,9 +258,9 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SAEFormatError(f"{path}: cannot read cfg.json ({exc})") from None
+        raise SAEFormatError(f"{path}: cannot read {path.name} ({exc})") from None
     if not isinstance(cfg, dict):
-        raise SAEFormatError(f"{path}: cfg.json must hold a JSON object")
+        raise SAEFormatError(f"{path}: {path.name} must hold a JSON object")
     return cfg
 
 
@@ -267,7 +269,7 @@ def _int_field(path: Path, cfg: dict[str, Any], *keys: str) -> int:
         value = cfg.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    raise SAEFormatError(f"{path}: cfg.json needs an integer {' or '.join(keys)}")
+    raise SAEFormatError(f"{path}: {path.name} needs an integer {' or '.join(keys)}")
 
 
 def _hook_from_folder(folder: Path) -> str:
@@ -333,9 +335,17 @@ def _load_saelens(folder: Path, device: str | torch.device, dtype: torch.dtype |
     return sae
 
 
+def _sdlens_folder(path: Path) -> Path | None:
+    from .import_sdlens import sdlens_folder
+
+    return sdlens_folder(path)
+
+
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
-    """Return ``(format, resolved_path)``; format is ``native``, ``sparsify`` or ``saelens``."""
+    """Return ``(format, resolved_path)``; format is ``native``, ``sparsify``, ``saelens`` or ``sdlens``."""
     path = Path(path)
+    if path.name == "state_dict.pth" and path.is_file() and _sdlens_folder(path.parent):
+        return "sdlens", path.parent  # read through the weights-only unpickler only
     _refuse_pickle(path)
     if not path.exists():
         raise SAEFormatError(f"{path}: no such file or folder; expected a .safetensors SAE file or an SAE folder")
@@ -351,7 +361,10 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
         if (path / "sae_weights.safetensors").is_file():
             return "saelens", path
         raise SAEFormatError(f"{path}: has cfg.json but neither sae.safetensors (sparsify) nor sae_weights.safetensors (SAELens)")
-    candidates = sorted(p for p in path.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
+    sdlens = _sdlens_folder(path)
+    if sdlens:
+        return "sdlens", sdlens
+    candidates = sorted(p for p in path.iterdir() if p.is_dir() and ((p / "cfg.json").is_file() or _sdlens_folder(p)))
     if len(candidates) == 1:
         return detect_format(candidates[0])
     if candidates:
@@ -359,18 +372,30 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
         raise SAEFormatError(f"{path}: holds several SAEs ({names}); pass the folder of the one to load")
     raise SAEFormatError(
         f"{path}: not an SAE folder; expected cfg.json with sae.safetensors (sparsify/SAeUron) "
-        f"or sae_weights.safetensors (SAELens)"
+        f"or sae_weights.safetensors (SAELens), or config.json with state_dict.pth (SDLens/sdxl-unbox)"
     )
 
 
 def load_sae(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype | None = None) -> TopKSAE:
-    """Load an SAE from a native file or a sparsify/SAELens folder (formats are detected)."""
+             dtype: torch.dtype | None = None, hook_point: str | None = None) -> TopKSAE:
+    """Load an SAE from a native file or a sparsify/SAELens/SDLens folder (formats are detected).
+
+    ``hook_point`` names the block of an imported folder that does not say it (or overrides what it says); a
+    native file carries its own.
+    """
     fmt, resolved = detect_format(path)
-    if fmt == "sparsify":
-        return _load_sparsify(resolved, device, dtype)
-    if fmt == "saelens":
-        return _load_saelens(resolved, device, dtype)
+    if fmt == "sdlens":
+        from .import_sdlens import load_sdlens
+
+        return load_sdlens(resolved, device, dtype, hook_point)
+    if fmt in ("sparsify", "saelens"):
+        sae = (_load_sparsify if fmt == "sparsify" else _load_saelens)(resolved, device, dtype)
+        if hook_point is not None:
+            sae.config.hook_point = _checked_hook(resolved, hook_point)
+        return sae
+    if hook_point is not None:
+        raise ConfigError(f"{resolved}: a native SAE file carries its own hook point (saeuron info shows it); "
+                          f"hook_point is only for imported folders")
     tensors, metadata = load_safetensors(resolved, device="cpu")
     if "saeuron_format" not in metadata:
         raise SAEFormatError(
@@ -381,14 +406,24 @@ def load_sae(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     return _load_native(resolved, tensors, metadata, device, dtype)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Import any supported SAE and write it as a native file."""
-    return save_sae(load_sae(src), dst)
+def _checked_hook(folder: Path, hook_point: str) -> str:
+    from .import_sdlens import normalize_hook_point
+
+    hook = normalize_hook_point(hook_point)
+    if not hook:
+        raise SAEFormatError(f"{folder}: hook point {hook_point!r} is not a block this SAE can read; expected a "
+                             f"diffusers block path such as up_blocks.1.attentions.1 or transformer_blocks.18")
+    return hook
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, hook_point: str | None = None) -> Path:
+    """Import any supported SAE and write it as a native file (``hook_point``: see :func:`load_sae`)."""
+    return save_sae(load_sae(src, hook_point=hook_point), dst)
+
+
+def describe(path: str | os.PathLike, *, hook_point: str | None = None) -> dict[str, Any]:
     """Summary used by ``saeuron info``: format, shapes, hook point, concepts."""
-    sae = load_sae(path)
+    sae = load_sae(path, hook_point=hook_point)
     return {
         "path": str(path),
         "format": sae.source_format,
