@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import saeuron_core as sc
 from saeuron_core.errors import SAEFormatError, SaeuronError
@@ -204,6 +206,36 @@ def test_damaged_files_and_other_pickle_routes(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "renamed.safetensors")
     with pytest.raises(SAEFormatError, match="never unpickled"):
         load_sae(tmp_path / "renamed.safetensors")
+
+
+FUZZ = settings(max_examples=int(os.environ.get("SAEURON_FUZZ_EXAMPLES", "150")), deadline=None,  # first call warms up
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_state_dict_loads_or_is_refused(tmp_path_factory, data):
+    """Bit flips and cuts anywhere in ``state_dict.pth``, garbage in ``config.json``: a clean refusal or an SAE of
+    the configured shape that runs; never another exception (torch's zip has no checksum, so flipped tensor bytes
+    may load as other values, as in any imported folder)."""
+    run = tmp_path_factory.mktemp("f") / "unet.up_blocks.1.attentions.1"
+    write_sdlens(run, 8, 32, 4, final=False)
+    raw = bytearray((run / "state_dict.pth").read_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    (run / "state_dict.pth").write_bytes(bytes(raw[: data.draw(st.sampled_from([len(raw), len(raw) // 3, 30]))]))
+    cfg = json.loads((run / "config.json").read_text())
+    if data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(["d_model", "n_dirs_local", "k", "hook_point"]))
+        cfg[key] = data.draw(st.one_of(st.integers(-2, 40), st.text(max_size=5), st.none(), st.floats()))
+    (run / "config.json").write_text(json.dumps(cfg))
+    try:
+        sae = load_sae(run)
+    except SaeuronError as exc:
+        assert str(exc)
+        return
+    assert (sae.d_in, sae.n_latents) == (cfg["d_model"], cfg["n_dirs_local"]) and sae.config.residual
+    assert sae(torch.randn(3, sae.d_in)).shape == (3, sae.d_in)
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
