@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 from comfy_api.latest import io
 
-from saeuron_core.comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_target
+from saeuron_core.comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_dit_target, comfy_target
 from saeuron_core.errors import ConfigError
 from saeuron_core.options import parse_assignments
 from saeuron_core.sae import TopKSAE
@@ -108,15 +108,52 @@ def parse_pairs(text: str) -> dict[str, str]:
     return parse_assignments(parse_concepts(text), "detect_with", "'concept=entry' pairs separated by commas")
 
 
+def dit_layout(diffusion_model: Any) -> Optional[tuple[str, int, int, int]]:
+    """``(arch, double blocks, single blocks, width)`` of a ComfyUI FLUX or MMDiT (SD3) model, else ``None``."""
+    if hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks"):
+        return "flux", len(diffusion_model.double_blocks), len(diffusion_model.single_blocks), \
+            int(diffusion_model.hidden_size)
+    if hasattr(diffusion_model, "joint_blocks"):
+        return "mmdit", len(diffusion_model.joint_blocks), 0, int(diffusion_model.x_embedder.proj.out_channels)
+    return None
+
+
 def block_target(model: Any, sae: TopKSAE, hook_point: Optional[str] = None) -> ComfyTarget:
     """Where the SAE's block is in this MODEL; refuses SAEs that do not fit it."""
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("this SAE does not say which block it was trained on (no hook point in its config)")
+    dit = dit_layout(getattr(model.model, "diffusion_model", None))
+    if dit is not None:
+        return comfy_dit_target(hook_point, *dit, d_in=sae.d_in)
     unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
     if not isinstance(unet_config, dict):
-        raise ConfigError("this MODEL is not a UNet model that ComfyUI describes with a unet_config")
-    return comfy_target(hook_point, unet_config, sae.d_in)
+        raise ConfigError("this MODEL is neither a UNet that ComfyUI describes with a unet_config nor a FLUX or "
+                          "SD3 transformer")
+    return comfy_target(hook_point, unet_config, sae.d_in, residual=sae.config.residual)
+
+
+def _flux_sampling(sampling: Any) -> bool:
+    import comfy.model_sampling
+
+    # ComfyUI builds the model's sampling class at load time, mixing this one in.
+    return isinstance(sampling, comfy.model_sampling.ModelSamplingFlux)
+
+
+def timestep_of(model: Any) -> Callable:
+    """The model's sigma -> timestep map, on the 0..1000 scale the core keys concepts by (FLUX's own is 0..1)."""
+    sampling = model.model.model_sampling
+    if _flux_sampling(sampling):
+        return lambda sigma: sampling.timestep(sigma) * 1000.0
+    return sampling.timestep
+
+
+def max_timestep(model: Any) -> int:
+    """The end of the timestep scale concepts are learned on: the model's training steps (1000 for flow models)."""
+    sampling = model.model.model_sampling
+    if _flux_sampling(sampling) or not hasattr(sampling, "sigmas"):
+        return 1000
+    return int(sampling.sigmas.shape[0])
 
 
 def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTarget] = None) -> Any:
@@ -124,11 +161,17 @@ def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTa
     from .wrapper import SAEWrappedTransformer
 
     target = target or block_target(model, sae)
-    base = model.model
-    patch = ComfyBlockPatch(fn, base.model_sampling.timestep, target)
+    patch = ComfyBlockPatch(fn, timestep_of(model), target, residual=sae.config.residual)
     clone = model.clone()
     if target.kind == "output_patch":
         clone.set_model_output_block_patch(patch)
+    elif target.kind == "dit_patch":
+        kind, index = target.block
+        replaced = clone.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+        patch.previous = replaced.get((kind, index))  # chained erasers on one block: ours runs around theirs
+        clone.set_model_patch_replace(patch.replace_block, "dit", kind, index)
+        if kind == "single_block":
+            clone.set_model_post_input_patch(patch.post_input)
     else:
         # This clone's own object patch, else the model's original module. Never the module now on the shared
         # model: ComfyUI leaves a sampled clone's object patches applied there until it unpatches lazily, so that

@@ -11,7 +11,7 @@ from saeuron_core.sae import TopKSAE
 from saeuron_core.scoring import (DEFAULT_MIN_SPECIFICITY, ConceptRecorder, ConceptStats, check_concept_name,
                                   check_selection, with_concept)
 
-from .common import CATEGORY, SAE, block_target, check_sampling_choices, patch_block, validation
+from .common import CATEGORY, SAE, block_target, check_sampling_choices, max_timestep, patch_block, validation
 
 
 def _prompts(text: str) -> list[str]:
@@ -92,8 +92,7 @@ class LearnConcept(io.ComfyNode):
         positive, negative = _prompts(positive_prompts), _prompts(negative_prompts)
         if not positive or not negative:
             raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
-        sampling = model.model.model_sampling
-        max_t = int(getattr(sampling, "sigmas", [0] * 1000).shape[0]) if hasattr(sampling, "sigmas") else 1000
+        max_t = max_timestep(model)
         peak = None if peak_specificity < 0 else float(peak_specificity)
         check_selection(top_n, None, min_specificity=min_specificity, peak_specificity=peak)
         # One group per prompt, so that specificity can also be checked against each negative prompt.

@@ -34,4 +34,4 @@ class SAEWrappedTransformer(SpatialTransformer):
 
     def forward(self, x: Any, context: Any = None, transformer_options: Any = {}, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(x, context, transformer_options, *args, **kwargs)
-        return self.sae_patch.apply(out, transformer_options)
+        return self.sae_patch.apply(out, transformer_options, x)

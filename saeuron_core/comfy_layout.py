@@ -1,4 +1,4 @@
-"""Where a diffusers hook point lives in ComfyUI's UNet, and block calls built from ComfyUI's state.
+"""Where a diffusers hook point lives in ComfyUI's UNet or DiT, and block calls built from ComfyUI's state.
 
 Pure torch: nothing here imports ComfyUI. The node pack passes in ComfyUI's ``unet_config``,
 ``transformer_options`` and ``model_sampling`` and gets back what to patch and a
@@ -7,7 +7,12 @@ Pure torch: nothing here imports ComfyUI. The node pack passes in ComfyUI's ``un
 ComfyUI's ``output_block_patch`` (with ``transformer_options["block"] == ("output", n + 1)``) sees
 exactly the output of ``output_blocks[n]``; that equals the attention layer's output unless an
 upsampler follows it in the same block or it is the last block. Those cases (and down and middle
-blocks) need an object patch on the ``SpatialTransformer`` itself.
+blocks) need an object patch on the ``SpatialTransformer`` itself, and so does an SAE that reads a block's
+residual update (the object patch sees the block's input).
+
+DiT models (FLUX, SD3/MMDiT) take block replacements: ``transformer_options["patches_replace"]["dit"]``
+with ``("double_block", i)`` (diffusers ``transformer_blocks.i``) and, for FLUX, ``("single_block", i)``
+(diffusers ``single_transformer_blocks.i``, whose tokens are ``[text, image]``: only the image tokens are read).
 """
 
 from __future__ import annotations
@@ -20,17 +25,18 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .hooks import BlockCall, from_tokens, to_tokens
+from .hooks import BlockCall, edit_block, from_tokens, to_tokens
 
 _HOOK = re.compile(r"^(?:unet\.)?(?:(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0)$")
 
 
 @dataclass(frozen=True)
 class ComfyTarget:
-    """``kind`` output_patch: patch at ``block``; object_patch: wrap the module at ``module_path``."""
+    """``kind`` output_patch: patch at ``block``; object_patch: wrap the module at ``module_path``;
+    dit_patch: replace the DiT block ``block`` (``("double_block", i)`` or ``("single_block", i)``)."""
 
     hook_point: str
-    kind: Literal["output_patch", "object_patch"]
+    kind: Literal["output_patch", "object_patch", "dit_patch"]
     module_path: str
     channels: int
     block: Optional[tuple[str, int]] = None
@@ -80,8 +86,35 @@ def comfy_targets(unet_config: dict[str, Any]) -> dict[str, ComfyTarget]:
     return targets
 
 
-def comfy_target(hook_point: str, unet_config: dict[str, Any], d_in: Optional[int] = None) -> ComfyTarget:
-    """The ComfyUI place of ``hook_point`` (checked against the SAE width ``d_in`` when given)."""
+_DIT_HOOK = re.compile(r"^(?:transformer\.)?(transformer_blocks|single_transformer_blocks)\.(\d+)$")
+
+
+def comfy_dit_target(hook_point: str, arch: Literal["flux", "mmdit"], n_double: int, n_single: int, width: int,
+                     d_in: Optional[int] = None) -> ComfyTarget:
+    """The ComfyUI block replacement for a diffusers DiT hook point (checked against the SAE width ``d_in``)."""
+    match = _DIT_HOOK.match(hook_point or "")
+    kinds = "'transformer_blocks.N'" + (" or 'single_transformer_blocks.N'" if arch == "flux" else "")
+    if not match:
+        raise ConfigError(f"hook point {hook_point!r} is not a block of this {arch.upper()} model; it can be hooked "
+                          f"at {kinds}")
+    stack, index = match.group(1), int(match.group(2))
+    if stack == "single_transformer_blocks" and arch != "flux":
+        raise ConfigError(f"hook point {hook_point!r}: this {arch.upper()} model has no single-stream blocks")
+    count = n_double if stack == "transformer_blocks" else n_single
+    if index >= count:
+        raise ConfigError(f"this {arch.upper()} model has no block {stack}.{index}; it has {count} {stack} "
+                          f"(0 to {count - 1})")
+    if d_in is not None and d_in != width:
+        raise ConfigError(f"the SAE expects {d_in} channels but {stack}.{index} of this model has {width}; "
+                          f"the SAE was made for another model")
+    kind = "double_block" if stack == "transformer_blocks" else "single_block"
+    return ComfyTarget(f"{stack}.{index}", "dit_patch", f"{kind}s.{index}", width, (kind, index))
+
+
+def comfy_target(hook_point: str, unet_config: dict[str, Any], d_in: Optional[int] = None,
+                 residual: bool = False) -> ComfyTarget:
+    """The ComfyUI place of ``hook_point`` (checked against the SAE width ``d_in`` when given); ``residual``
+    SAEs always get an object patch, which sees the block's input."""
     if not _HOOK.match(hook_point or ""):
         raise ConfigError(f"hook point {hook_point!r} is not a UNet cross-attention block; ComfyUI models can be "
                           f"hooked at 'down_blocks.I.attentions.J', 'mid_block.attentions.0' or 'up_blocks.I.attentions.J'")
@@ -96,18 +129,19 @@ def comfy_target(hook_point: str, unet_config: dict[str, Any], d_in: Optional[in
     if d_in is not None and d_in != target.channels:
         raise ConfigError(f"the SAE expects {d_in} channels but {name!r} of this model has {target.channels}; "
                           f"the SAE was made for another model")
+    if residual and target.kind == "output_patch":
+        target = ComfyTarget(name, "object_patch", target.module_path, target.channels)
     return target
 
 
-def comfy_block_call(h: Tensor, transformer_options: dict[str, Any], timestep_of: Callable[[Tensor], Tensor],
-                     call_index: int) -> BlockCall:
-    """A :class:`BlockCall` for ComfyUI hidden states ``h [B, C, H, W]``.
+def comfy_block_call(tokens: Tensor, spatial: Optional[tuple[int, int]], transformer_options: dict[str, Any],
+                     timestep_of: Callable[[Tensor], Tensor], call_index: int) -> BlockCall:
+    """A :class:`BlockCall` for ComfyUI block tokens ``[B, N, C]`` (``spatial``: the ``(H, W)`` grid, if known).
 
     The batch is ``len(cond_or_uncond)`` chunks (0 = conditional, 1 = unconditional);
     ``transformer_options["sigmas"]`` holds one chunk's sigmas, turned into timestep values by
     ``timestep_of`` (the model's ``model_sampling.timestep``).
     """
-    tokens, spatial = to_tokens(h)
     batch = tokens.shape[0]
     chunks = list(transformer_options.get("cond_or_uncond") or [0])
     per = batch // len(chunks) if batch % len(chunks) == 0 else batch
@@ -124,20 +158,25 @@ def comfy_block_call(h: Tensor, transformer_options: dict[str, Any], timestep_of
 
 
 class ComfyBlockPatch:
-    """Runs a block-call function (eraser, recorder) on a ComfyUI block output.
+    """Runs a block-call function (eraser, recorder) on a ComfyUI block.
 
-    Usable as ``output_block_patch`` (``__call__(h, hsp, transformer_options)``) or from an object
-    patch (:meth:`apply`). ``ModelPatcher.clone()`` deep-copies ``model_options``; a patch is
-    immutable once made, so copies share it (``__deepcopy__`` returns ``self``) instead of
-    duplicating the SAE and the model's sampling object.
+    Usable as ``output_block_patch`` (``__call__(h, hsp, transformer_options)``), from an object patch
+    (:meth:`apply`), or as a DiT block replacement (:meth:`replace_block`, with :meth:`post_input` recording the
+    text length that FLUX's single blocks put in front of the image tokens). ``residual``: the function sees the
+    block's update (output minus input) and its edit is added onto the output. ``ModelPatcher.clone()``
+    deep-copies ``model_options``; a patch is immutable once made, so copies share it (``__deepcopy__`` returns
+    ``self``) instead of duplicating the SAE and the model's sampling object.
     """
 
     def __init__(self, fn: Callable[[BlockCall], Optional[Tensor]], timestep_of: Callable[[Tensor], Tensor],
-                 target: ComfyTarget) -> None:
+                 target: ComfyTarget, residual: bool = False) -> None:
         self.fn = fn
         self.timestep_of = timestep_of
         self.target = target
+        self.residual = residual
         self.calls = 0
+        self.text_tokens = 0
+        self.previous: Optional[Callable[[dict, dict], dict]] = None  # a replacement already on this DiT block
 
     def __deepcopy__(self, memo: dict) -> "ComfyBlockPatch":
         return self
@@ -147,11 +186,38 @@ class ComfyBlockPatch:
             return h, hsp
         return self.apply(h, transformer_options), hsp
 
-    def apply(self, h: Tensor, transformer_options: dict[str, Any]) -> Tensor:
-        call = comfy_block_call(h, transformer_options, self.timestep_of, self.calls)
-        self.calls += 1
-        new = self.fn(call)
-        return h if new is None else from_tokens(new, call.spatial, h)
+    def apply(self, h: Tensor, transformer_options: dict[str, Any], h_in: Optional[Tensor] = None) -> Tensor:
+        """The block output ``h`` edited (``h_in``: the block's input, read by residual SAEs)."""
+        out_tokens, spatial = to_tokens(h)
+        in_tokens = to_tokens(h_in)[0] if self.residual and h_in is not None else None
+        if self.residual and in_tokens is None:
+            raise ConfigError(f"the SAE reads the residual update of {self.target.hook_point!r}, but this patch "
+                              "does not see the block's input")
+
+        def make_call(tokens: Tensor) -> BlockCall:
+            call = comfy_block_call(tokens, spatial, transformer_options, self.timestep_of, self.calls)
+            self.calls += 1
+            return call
+
+        new = edit_block(self.fn, out_tokens, in_tokens, make_call)
+        return h if new is None else from_tokens(new, spatial, h)
+
+    def post_input(self, args: dict[str, Any]) -> dict[str, Any]:
+        """FLUX ``post_input`` patch: remembers how many text tokens lead the single blocks' sequence."""
+        self.text_tokens = int(args["txt"].shape[1])
+        return args
+
+    def replace_block(self, args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """``patches_replace["dit"]`` function: run the original block, then edit its image tokens."""
+        skip = self.text_tokens if self.target.block and self.target.block[0] == "single_block" else 0
+        # A copy of the input: FLUX's single blocks add their update to it in place.
+        img_in = args["img"][:, skip:].clone() if self.residual else None
+        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+        img_out = out["img"][:, skip:]
+        new = self.apply(img_out, args.get("transformer_options") or {}, img_in)
+        if new is not img_out:
+            out = dict(out, img=torch.cat([out["img"][:, :skip], new], 1) if skip else new)
+        return out
 
 
 # -- diffusers configs -> ComfyUI configs (for loading any SD-style diffusers folder) -------------

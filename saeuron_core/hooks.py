@@ -40,6 +40,25 @@ class BlockCall:
 HookFn = Callable[[BlockCall], Optional[Tensor]]
 
 
+def edit_block(fn: HookFn, out_tokens: Tensor, in_tokens: Optional[Tensor],
+               make_call: Callable[[Tensor], BlockCall]) -> Optional[Tensor]:
+    """Run ``fn`` on a block's output tokens, or on its update (output minus input) when ``in_tokens`` is given.
+
+    Returns the block's new output tokens, or ``None`` when ``fn`` changed nothing. A residual edit is added
+    onto the output, so tokens the function leaves alone stay bit for bit.
+    """
+    if in_tokens is not None and in_tokens.shape != out_tokens.shape:
+        raise HookError(f"residual SAE: the block's input {tuple(in_tokens.shape)} does not match its output "
+                        f"{tuple(out_tokens.shape)}, so it has no update to read")
+    tokens = out_tokens if in_tokens is None else out_tokens - in_tokens
+    new = fn(make_call(tokens))
+    if new is None:
+        return None
+    if new.shape != tokens.shape:
+        raise HookError(f"hook function returned shape {tuple(new.shape)}, expected {tuple(tokens.shape)}")
+    return new if in_tokens is None else out_tokens + (new.to(out_tokens.dtype) - tokens)
+
+
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
     """``model.get_submodule`` with an error that lists what exists at the failing level."""
     current: nn.Module = model
@@ -215,26 +234,20 @@ class BlockHook:
     def _block_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden = _primary(output, self.stream)
         out_tokens, spatial = to_tokens(hidden)
-        tokens = out_tokens
+        in_tokens = None
         if self.residual:
             given = kwargs.get("hidden_states", args[0] if args else None)
-            in_tokens = to_tokens(given)[0] if isinstance(given, Tensor) else None
-            if in_tokens is None or in_tokens.shape != out_tokens.shape:
-                raise HookError(f"residual hook on {self.path!r}: the block's input "
-                                f"{None if in_tokens is None else tuple(in_tokens.shape)} does not match its output "
-                                f"{tuple(out_tokens.shape)}, so it has no update to read")
-            tokens = out_tokens - in_tokens
-        call = BlockCall(tokens=tokens, spatial=spatial, timesteps=self._timesteps,
-                         is_cond=cfg_rows(tokens.shape[0], self._layout), call_index=self.calls)
-        self.calls += 1
-        new = self.fn(call)
-        if new is None:
-            return None
-        if new.shape != tokens.shape:
-            raise HookError(f"hook function returned shape {tuple(new.shape)}, expected {tuple(tokens.shape)}")
-        if self.residual:  # the edit onto the output; where nothing changed the output stays bit for bit
-            new = out_tokens + (new.to(out_tokens.dtype) - tokens)
-        return _replace_primary(output, from_tokens(new, spatial, hidden), self.stream)
+            if not isinstance(given, Tensor):
+                raise HookError(f"residual hook on {self.path!r}: the block was called without hidden states")
+            in_tokens = to_tokens(given)[0]
+
+        def make_call(tokens: Tensor) -> BlockCall:
+            self.calls += 1
+            return BlockCall(tokens=tokens, spatial=spatial, timesteps=self._timesteps,
+                             is_cond=cfg_rows(tokens.shape[0], self._layout), call_index=self.calls - 1)
+
+        new = edit_block(self.fn, out_tokens, in_tokens, make_call)
+        return None if new is None else _replace_primary(output, from_tokens(new, spatial, hidden), self.stream)
 
     def attach(self) -> "BlockHook":
         if self._handles:

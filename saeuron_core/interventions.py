@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, pipeline_cfg_layout
+from .hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, denoiser, pipeline_cfg_layout
 from .sae import TopKSAE
 from .scoring import ConceptData, bucket_of, get_concept
 from .store import derived_seed
@@ -412,17 +412,19 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ab
           **options: Any) -> Iterator[ConceptEraser]:
     """Everything inside the block generates with ``concepts`` erased; on exit ``target`` is as before.
 
-    ``target`` is a diffusers pipeline (CFG halves are read from it) or a bare UNet (then
-    ``cfg_layout`` says how its batches are laid out; default ``"uncond_cond"`` as diffusers does).
+    ``target`` is a diffusers pipeline (CFG halves are read from it) or a bare denoiser, a UNet or a FLUX / SD3
+    transformer (then ``cfg_layout`` says how its batches are laid out; default ``"uncond_cond"`` as diffusers
+    does). An SAE whose config says ``residual`` reads the block's update and its edit is added onto the output.
     Options: ``start``, ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``seed``,
     ``record_masks``, ``min_coverage``, ``detect_with`` (see :class:`ConceptEraser`).
     """
-    unet = getattr(target, "unet", target)
+    is_pipeline = not isinstance(target, torch.nn.Module)
+    unet = denoiser(target) if is_pipeline else target
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
     check_sae_fits(unet, hook_point, sae)
     eraser = ConceptEraser(sae, concepts, method, strength=strength, **options)
-    layout = pipeline_cfg_layout(target) if hasattr(target, "unet") else (cfg_layout or "uncond_cond")
-    with BlockHook(unet, hook_point, eraser, cfg_layout=layout):
+    layout = pipeline_cfg_layout(target) if is_pipeline else (cfg_layout or "uncond_cond")
+    with BlockHook(unet, hook_point, eraser, cfg_layout=layout, residual=sae.config.residual):
         yield eraser

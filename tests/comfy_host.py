@@ -323,3 +323,52 @@ def install_demo(models: Path) -> None:
                           ("sae-objects-mid.safetensors", "saeuron-demo-objects-mid"),
                           ("sae-styles.safetensors", "saeuron-demo-styles")):
         shutil.copy(DEMO_ASSETS / shipped, models / "sae" / f"{name}.safetensors")
+
+
+TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+             "guidance_embeds": False, "axes_dims_rope": [4, 6, 6]}
+TINY_SD3 = {"sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 2, "attention_head_dim": 64,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 128,
+            "pooled_projection_dim": 16, "out_channels": 4, "pos_embed_max_size": 16}
+
+
+def tiny_dit(diffusers_model):
+    """A ComfyUI ModelPatcher (its own FLUX or MMDiT class and model sampling) with the weights of a tiny
+    diffusers ``FluxTransformer2DModel`` / ``SD3Transformer2DModel``, converted by ComfyUI's own key map."""
+    import comfy.latent_formats
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = diffusers_model.config
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    if type(diffusers_model).__name__ == "FluxTransformer2DModel":
+        unet_config = {"image_model": "flux", "in_channels": cfg.in_channels // 4, "out_channels": cfg.in_channels // 4,
+                       "vec_in_dim": cfg.pooled_projection_dim, "context_in_dim": cfg.joint_attention_dim,
+                       "hidden_size": width, "mlp_ratio": 4.0, "num_heads": cfg.num_attention_heads,
+                       "depth": cfg.num_layers, "depth_single_blocks": cfg.num_single_layers,
+                       "axes_dim": list(cfg.axes_dims_rope), "theta": 10000, "patch_size": 2, "qkv_bias": True,
+                       "guidance_embed": False}
+        config_cls = comfy.supported_models.Flux
+        latent = type("TinyFluxLatent", (comfy.latent_formats.LatentFormat,), {"latent_channels": unet_config["in_channels"]})
+    else:
+        unet_config = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "patch_size": cfg.patch_size,
+                       "depth": cfg.num_layers, "num_blocks": cfg.num_layers, "adm_in_channels": cfg.pooled_projection_dim,
+                       "pos_embed_max_size": cfg.pos_embed_max_size, "num_patches": cfg.pos_embed_max_size ** 2,
+                       "input_size": None,
+                       "context_embedder_config": {"target": "torch.nn.Linear", "params": {
+                           "in_features": cfg.joint_attention_dim, "out_features": width}}}
+        config_cls = comfy.supported_models.SD3
+        latent = type("TinySD3Latent", (comfy.latent_formats.LatentFormat,), {"latent_channels": cfg.in_channels})
+    tiny_cls = type("Tiny" + config_cls.__name__, (config_cls,), {"latent_format": latent, "unet_config": {},
+                                                                   "sampling_settings": dict(config_cls.sampling_settings)})
+    model = tiny_cls(dict(unet_config, dtype=torch.float32)).get_model({}, device="cpu")
+    # A copy: the conversion writes some tensors in place (it would swap the diffusers model's own weights).
+    source = {k: v.detach().clone() for k, v in diffusers_model.state_dict().items()}
+    converted = comfy.model_detection.convert_diffusers_mmdit(source, "diffusion_model.")
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if k.startswith("diffusion_model.")]
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)

@@ -141,7 +141,8 @@ def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx, 
     sigma = model.model.model_sampling.sigma(torch.tensor([620.0]))
     t = model.model.model_sampling.timestep(sigma).float()
     with torch.no_grad(), BlockHook(unet, hook_point, ConceptEraser(sae, [concept], method, strength=strength,
-                                                                    **options), cfg_layout="uncond_cond"):
+                                                                    **options), cfg_layout="uncond_cond",
+                                    residual=sae.config.residual):
         diffusers_out = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
     node_options = {k: (", ".join(f"{c}={e}" for c, e in v.items()) if k == "detect_with" else v)
                     for k, v in options.items()}
@@ -166,6 +167,24 @@ def test_comfyui_and_diffusers_paths_agree(host, method):
     diffusers_out, comfy_out, plain = raw_outputs(host, HOOK, host["sae"], method)
     assert not torch.allclose(diffusers_out, plain, atol=1e-4)
     torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ablate", "replace"])
+def test_a_residual_sae_erases_the_same_in_both_hosts(host, method):
+    """An SAE reading the block's update (output - input): an object patch (it sees the block's input) even where
+    an output patch would do, and the same erasure as the diffusers residual hook."""
+    from saeuron_core.sae import SAEConfig as Config
+
+    sae = TopKSAE(Config(**{**host["sae"].config.to_dict(), "residual": True}))
+    sae.load_state_dict(host["sae"].state_dict())
+    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    patched = run(host, "SAeUronConceptEraser", host["model"], sae, "cat", method, 10.0 if method == "ablate" else 1.0,
+                  0.0, 1.0, "both")[0]
+    assert list(patched.object_patches) == ["diffusion_model.output_blocks.4.1"]
+    diffusers_out, comfy_out, plain = raw_outputs(host, HOOK, sae, method)
+    assert not torch.allclose(diffusers_out, plain, atol=1e-4)
+    torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(diffusers_out, raw_outputs(host, HOOK, host["sae"], method)[0], atol=1e-4)
 
 
 def test_min_coverage_reaches_the_eraser_and_gates_images(host):
