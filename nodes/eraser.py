@@ -8,9 +8,10 @@ from comfy_api.latest import io
 
 from saeuron_core.errors import ConfigError
 from saeuron_core.interventions import MAX_ABLATE_STRENGTH, ConceptEraser as Eraser, check_options
+from saeuron_core.regions import RegionEdit
 from saeuron_core.scoring import concept_names
 
-from .common import CATEGORY, SAE, block_target, parse_concepts, parse_pairs, patch_block, validation
+from .common import CATEGORY, SAE, block_target, check_choice, parse_concepts, parse_pairs, patch_block, validation
 
 
 class ConceptEraser(io.ComfyNode):
@@ -49,6 +50,11 @@ class ConceptEraser(io.ComfyNode):
                                 tooltip="With min_coverage: another library entry that decides where the concept "
                                         "is, as 'concept=entry' pairs separated by commas (e.g. 'solid=solid "
                                         "(detector)'). Empty: each concept's own features."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Paint where to erase: only inside this mask (or only outside it, see "
+                                      "mask_mode); resized to each block's token grid. Not connected: everywhere."),
+                io.Combo.Input("mask_mode", options=["inside", "outside"], default="inside", optional=True,
+                               tooltip="With a mask: erase only inside the painted region, or only outside it."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the concepts erased.")],
         )
@@ -56,17 +62,19 @@ class ConceptEraser(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, concepts: str = "", method: str = "ablate", strength: float = 1.0,
                         start_percent: float = 0.0, end_percent: float = 1.0, cfg_half: str = "both",
-                        min_coverage: float = 0.0, detect_with: str = "") -> bool | str:
+                        min_coverage: float = 0.0, detect_with: str = "", mask_mode: str = "inside") -> bool | str:
         def check() -> None:
             check_options(method, strength, start_percent, end_percent, cfg_half, min_coverage)
             parse_pairs(detect_with)
+            check_choice("mask_mode", mask_mode, ["inside", "outside"])
             if not parse_concepts(concepts):
                 raise ConfigError("choose at least one concept (names from the SAE's library, comma separated)")
         return validation(check)
 
     @classmethod
     def execute(cls, model: Any, sae: Any, concepts: str, method: str, strength: float, start_percent: float,
-                end_percent: float, cfg_half: str, min_coverage: float = 0.0, detect_with: str = "") -> io.NodeOutput:
+                end_percent: float, cfg_half: str, min_coverage: float = 0.0, detect_with: str = "",
+                mask: Any = None, mask_mode: str = "inside") -> io.NodeOutput:
         target = block_target(model, sae)
         names = parse_concepts(concepts)
         if not names:
@@ -74,4 +82,5 @@ class ConceptEraser(io.ComfyNode):
             raise ConfigError(f"no concept chosen; this SAE knows: {known}")
         eraser = Eraser(sae, names, method, strength=strength, start=start_percent, end=end_percent,
                         cfg=cfg_half, min_coverage=min_coverage, detect_with=parse_pairs(detect_with))
-        return io.NodeOutput(patch_block(model, sae, eraser, target))
+        fn = eraser if mask is None else RegionEdit(eraser, mask, mask_mode)
+        return io.NodeOutput(patch_block(model, sae, fn, target))

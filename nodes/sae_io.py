@@ -28,7 +28,10 @@ class LoadSAE(io.ComfyNode):
                          "listed."),
             inputs=[io.Combo.Input("sae_name", options=list_saes(),
                                    tooltip="SAE file or folder in models/sae (or a folder set for 'sae' in "
-                                           "extra_model_paths.yaml).")],
+                                           "extra_model_paths.yaml)."),
+                    io.String.Input("hook_point", default="", optional=True,
+                                    tooltip="Only for an imported folder that does not say its block (e.g. the FLUX "
+                                            "SAE: transformer_blocks.18). Empty: the block the SAE says.")],
             outputs=[SAE.Output(display_name="sae", tooltip="The SAE with its concept library.")],
         )
 
@@ -37,8 +40,8 @@ class LoadSAE(io.ComfyNode):
         return validation(check_choice, "sae_name", sae_name, list_saes())
 
     @classmethod
-    def execute(cls, sae_name: str) -> io.NodeOutput:
-        return io.NodeOutput(load_sae(resolve_sae(sae_name)))
+    def execute(cls, sae_name: str, hook_point: str = "") -> io.NodeOutput:
+        return io.NodeOutput(load_sae(resolve_sae(sae_name), hook_point=hook_point.strip() or None))
 
 
 def _target_path(filename: str) -> tuple[str, str]:

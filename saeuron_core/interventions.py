@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, denoiser, pipeline_cfg_layout
+from .regions import RegionEdit
 from .sae import TopKSAE
 from .scoring import ConceptData, bucket_of, get_concept
 from .store import derived_seed
@@ -409,14 +410,15 @@ class ConceptEraser:
 @contextlib.contextmanager
 def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ablate", *, strength: float = 1.0,
           hook_point: Optional[str] = None, cfg_layout: Optional[CfgLayout] = None,
-          **options: Any) -> Iterator[ConceptEraser]:
+          mask: Optional[Tensor] = None, mask_mode: str = "inside", **options: Any) -> Iterator[ConceptEraser]:
     """Everything inside the block generates with ``concepts`` erased; on exit ``target`` is as before.
 
     ``target`` is a diffusers pipeline (CFG halves are read from it) or a bare denoiser, a UNet or a FLUX / SD3
     transformer (then ``cfg_layout`` says how its batches are laid out; default ``"uncond_cond"`` as diffusers
     does). An SAE whose config says ``residual`` reads the block's update and its edit is added onto the output.
     Options: ``start``, ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``seed``,
-    ``record_masks``, ``min_coverage``, ``detect_with`` (see :class:`ConceptEraser`).
+    ``record_masks``, ``min_coverage``, ``detect_with`` (see :class:`ConceptEraser`). ``mask`` (``[H, W]`` or
+    ``[M, H, W]``, 0..1): erase only inside the painted region (``mask_mode="outside"``: only outside it).
     """
     is_pipeline = not isinstance(target, torch.nn.Module)
     unet = denoiser(target) if is_pipeline else target
@@ -425,6 +427,7 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ab
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
     check_sae_fits(unet, hook_point, sae)
     eraser = ConceptEraser(sae, concepts, method, strength=strength, **options)
+    fn = eraser if mask is None else RegionEdit(eraser, mask, mask_mode)  # type: ignore[arg-type]
     layout = pipeline_cfg_layout(target) if is_pipeline else (cfg_layout or "uncond_cond")
-    with BlockHook(unet, hook_point, eraser, cfg_layout=layout, residual=sae.config.residual):
+    with BlockHook(unet, hook_point, fn, cfg_layout=layout, residual=sae.config.residual):
         yield eraser

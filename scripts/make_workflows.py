@@ -36,7 +36,7 @@ def ablate_strength(concept: str) -> float:
 def base(prompt: str, sae: str = SAE) -> dict:
     return {
         "1": {"class_type": "SAeUronLoadDiffusersModel", "inputs": {"model_path": MODEL}},
-        "2": {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": sae}},
+        "2": {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": sae, "hook_point": ""}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "5": {"class_type": "SAeUronEmptyLatent", "inputs": {"vae": ["1", 2], "width": SIZE, "height": SIZE,
@@ -60,7 +60,7 @@ def eraser(concepts: str, method: str, strength: float, model: list | None = Non
     return {"class_type": "SAeUronConceptEraser", "inputs": {
         "model": model or ["1", 0], "sae": sae or ["2", 0], "concepts": concepts, "method": method,
         "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "cfg_half": "both", "min_coverage": 0.0,
-        "detect_with": ""}}
+        "detect_with": "", "mask_mode": "inside"}}
 
 
 def erase(name: str, prompt: str, concept: str, sae: str, method: str) -> dict:
@@ -76,12 +76,12 @@ def erase_object(name: str, style: bool) -> dict:
 
     Each eraser patches a copy of the MODEL it gets, so chained erasers stack their edits."""
     g = base(f"a {OBJECT} in {STYLE} style", OBJECT_SAE)
-    g["8"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": OBJECT_MID_SAE}}
+    g["8"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": OBJECT_MID_SAE, "hook_point": ""}}
     g["6"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT))
     g["7"] = eraser(OBJECT, "ablate", ablate_strength(OBJECT), model=["6", 0], sae=["8", 0])
     last = "7"
     if style:
-        g["9"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": STYLE_SAE}}
+        g["9"] = {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": STYLE_SAE, "hook_point": ""}}
         g["30"] = eraser(STYLE, STYLE_METHOD, ablate_strength(STYLE) if STYLE_METHOD == "ablate" else 1.0,
                          model=["7", 0], sae=["9", 0])
         last = "30"
@@ -97,6 +97,18 @@ def compare() -> dict:
     sample(g, 10, ["1", 0], "saeuron/compare_original")
     sample(g, 20, ["6", 0], "saeuron/compare_ablate")
     sample(g, 30, ["7", 0], "saeuron/compare_replace")
+    return g
+
+
+def erase_in_region() -> dict:
+    """Paint where to erase: a mask of the left half (stock SolidMask + MaskComposite) on the style eraser, so
+    the stripes go on the left and stay on the right."""
+    g = erase("erase_in_region", f"a {OBJECT} in {STYLE} style", STYLE, STYLE_SAE, STYLE_METHOD)
+    g["40"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
+    g["41"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": SIZE // 2, "height": SIZE}}
+    g["42"] = {"class_type": "MaskComposite", "inputs": {"destination": ["40", 0], "source": ["41", 0], "x": 0, "y": 0,
+                                                         "operation": "add"}}
+    g["6"]["inputs"]["mask"] = ["42", 0]
     return g
 
 
@@ -126,11 +138,61 @@ def inspect() -> dict:
     return g
 
 
+def sdxl() -> dict:
+    """SDXL with a public SDXL-Turbo SAE (residual, down_blocks.2.attentions.1): erase a concept learned into it.
+    For docs/workflows/: it needs the checkpoint and the SAE folder, which the tests do not have."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        "2": {"class_type": "SAeUronLoadSAE", "inputs": {
+            "sae_name": "sdxl-turbo/unet.down_blocks.2.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001/final",
+            "hook_point": ""}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat in a garden", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+    }
+    g["6"] = eraser("cat", "ablate", 5.0)
+    sample(g, 10, ["1", 0], "saeuron/sdxl_before")
+    sample(g, 20, ["6", 0], "saeuron/sdxl_after")
+    for k in ("12", "22"):
+        g[k]["inputs"]["scale_by"] = 0.5
+    return g
+
+
+def flux() -> dict:
+    """FLUX.1 with the public FLUX SAE on transformer_blocks.18 (its folder does not name the block: Load SAE's
+    hook_point does). Guidance-distilled: cfg 1 and FluxGuidance. For docs/workflows/."""
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "7": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5xxl_fp16.safetensors",
+                                                          "clip_name2": "clip_l.safetensors", "type": "flux"}},
+        "8": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "2": {"class_type": "SAeUronLoadSAE", "inputs": {"sae_name": "SAE_flux_18", "hook_point": "transformer_blocks.18"}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat in a garden", "clip": ["7", 0]}},
+        "3": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["9", 0], "guidance": 3.5}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["7", 0]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+    }
+    g["6"] = eraser("cat", "ablate", 5.0, model=["1", 0])
+    sample(g, 10, ["1", 0], "saeuron/flux_before")
+    sample(g, 20, ["6", 0], "saeuron/flux_after")
+    for k in ("10", "20"):
+        g[k]["inputs"].update(cfg=1.0, scheduler="simple")
+    for k in ("11", "21"):
+        g[k]["inputs"]["vae"] = ["8", 0]
+    for k in ("12", "22"):
+        g[k]["inputs"]["scale_by"] = 0.5
+    return g
+
+
+# Graphs for models the tests have no weights for: written to docs/workflows/, checked against /object_info.
+DOC_WORKFLOWS = {"sdxl_erase_with_sdxl_turbo_sae": sdxl(), "flux_erase_with_flux_sae": flux()}
+
 WORKFLOWS = {
     "erase_style": erase("erase_style", f"a {OBJECT} in {STYLE} style", STYLE, STYLE_SAE, STYLE_METHOD),
     "erase_object": erase_object("erase_object", style=False),
     "erase_object_and_style": erase_object("erase_object_and_style", style=True),
     "compare_ablate_replace": compare(),
+    "erase_in_region": erase_in_region(),
     "learn_concept": learn(),
     "inspect_features": inspect(),
 }
@@ -161,6 +223,12 @@ def main() -> None:
         (api_dir / f"{name}.api.json").write_text(json.dumps(graph, indent=1) + "\n")
         (ui_dir / f"{name}.json").write_text(json.dumps(api_to_ui(graph, info), indent=1) + "\n")
         print(f"wrote example_workflows/{name}.json and docs/api-workflows/{name}.api.json")
+    docs_dir = ROOT / "docs" / "workflows"
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    for name, graph in DOC_WORKFLOWS.items():
+        (docs_dir / f"{name}.api.json").write_text(json.dumps(graph, indent=1) + "\n")
+        (docs_dir / f"{name}.json").write_text(json.dumps(api_to_ui(graph, info), indent=1) + "\n")
+        print(f"wrote docs/workflows/{name}.json and .api.json")
 
 
 if __name__ == "__main__":

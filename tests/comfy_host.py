@@ -77,6 +77,7 @@ def start(tmp_root: Path):
     nodes_dir = tmp_root / "custom_nodes"
     nodes_dir.mkdir()
     (nodes_dir / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    asyncio.run(nodes.init_builtin_extra_nodes())  # comfy_extras (SolidMask, FluxGuidance...), as the server has
     before = set(nodes.NODE_CLASS_MAPPINGS)
     if not asyncio.run(nodes.load_custom_node(str(nodes_dir / PACK_NAME))):
         raise RuntimeError("ComfyUI could not load the pack (see the log above)")

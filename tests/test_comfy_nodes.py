@@ -9,6 +9,7 @@ from saeuron_core.errors import ConfigError
 from saeuron_core.formats import load_sae, save_sae
 from saeuron_core.hooks import BlockHook
 from saeuron_core.interventions import ConceptEraser
+from saeuron_core.regions import RegionEdit
 from saeuron_core.workflow_format import combo_choices
 from saeuron_core.sae import SAEConfig, TopKSAE
 from saeuron_core.scoring import concept_names, get_concept, learn_concept
@@ -140,14 +141,16 @@ def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx, 
     strength = 10.0 if method == "ablate" else 1.0
     sigma = model.model.model_sampling.sigma(torch.tensor([620.0]))
     t = model.model.model_sampling.timestep(sigma).float()
-    with torch.no_grad(), BlockHook(unet, hook_point, ConceptEraser(sae, [concept], method, strength=strength,
-                                                                    **options), cfg_layout="uncond_cond",
-                                    residual=sae.config.residual):
+    region = {k: options.pop(k) for k in ("mask", "mask_mode") if k in options}
+    fn = ConceptEraser(sae, [concept], method, strength=strength, **options)
+    if "mask" in region:
+        fn = RegionEdit(fn, region["mask"], region.get("mask_mode", "inside"))
+    with torch.no_grad(), BlockHook(unet, hook_point, fn, cfg_layout="uncond_cond", residual=sae.config.residual):
         diffusers_out = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
     node_options = {k: (", ".join(f"{c}={e}" for c, e in v.items()) if k == "detect_with" else v)
                     for k, v in options.items()}
     patched = run(host, "SAeUronConceptEraser", model, sae, concept, method, strength, 0.0, 1.0, "both",
-                                                       **node_options)[0]
+                  **node_options, **region)[0]
     options = {"patches": patched.model_options["transformer_options"].get("patches", {}),
                "cond_or_uncond": [1, 0], "sigmas": sigma}
     patched.patch_model()
@@ -185,6 +188,24 @@ def test_a_residual_sae_erases_the_same_in_both_hosts(host, method):
     assert not torch.allclose(diffusers_out, plain, atol=1e-4)
     torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(diffusers_out, raw_outputs(host, HOOK, host["sae"], method)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ablate", "replace"])
+@pytest.mark.parametrize("hook_point", [HOOK, "up_blocks.1.attentions.2"])  # an output patch, an object patch
+def test_a_painted_mask_limits_the_erasure_the_same_in_both_hosts(host, method, hook_point):
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=hook_point))
+    sae.load_state_dict(host["sae"].state_dict())
+    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    left = torch.zeros(1, 16, 16)
+    left[..., :8] = 1.0
+    whole = raw_outputs(host, hook_point, sae, method)
+    for mode in ("inside", "outside"):
+        diffusers_out, comfy_out, plain = raw_outputs(host, hook_point, sae, method, mask=left, mask_mode=mode)
+        assert not torch.allclose(diffusers_out, plain, atol=1e-4) and not torch.allclose(diffusers_out, whole[0],
+                                                                                         atol=1e-4)
+        torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+    error = node(host, "SAeUronConceptEraser").validate_inputs(concepts="cat", mask_mode="middle")
+    assert isinstance(error, str) and "mask_mode 'middle' is not one of the choices" in error
 
 
 def test_min_coverage_reaches_the_eraser_and_gates_images(host):

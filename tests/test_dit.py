@@ -48,7 +48,7 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
 
 
-def forward_both(arch, models, sae=None, method="ablate", strength=10.0):
+def forward_both(arch, models, sae=None, method="ablate", strength=10.0, **region):
     """One CFG-batched ``[uncond, cond]`` call of the denoiser in diffusers and in ComfyUI, erased by ``sae`` if
     given: ``(diffusers output, ComfyUI output)``, both as ComfyUI lays them out."""
     import comfy_host
@@ -69,12 +69,12 @@ def forward_both(arch, models, sae=None, method="ablate", strength=10.0):
         if sae is None:
             diffusers_out = model(**call)[0]
         else:
-            with erase(model, sae, ["cat"], method, strength=strength, cfg_layout="uncond_cond"):
+            with erase(model, sae, ["cat"], method, strength=strength, cfg_layout="uncond_cond", **region):
                 diffusers_out = model(**call)[0]
     if arch == "flux":
         diffusers_out = diffusers_out  # already packed tokens
     erased = patcher if sae is None else comfy_host.node_class("SAeUronConceptEraser").execute(
-        patcher, sae, "cat", method, strength, 0.0, 1.0, "both").args[0]
+        patcher, sae, "cat", method, strength, 0.0, 1.0, "both", **region).args[0]
     options = {**erased.model_options["transformer_options"], "cond_or_uncond": [1, 0],
                "sigmas": torch.tensor([SIGMA])}
     sampling = erased.model.model_sampling
@@ -110,6 +110,22 @@ def test_comfyui_and_diffusers_erase_the_same(models, arch, hook_point, residual
     torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
     zero = forward_both(arch, models, sae, "ablate", 0.0)
     torch.testing.assert_close(zero[1], plain, atol=1e-5, rtol=1e-5)  # strength 0 changes nothing in ComfyUI
+
+
+@pytest.mark.parametrize("hook_point", ["transformer_blocks.1", "single_transformer_blocks.0"])
+@pytest.mark.parametrize("method", ["ablate", "replace"])
+def test_a_painted_mask_limits_the_erasure_on_flux_the_same_in_both_hosts(models, hook_point, method):
+    sae = dit_sae(32, hook_point)
+    top = torch.zeros(1, 64, 64)
+    top[:, :32] = 1.0  # the upper half of a 64 px picture: the upper two of the 4x4 patch rows
+    strength = 10.0 if method == "ablate" else 1.0
+    whole = forward_both("flux", models, sae, method, strength)[0]
+    plain = forward_both("flux", models)[0]
+    for mode in ("inside", "outside"):
+        diffusers_out, comfy_out = forward_both("flux", models, sae, method, strength, mask=top, mask_mode=mode)
+        assert not torch.allclose(diffusers_out, plain, atol=1e-4) and not torch.allclose(diffusers_out, whole,
+                                                                                         atol=1e-4)
+        torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
 
 
 def test_erasers_chain_on_one_dit_block(models):

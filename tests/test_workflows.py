@@ -38,7 +38,7 @@ def server(tmp_path_factory):
 def test_there_are_workflows_in_both_formats():
     names = {p.stem for p in UI_FILES}
     assert names == {"erase_style", "erase_object", "erase_object_and_style", "compare_ablate_replace", "learn_concept",
-                     "inspect_features"}
+                     "inspect_features", "erase_in_region"}
     assert all((API_DIR / f"{n}.api.json").is_file() for n in names)
 
 
@@ -123,6 +123,12 @@ def test_workflow_runs_through_prompt(server, path):
                     out.append(torch.from_numpy(np.array(im)).float())
             return torch.stack(out)
         assert (pixels("23") - pixels("13")).abs().mean() > 5.0
+        if path.stem == "erase_in_region":  # the painted (left) half changes more than the other
+            # The mask limits the block's edit to the left tokens; on the 32 px demo model later layers and steps
+            # carry it across (measured: mean change 18.2 left, 15.5 right, of 255).
+            change = (pixels("23") - pixels("13")).abs()
+            half = change.shape[2] // 2
+            assert change[:, :, :half].mean() > change[:, :, half:].mean()
     # The thumbnail: the first picture of each saved branch (before, after...), or the learned concept.
     pictures = [Image.open(server.root / "output" / out["images"][0]["subfolder"] / out["images"][0]["filename"])
                 for _, out in sorted(entry["outputs"].items()) if out.get("images")]
@@ -135,6 +141,32 @@ def test_workflow_runs_through_prompt(server, path):
     if path.stem == "inspect_features":
         texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
         assert texts and len(texts[0].splitlines()) == api["6"]["inputs"]["steps"]
+
+
+DOC_WORKFLOWS = sorted((ROOT / "docs" / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", [p for p in DOC_WORKFLOWS if not p.name.endswith(".api.json")], ids=lambda p: p.stem)
+def test_sdxl_and_flux_workflows_fit_this_server(server, path):
+    """The SDXL and FLUX workflows (no weights here to run them): every node, link and widget fits /object_info,
+    except model file names, which are the user's."""
+    ui = json.loads(path.read_text())
+    info = server.object_info
+    api = ui_to_api(ui, info)
+    assert api == json.loads(path.with_name(f"{path.stem}.api.json").read_text())
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for node_id, node in api.items():
+        spec = info[node["class_type"]]["input"]
+        for name, s in spec.get("required", {}).items():
+            assert name in node["inputs"], f"{path.name}: node {node_id} ({node['class_type']}) misses {name}"
+        for name, value in node["inputs"].items():
+            s = {**spec.get("required", {}), **spec.get("optional", {})}[name]
+            choices = combo_choices(s)
+            if isinstance(value, list) and choices is None:
+                out_type = info[nodes[int(value[0])]["type"]]["output"][value[1]]
+                assert out_type == s[0], f"{path.name}: node {node_id}.{name} expects {s[0]}, linked {out_type}"
+            elif choices is not None and not name.endswith("_name") and not name.startswith("clip_name"):
+                assert value in choices, f"{path.name}: node {node_id}.{name} = {value!r} is not one of {choices}"
 
 
 def test_the_templates_dialog_offers_every_ui_workflow_with_its_thumbnail(server):
@@ -249,7 +281,7 @@ def test_every_graph_gives_the_same_images_alone_and_after_any_other(server):
     assert alone["compare_ablate_replace"]["23"] != alone["compare_ablate_replace"]["33"]  # ablate != replace
     assert alone["compare_output_patched"]["23"] != alone["compare_output_patched"]["33"]
     fresh(server)
-    order = all_ordered_pairs(list(graphs))
+    order = all_ordered_pairs([name for name in graphs if name != "plain"])  # plain: checked against alone runs
     for i, name in enumerate(order):
         got = run_for_outputs(server, graphs[name], f"run{i}_{name}")
         assert got == alone[name], f"{name} changed when run after {order[:i][-3:]} (run {i} of {len(order)})"
