@@ -193,3 +193,20 @@ def test_flux_samples_through_comfyui_with_the_eraser_and_the_inspector(models):
     overlay, heat, summary = out.args
     assert overlay.shape == (1, 8, 8, 3) and heat.shape == (1, 8, 8) and float(heat.max()) > 0
     assert len(summary.strip().splitlines()) == 3
+
+
+def test_learn_concept_node_learns_on_flux(models, tiny_pipe, tmp_path):
+    """Learn Concept samples a tiny FLUX with ComfyUI's sampler (a tiny CLIP: its 32-wide states are the text,
+    FLUX reads the first 16 of its pooled output) and adds a concept selected at the DiT block."""
+    import comfy_host
+
+    from saeuron_core.scoring import concept_names, get_concept
+
+    clip = comfy_host.tiny_clip(tiny_pipe, tmp_path / "clip")
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=16, hook_point="transformer_blocks.1", residual=True))
+    learned = comfy_host.node_class("SAeUronLearnConcept").execute(
+        models["flux"][1], clip, sae, {"samples": torch.zeros(1, 4, 8, 8)}, "cat", "a cat\na small cat",
+        "a dog\na house", 0, 3, 1.0, "euler", "simple", 4, min_specificity=0.0).args[0]
+    assert concept_names(learned) == ["cat"] and not sae.concepts
+    data = get_concept(learned, "cat")
+    assert int(data.n_selected[data.observed].min()) > 0 and data.max_timestep == 1000
