@@ -154,3 +154,26 @@ def test_parse_seeds_takes_lists_and_inclusive_ranges():
     assert parse_seeds("500-503") == [500, 501, 502, 503]
     assert parse_seeds("500,501") == [500, 501]
     assert parse_seeds("7") == [7]
+
+
+def test_collect_and_train_a_residual_sae(capsys, tmp_path):
+    """``collect --residual`` records the block's update (output - input); the SAE trained on it says so."""
+    from saeuron_core.store import ActivationStore
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    stores = {}
+    for name, extra in (("out", []), ("res", ["--residual"])):
+        code, _, err = run_cli(capsys, "collect", "--model", "tiny", "--prompts", str(prompts), "--out",
+                               str(tmp_path / name), "--steps", "2", "--batch-size", "2", *extra)
+        assert code == 0, err
+        stores[name] = ActivationStore(tmp_path / name)
+    assert stores["res"].manifest["config"]["residual"] is True and stores["out"].manifest["config"]["residual"] is False
+    first = {name: store.load_shard(0)[0] for name, store in stores.items()}
+    assert first["res"].shape == first["out"].shape and not torch.equal(first["res"], first["out"])
+    code, _, err = run_cli(capsys, "train", "--store", str(tmp_path / "res"), "--out", str(tmp_path / "r.safetensors"),
+                           "--expansion-factor", "2", "--k", "4", "--steps", "2", "--batch-size", "32")
+    assert code == 0, err
+    assert load_sae(tmp_path / "r.safetensors").config.residual
+    code, out, _ = run_cli(capsys, "info", str(tmp_path / "r.safetensors"))
+    assert code == 0 and "reads its residual update" in out
