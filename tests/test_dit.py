@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from saeuron_core.errors import ConfigError
+from saeuron_core.hooks import BlockHook
 from saeuron_core.interventions import erase
 from saeuron_core.sae import SAEConfig, TopKSAE
 from saeuron_core.scoring import add_concept
@@ -210,3 +211,34 @@ def test_learn_concept_node_learns_on_flux(models, tiny_pipe, tmp_path):
     assert concept_names(learned) == ["cat"] and not sae.concepts
     data = get_concept(learned, "cat")
     assert int(data.n_selected[data.observed].min()) > 0 and data.max_timestep == 1000
+
+
+def test_a_flux_sae_folder_in_the_published_layout_erases_the_same_in_both_hosts(models, tmp_path):
+    """A folder laid out like the public FLUX SAE (config.json + state_dict.pth, no block in its name), loaded by
+    the Load SAE node with its hook_point and converted to the native file: a residual SAE that erases at the DiT
+    block identically in ComfyUI and diffusers, before and after conversion."""
+    import comfy_host
+
+    from saeuron_core.formats import load_sae, save_sae
+    from test_import_sdlens import write_sdlens
+
+    folder = comfy_host._STATE["models"] / "sae" / "SAE_flux_tiny"
+    write_sdlens(folder, d=32, n=64, k=8, final=False)
+    loaded = comfy_host.node_class("SAeUronLoadSAE").execute("SAE_flux_tiny", hook_point="transformer_blocks.1").args[0]
+    assert loaded.config.residual and loaded.config.hook_point == "transformer_blocks.1"
+    updates = []  # the block's updates on the test input: the concept is the features they use most
+    with BlockHook(models["flux"][0], "transformer_blocks.1", lambda call: updates.append(call.tokens), residual=True):
+        forward_both("flux", models)
+    codes = loaded.encode(torch.cat(updates).flatten(0, 1))
+    active = codes.indices[codes.values > 0]
+    top = torch.bincount(active, minlength=64).topk(4).indices.tolist()
+    add_concept(loaded, concept("cat", {range(50): top}, threshold=0.0, mu=1.0))
+    save_sae(loaded, tmp_path / "native.safetensors")
+    plain = forward_both("flux", models)[0]
+    results = []
+    for sae in (loaded, load_sae(tmp_path / "native.safetensors")):
+        diffusers_out, comfy_out = forward_both("flux", models, sae, "ablate", 10.0)
+        assert not torch.allclose(diffusers_out, plain, atol=1e-4)
+        torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=1e-4)
+        results.append(diffusers_out)
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
