@@ -83,3 +83,28 @@ def test_run_all_quick_runs_the_chosen_benchmarks(tmp_path):
     assert table_rows(out, "Concept scoring at scale") == ["1,000", "10,000", "100,000"]
     assert "Concept scoring at scale" in (tmp_path / "r.md").read_text()
 
+
+
+@pytest.mark.slow
+def test_eraser_overhead_residual_blocks_quick():
+    """The FLUX double block and the SDXL residual block sections (tiny sizes): both tables, every cell parses."""
+    out = run_quick("benchmarks.eraser_overhead", "--only", "flux,sdxl_block")
+    for title in ("Residual eraser per block call: tiny FLUX-layout double block",
+                  "Residual eraser per block call: tiny SDXL-layout residual block"):
+        cells = table_cells(out, title)
+        assert [c[0] for c in cells] == ["no hook", "ablate, 1 concept (3 features)", "(SAE encode, all tokens)"]
+        assert all(len(c) == 17 for c in cells)
+        hooked, encode = cells[1], cells[2]
+        touched, edited = float(hooked[6].rstrip("%")), float(hooked[7].rstrip("%"))
+        # the concept fires on some tokens, and only touched tokens can be edited
+        assert 0 < edited <= touched < 100 and encode[6] == "100%"
+        for row in (hooked, encode):
+            float(row[11])                                   # SAE GFLOP this call
+            assert row[8].endswith(("s", "ms", "us"))        # the hook's own work, timed
+            for col in (9, 10, 12, 13):
+                assert float(row[col].rstrip("%")) > 0
+            assert float(row[15].rstrip("x")) > 0            # own work / floor
+        # the SAE does fewer FLOPs when it encodes only the touched tokens than when it encodes them all
+        assert float(hooked[11]) < float(encode[11])
+        float(hooked[3]), float(hooked[5])                  # paired and best-of ratios
+    assert "TFLOP per call" in out and "Load average" in out
