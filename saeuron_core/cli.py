@@ -219,9 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON {concept: strength}: each concept's own ablation strength, over the block's (default: "
                          "the strengths chosen for the shipped concepts when the shipped SAEs are used; '' for none)")
     ev.add_argument("--replace-strength", type=float, default=1.0)
-    ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="sample",
+    ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="uncond",
                     help="where replacement patches come from")
-    ev.add_argument("--dilation", type=int, default=0, help="grow the detection mask by this many patches")
+    ev.add_argument("--dilation", type=int, default=1, help="grow the detection mask by this many patches")
+    ev.add_argument("--neighbors", type=int, default=1,
+                    help="--replace-source nearest: average this many nearest undetected patches")
+    ev.add_argument("--replace-also-at", action="append", default=None, metavar="HOOK_POINT=BLOCK[,BLOCK]",
+                    help="replace: also replace what the SAE at HOOK_POINT detects at these later blocks "
+                         "(repeatable; default: the shipped setting with the shipped SAEs; '' for none)")
     ev.add_argument("--threshold-scale", type=float, default=1.0, help="multiply the firing thresholds")
     add_gate_args(ev)
     ev.add_argument("--gates", default=None, metavar="FILE",
@@ -654,6 +659,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                             ablate_strength_at=at, ablate_strength_of=of, replace_strength=a.replace_strength,
                             start=start, end=end,
                             replace_source=a.replace_source, dilation=a.dilation, threshold_scale=a.threshold_scale,
+                            neighbors=a.neighbors, replace_also_at=_replace_also_at(a.replace_also_at, not a.sae),
                             min_coverage=a.min_coverage, min_coverage_of=coverage_of, detect_with=detect_with,
                             batch_size=a.batch_size)
     if a.quick:
@@ -662,7 +668,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     earlier = load_report(a.update) if a.update else None
     if earlier is not None:
         grid = earlier.get("grid") or {}  # without --concepts every concept is re-measured
-        check_updatable(earlier, settings, set_runs=bool(multi or gen),
+        check_updatable(earlier, settings, set_runs=bool(gen), multi=bool(multi), methods=methods,
                         concepts=concepts or grid.get("objects", []) + grid.get("styles", []))
     saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
@@ -682,6 +688,17 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.markdown:
         Path(a.markdown).write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+def _replace_also_at(items: Optional[list[str]], shipped: bool) -> dict[str, list[str]]:
+    """``--replace-also-at`` values as ``{detecting hook point: [later blocks]}`` (the shipped setting by default)."""
+    from .evaluation import DEMO_REPLACE_ALSO_AT
+    from .options import parse_assignments
+
+    if items is None:
+        return {k: list(v) for k, v in DEMO_REPLACE_ALSO_AT.items()} if shipped else {}
+    pairs = parse_assignments([i for i in items if i.strip()], "--replace-also-at", "HOOK_POINT=BLOCK[,BLOCK]")
+    return {k: [b.strip() for b in v.split(",") if b.strip()] for k, v in pairs.items()}
 
 
 COMMANDS = {"collect": _cmd_collect, "train": _cmd_train, "info": _cmd_info, "convert": _cmd_convert,

@@ -43,6 +43,9 @@ from .sae import TopKSAE
 from .scoring import concept_names
 
 METHODS = ("none", "negative_prompt", "ablate", "replace")
+# Detect-and-replace on the shipped demo SAEs: the later block where the objects are drawn again from the prompt
+# (EVALUATION.md, "Detect and replace"), replaced with what the first object block detects.
+DEMO_REPLACE_ALSO_AT: dict[str, list[str]] = {"down_blocks.2.attentions.1": ["up_blocks.1.attentions.0"]}
 SAEs = Union[TopKSAE, Sequence[TopKSAE]]
 
 
@@ -62,8 +65,11 @@ class EvalSettings:
     min_coverage: float = 0.0  # erase a concept only in images where it fires on this share of the feature map
     min_coverage_of: dict[str, float] = field(default_factory=dict)  # concept -> its own gate (wins over the common)
     detect_with: dict[str, str] = field(default_factory=dict)  # concept -> library entry that reads its coverage
-    dilation: int = 0
-    replace_source: str = "sample"
+    dilation: int = 1
+    replace_source: str = "uncond"
+    neighbors: int = 1  # replace_source "nearest": the mean of this many nearest undetected patches
+    # replace: detecting hook point -> later blocks where what it detected is replaced too
+    replace_also_at: dict[str, list[str]] = field(default_factory=dict)
     start: float = 0.0  # the SAE methods act on this window of the denoising (0 = first step)
     end: float = 1.0
     batch_size: int = 64
@@ -177,6 +183,10 @@ class Evaluator:
             if s.config.hook_point in self.hook_points:
                 raise ConfigError(f"two SAEs hook {s.config.hook_point}; give one SAE per block")
             self.hook_points.append(s.config.hook_point)
+        stray = sorted(set(settings.replace_also_at) - set(self.hook_points))
+        if stray:
+            raise ConfigError(f"replace_also_at names {', '.join(stray)} as detecting blocks but no SAE hooks them "
+                              f"(the SAEs hook {', '.join(self.hook_points)})")
         unknown = sorted(set(settings.ablate_strength_at) - set(self.hook_points))
         if unknown:
             raise ConfigError(f"an ablate strength is set for {', '.join(unknown)} but no SAE hooks it "
@@ -234,7 +244,7 @@ class Evaluator:
             else:
                 out[self.hook_points[i]] = ConceptEraser(
                     sae, mine, "replace", strength=s.replace_strength, threshold_scale=s.threshold_scale,
-                    dilation=s.dilation, source=s.replace_source, start=s.start, end=s.end,
+                    dilation=s.dilation, source=s.replace_source, neighbors=s.neighbors, start=s.start, end=s.end,
                     **s.gate_options(mine))
         return out
 
@@ -270,6 +280,10 @@ class Evaluator:
             with ExitStack() as hooks, torch.no_grad():
                 for hp in self.hook_points:
                     hooks.enter_context(pipeline_hook(self.pipe, hp, observer(hp)))
+                if method == "replace":  # detect at one block, replace at the later ones where the concept enters
+                    for hp, points in s.replace_also_at.items():
+                        for point in points if hp in erasers else ():
+                            hooks.enter_context(pipeline_hook(self.pipe, point, erasers[hp].follower()))
                 for begin in range(0, len(work), s.batch_size):
                     chunk = work[begin:begin + s.batch_size]
                     groups = torch.tensor([i for i, _ in chunk], dtype=torch.long)
@@ -628,20 +642,42 @@ def _with_defaults(report: dict[str, Any]) -> dict[str, Any]:
     return {**json.loads(json.dumps(asdict(EvalSettings()))), **(report.get("settings") or {})}
 
 
-def _check_settings(report: dict[str, Any], settings: dict[str, Any], concepts: Collection[str]) -> None:
-    """Refuse ``settings`` that differ from ``report``'s other than in ``concepts``' own entries."""
-    _check_same("settings", _without(_with_defaults(report), concepts), _without(settings, concepts))
+# Settings that only detect-and-replace reads: a report may take new ones when every replace row is re-measured.
+REPLACE_SETTINGS = ("replace_strength", "threshold_scale", "dilation", "replace_source", "neighbors",
+                    "replace_also_at")
+
+
+def _check_settings(report: dict[str, Any], settings: dict[str, Any], concepts: Collection[str],
+                    whole: Collection[str] = ()) -> None:
+    """Refuse ``settings`` that differ from ``report``'s other than in ``concepts``' own entries (and, when every
+    replace row is re-measured, ``"replace"`` in ``whole``, the replace method's own settings)."""
+    ignored = REPLACE_SETTINGS if "replace" in whole else ()
+    old = {k: v for k, v in _without(_with_defaults(report), concepts).items() if k not in ignored}
+    new = {k: v for k, v in _without(settings, concepts).items() if k not in ignored}
+    _check_same("settings", old, new)
+
+
+def _whole_methods(report: dict[str, Any], methods: Collection[str], concepts: Collection[str]) -> list[str]:
+    """The SAE ``methods`` whose every per-concept row of ``report`` is among the re-measured ``concepts``."""
+    return [m for m in methods if m not in ("none", "negative_prompt") and m in report.get("per_concept", {})
+            and {r["concept"] for r in report["per_concept"][m]} <= set(concepts)]
 
 
 def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs: bool = False,
-                    concepts: Sequence[str] = ()) -> None:
+                    concepts: Sequence[str] = (), methods: Sequence[str] = (), multi: bool = False) -> None:
     """Fail before generating anything when an update of ``report`` would be refused (other settings, or
     ``set_runs``: several-at-once or generalisation runs asked for).
 
-    Only the re-measured ``concepts`` may have their own strength, gate or detector changed.
+    Only the re-measured ``concepts`` may have their own strength, gate or detector changed. When every row
+    of a method is re-measured (``methods``), its several-at-once runs may be too (``multi``), and for
+    ``replace`` its own settings (source, dilation, ...) may change.
     """
+    whole = _whole_methods(report, methods, concepts)
+    sae_methods = [m for m in methods if m not in ("none", "negative_prompt")]
+    if multi and not (sae_methods and set(sae_methods) <= set(whole) and report.get("multi")):
+        _refuse_set_runs(True)
     _refuse_set_runs(set_runs)
-    _check_settings(report, json.loads(json.dumps(asdict(settings))), concepts)
+    _check_settings(report, json.loads(json.dumps(asdict(settings))), concepts, whole)
 
 
 def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -650,11 +686,15 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     For re-evaluating only the concepts whose library or own settings (strength, gate, detector)
     changed: ``new`` must come from the same settings otherwise, grid and SAE blocks, and reproduce
     ``old``'s clean accuracy (the same model and seeds; generation is deterministic), and must not
-    hold several-at-once or generalisation runs, which cannot be merged row by row. The merged
-    report takes ``new``'s settings, and its ``updates`` entry records the per-concept ones changed.
+    hold generalisation runs, which cannot be merged row by row. A method whose every row ``new``
+    re-measures is replaced whole: its several-at-once runs too (``new`` must then hold them, with the
+    same set sizes), and for ``replace`` its own settings may differ. The merged report takes ``new``'s
+    settings, and its ``updates`` entry records the per-concept ones changed.
     """
     remeasured = {r["concept"] for rows in new["per_concept"].values() for r in rows}
-    _check_settings(old, new.get("settings") or {}, remeasured)
+    whole = [m for m in _whole_methods(old, list(new["per_concept"]), remeasured)
+             if {r["concept"] for r in old["per_concept"][m]} <= {r["concept"] for r in new["per_concept"][m]}]
+    _check_settings(old, new.get("settings") or {}, remeasured, whole)
     for key in ("grid", "clean_accuracy"):
         _check_same(key, old.get(key), new.get(key))
     if "clean_misread" in old and "clean_misread" in new:
@@ -662,15 +702,21 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     blocks = [[(e["hook_point"], e["ablate_strength"]) for e in r.get("saes", [])] for r in (old, new)]
     if blocks[0] != blocks[1]:
         raise ConfigError(f"cannot update the report: its SAE blocks {blocks[0]} differ from this run's {blocks[1]}")
-    _refuse_set_runs(bool(new.get("multi") or new.get("generalization")))
+    new_multi = new.get("multi") or {}
+    _refuse_set_runs(bool(new.get("generalization")))
+    for method, rows in new_multi.items():
+        sizes = [[r["n"] for r in runs.get(method, [])] for runs in (old.get("multi") or {}, new_multi)]
+        if method not in whole or sizes[0] != sizes[1]:
+            _refuse_set_runs(True)
     missing = [m for m in new["per_concept"] if m not in old["per_concept"]]
     if missing:
         raise ConfigError(f"cannot update the report: it has no {', '.join(missing)} rows to update")
     order = old["grid"]["objects"] + old["grid"]["styles"]
     concepts = sorted(remeasured, key=order.index)
     # Rows measured over every concept at once would go stale without a word.
-    in_sets = sorted({c for rows in (old.get("multi") or {}).values() for r in rows for c in r["concepts"]}
-                     & set(concepts), key=order.index)
+    in_sets = sorted({c for method, rows in (old.get("multi") or {}).items()
+                      if method in new["per_concept"] and method not in new_multi
+                      for r in rows for c in r["concepts"]} & set(concepts), key=order.index)
     if in_sets or (old.get("generalization") and concepts):
         raise ConfigError("cannot update the report: its " + (f"several-at-once runs erase {', '.join(in_sets)}"
                           if in_sets else "generalisation summary covers every concept")
@@ -682,10 +728,18 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         merged.update({r["concept"]: r for r in rows})
         out["per_concept"][method] = sorted(merged.values(), key=lambda r: order.index(r["concept"]))
         out["summary"][method] = summary_by_kind(out["per_concept"][method])
+    for method, runs in new_multi.items():
+        out["multi"][method] = copy.deepcopy(runs)
     entry = {"concepts": concepts, "methods": list(new["per_concept"]), "seconds": new["seconds"]}
     changed = _changed(_with_defaults(old), new["settings"])
     if changed:
         entry["changed"] = changed
+    replaced = {k: new["settings"].get(k) for k in REPLACE_SETTINGS
+                if "replace" in whole and _with_defaults(old).get(k) != new["settings"].get(k)}
+    if replaced:
+        entry.setdefault("changed", {})["replace"] = replaced
+    if new_multi:
+        entry["multi"] = list(new_multi)
     out["updates"] = [*old.get("updates", []), entry]
     return out
 
@@ -734,7 +788,9 @@ def format_report(report: dict[str, Any]) -> str:
     common = "" if per_sae else f"ablate strength {s['ablate_strength']}, "
     lines = [f"Seeds {s['seeds']}, {s['steps']} {s['scheduler']} steps, CFG {s['guidance']}, {common}replace strength "
              f"{s['replace_strength']} (source {s.get('replace_source')}, dilation {s.get('dilation')}, "
-             f"threshold x{s.get('threshold_scale')}); clean accuracy object "
+             f"threshold x{s.get('threshold_scale')}"
+             + "".join(f", also replaced at {', '.join(v)} from {k}" for k, v in (s.get("replace_also_at") or {}).items())
+             + "); clean accuracy object "
              f"{_pct(report['clean_accuracy']['object'])}% / style {_pct(report['clean_accuracy']['style'])}%.", ""]
     if (s.get("start", 0.0), s.get("end", 1.0)) != (0.0, 1.0):
         lines += [f"The SAE methods act from {s['start']:g} to {s['end']:g} of the denoising.", ""]

@@ -6,9 +6,15 @@
   ``x + decode_without_bias(a_new - a)``, which is the same thing and leaves every token whose
   features did not change bit-for-bit equal to the input.
 * **replace** (look but don't touch): the selected features only *detect* concept tokens; those
-  tokens' hidden states are replaced by in-distribution ones that do not contain the concept
-  (by default tokens sampled from undetected positions of the same feature map). Undetected tokens
-  are left bit-for-bit unchanged.
+  tokens' hidden states are replaced by in-distribution ones that do not contain the concept.
+  By default the detection mask is grown by one patch (``dilation``) and the replacement is the
+  unconditional CFG row's token at the same position (``source="uncond"``; without an unconditional
+  half, tokens sampled from undetected positions of the same map, ``"sample"``; ``"nearest"`` takes
+  the mean of the ``neighbors`` nearest undetected ones). On the demo model an object's features fire
+  on most of the map, not only on the object, so patches of the same map still carry it; and the
+  object is drawn again by a later block from the prompt, so :meth:`ConceptEraser.follower` replays
+  the detection at later blocks (``erase(..., also_at=[...])``). Undetected tokens are left
+  bit-for-bit unchanged.
 
 Both act only inside a denoising window (``start``..``end`` as a fraction of the denoising, 0 =
 first step), on the chosen CFG rows, and look features up by timestep *value*.
@@ -113,8 +119,8 @@ class ConceptEraser:
 
     def __init__(self, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ablate", *, strength: float = 1.0,
                  start: float = 0.0, end: float = 1.0, cfg: Literal["both", "cond", "uncond"] = "both",
-                 threshold_scale: float = 1.0, dilation: int = 0,
-                 source: Literal["sample", "nearest", "uncond"] = "sample", seed: int = 0,
+                 threshold_scale: float = 1.0, dilation: int = 1,
+                 source: Literal["sample", "nearest", "uncond"] = "uncond", neighbors: int = 1, seed: int = 0,
                  record_masks: bool = False, min_coverage: Union[float, Mapping[str, float]] = 0.0,
                  detect_with: Optional[Mapping[str, str]] = None) -> None:
         check_options(method, None, start, end, cfg)
@@ -123,7 +129,11 @@ class ConceptEraser:
         if not math.isfinite(threshold_scale) or threshold_scale < 0 or dilation < 0:
             raise ConfigError("threshold_scale must be >= 0 and dilation >= 0")
         self.sae, self.method, self.start, self.end, self.cfg = sae, method, start, end, cfg
+        if int(neighbors) != neighbors or neighbors < 1:
+            raise ConfigError(f"neighbors must be a whole number >= 1 (how many of the nearest undetected patches "
+                              f"are averaged into a replacement), got {neighbors}")
         self.threshold_scale, self.dilation, self.source, self.seed = threshold_scale, dilation, source, seed
+        self.neighbors = int(neighbors)
         self.strengths = normalize_concepts(concepts, strength)
         for name, value in self.strengths.items():
             _check_strength(method, name, value)
@@ -140,6 +150,7 @@ class ConceptEraser:
                                                        else None for j, c in enumerate(self.concepts)]
         self.record_masks = record_masks
         self.masks: list[MaskRecord] = []
+        self._last_mask: Optional[tuple[Tensor, Tensor, Tensor, Optional[tuple[int, int]]]] = None
         self._sae_copies: dict[torch.device, TopKSAE] = {}
         self._build_tables()
 
@@ -255,6 +266,7 @@ class ConceptEraser:
         return bool((self.min_coverage > 0).any())
 
     def __call__(self, call: BlockCall) -> Optional[Tensor]:
+        self._last_mask = None  # what followers replay: this call's detection only
         rows = self.active_rows(call)
         if not rows.any():
             return None
@@ -361,26 +373,44 @@ class ConceptEraser:
             h, w = call.spatial
             grid = mask.reshape(-1, 1, h, w).float()
             mask = F.max_pool2d(grid, 2 * self.dilation + 1, stride=1, padding=self.dilation).reshape(mask.shape) > 0
+            mask &= torch.isfinite(x).all(-1)  # inf/NaN tokens are left alone, grown mask or not
         if self.record_masks:
             shape = (mask.shape[0], *call.spatial) if call.spatial is not None else mask.shape
             self.masks.append(MaskRecord(call.call_index, call.timesteps[row_idx.cpu()].clone() if call.timesteps is not None
                                          else torch.zeros(0), row_idx.clone(), mask.reshape(shape).cpu()))
+        if call.timesteps is not None:
+            self._last_mask = (call.timesteps[row_idx.cpu()].clone(), row_idx.clone(), mask, call.spatial)
+        return self._blend(call, row_idx, x, mask)
+
+    def _blend(self, call: BlockCall, row_idx: Tensor, x: Tensor, mask: Tensor) -> Tensor:
         replacement = self._replacement(call, row_idx, x, mask)
         s = max(self.strengths.values())
         blended = replacement if s == 1.0 else x + s * (replacement - x)
         return torch.where(mask[..., None], blended.to(x.dtype), x)
 
+    def follower(self) -> "ReplaceFollower":
+        """A hook function for a *later* block of the same denoiser: it replaces, at that block, the positions
+        this eraser detected in the same call (the mask resized to that block's grid), from the same source.
+
+        The concept is often drawn again after the detecting block (by later cross-attention reading the
+        prompt, or through skip connections); replacing there too is "detect at one block, replace at every
+        block where the concept enters". Needs ``method='replace'``.
+        """
+        if self.method != "replace":
+            raise ConfigError("only method 'replace' can replay its detection at other blocks")
+        return ReplaceFollower(self)
+
     def _replacement(self, call: BlockCall, row_idx: Tensor, x: Tensor, mask: Tensor) -> Tensor:
         out = x.clone()
         if self.source == "uncond":
             cond_rows, uncond_rows = call.is_cond.nonzero().squeeze(1), (~call.is_cond).nonzero().squeeze(1)
-            if len(cond_rows) != len(uncond_rows) or not len(uncond_rows):
-                raise ConfigError("source='uncond' needs classifier-free guidance (an unconditional half)")
-            partner = {int(c): int(u) for c, u in zip(cond_rows, uncond_rows)}
-            for j, row in enumerate(row_idx.tolist()):
-                if row in partner:
-                    out[j] = call.tokens[partner[row]]
-            return out
+            if len(cond_rows) == len(uncond_rows) and len(uncond_rows):
+                partner = {int(c): int(u) for c, u in zip(cond_rows, uncond_rows)}
+                for j, row in enumerate(row_idx.tolist()):
+                    if row in partner:
+                        out[j] = call.tokens[partner[row]]
+                return out
+            # no unconditional half in this call (CFG off, or the halves run apart): patches of the same map
         coords = None
         if self.source == "nearest":
             if call.spatial is not None:
@@ -391,14 +421,20 @@ class ConceptEraser:
                 coords = torch.arange(x.shape[1], dtype=torch.float32, device=x.device)[:, None]
         for j in range(x.shape[0]):
             det = mask[j].nonzero().squeeze(1)
-            keep = (~mask[j]).nonzero().squeeze(1)
+            keep = (~mask[j] & torch.isfinite(x[j]).all(-1)).nonzero().squeeze(1)  # no inf/NaN copied in
             if not len(det):
                 continue
             if not len(keep):  # the concept is everywhere: fall back to the map's mean token
                 out[j, det] = x[j].mean(0, keepdim=True).to(x.dtype)
                 continue
             if coords is not None:
-                pick = keep[torch.cdist(coords[det], coords[keep]).argmin(1)]
+                dist = torch.cdist(coords[det], coords[keep])
+                if self.neighbors == 1:
+                    pick = keep[dist.argmin(1)]
+                else:  # the mean of the K nearest undetected patches (ties broken by position)
+                    near = dist.topk(min(self.neighbors, len(keep)), dim=1, largest=False).indices
+                    out[j, det] = x[j][keep[near]].mean(1).to(x.dtype)
+                    continue
             else:
                 t = float(call.timesteps[row_idx[j]]) if call.timesteps is not None else call.call_index
                 g = torch.Generator().manual_seed(derived_seed("replace", self.seed, t, int(row_idx[j])))
@@ -407,18 +443,49 @@ class ConceptEraser:
         return out
 
 
+class ReplaceFollower:
+    """Replays a replace eraser's detection of the current call at another block (see :meth:`ConceptEraser.follower`)."""
+
+    def __init__(self, eraser: ConceptEraser) -> None:
+        self.eraser = eraser
+
+    def __call__(self, call: BlockCall) -> Optional[Tensor]:
+        last = self.eraser._last_mask
+        if last is None or call.timesteps is None:
+            return None
+        timesteps, row_idx, mask, spatial = last
+        if int(row_idx.max()) >= call.tokens.shape[0] or not torch.equal(call.timesteps[row_idx.cpu()].cpu(),
+                                                                          timesteps.cpu()):
+            return None  # not the call the mask was detected in (this block runs before the detecting one)
+        n = call.tokens.shape[1]
+        if spatial is not None and call.spatial is not None:
+            grid = mask.reshape(-1, 1, *spatial).float()
+            mask = F.interpolate(grid, size=call.spatial, mode="nearest").reshape(mask.shape[0], n) > 0
+        elif mask.shape[1] != n:
+            mask = F.interpolate(mask.float()[:, None], size=n, mode="nearest")[:, 0] > 0
+        if not mask.any():
+            return None
+        x = call.tokens[row_idx.to(call.tokens.device)]
+        with torch.no_grad():
+            new_x = self.eraser._blend(call, row_idx, x, mask.to(x.device))
+        out = call.tokens.clone()
+        out[row_idx.to(out.device)] = new_x
+        return out
+
+
 @contextlib.contextmanager
 def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ablate", *, strength: float = 1.0,
-          hook_point: Optional[str] = None, cfg_layout: Optional[CfgLayout] = None,
+          hook_point: Optional[str] = None, cfg_layout: Optional[CfgLayout] = None, also_at: Sequence[str] = (),
           mask: Optional[Tensor] = None, mask_mode: str = "inside", **options: Any) -> Iterator[ConceptEraser]:
     """Everything inside the block generates with ``concepts`` erased; on exit ``target`` is as before.
 
     ``target`` is a diffusers pipeline (CFG halves are read from it) or a bare denoiser, a UNet or a FLUX / SD3
     transformer (then ``cfg_layout`` says how its batches are laid out; default ``"uncond_cond"`` as diffusers
     does). An SAE whose config says ``residual`` reads the block's update and its edit is added onto the output.
-    Options: ``start``, ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``seed``,
-    ``record_masks``, ``min_coverage``, ``detect_with`` (see :class:`ConceptEraser`). ``mask`` (``[H, W]`` or
-    ``[M, H, W]``, 0..1): erase only inside the painted region (``mask_mode="outside"``: only outside it).
+    Options: ``start``, ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``neighbors``, ``seed``,
+    ``record_masks``, ``min_coverage``, ``detect_with`` (see :class:`ConceptEraser`). ``also_at``: later blocks
+    where a replace eraser also replaces what it detected (:meth:`ConceptEraser.follower`). ``mask`` (``[H, W]``
+    or ``[M, H, W]``, 0..1): erase only inside the painted region (``mask_mode="outside"``: only outside it).
     """
     is_pipeline = not isinstance(target, torch.nn.Module)
     unet = denoiser(target) if is_pipeline else target
@@ -429,5 +496,10 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ab
     eraser = ConceptEraser(sae, concepts, method, strength=strength, **options)
     fn = eraser if mask is None else RegionEdit(eraser, mask, mask_mode)  # type: ignore[arg-type]
     layout = pipeline_cfg_layout(target) if is_pipeline else (cfg_layout or "uncond_cond")
-    with BlockHook(unet, hook_point, fn, cfg_layout=layout, residual=sae.config.residual):
+    followers = [eraser.follower() for _ in also_at] if also_at else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(BlockHook(unet, hook_point, fn, cfg_layout=layout, residual=sae.config.residual))
+        for point, follower in zip(also_at, followers):
+            replay = follower if mask is None else RegionEdit(follower, mask, mask_mode)  # type: ignore[arg-type]
+            stack.enter_context(BlockHook(unet, point, replay, cfg_layout=layout))
         yield eraser

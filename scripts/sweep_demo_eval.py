@@ -27,6 +27,50 @@ ASSETS = os.path.join(ROOT, "demo_assets")
 from saeuron_core.cli import add_gate_args, gate_args, parse_seeds  # noqa: E402  (after the sys.path line above)
 
 
+DOWN, MID, UP0 = "down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0"
+# name -> (label, method, replace options, {later block: detecting block}, oracle blocks)
+DIAGNOSIS_VARIANTS = {
+    "ablate": ("ablate (shipped strengths)", "ablate", {}, {}, ()),
+    "sample": ("replace, sample (the old default)", "replace", {"source": "sample", "dilation": 0}, {}, ()),
+    "dilate": ("replace, sample, dilation 1", "replace", {"source": "sample", "dilation": 1}, {}, ()),
+    "nearest5": ("replace, mean of the 5 nearest", "replace", {"source": "nearest", "neighbors": 5, "dilation": 0},
+                 {}, ()),
+    "uncond": ("replace, uncond", "replace", {"source": "uncond", "dilation": 0}, {}, ()),
+    "early": ("replace, sample, first half of the steps", "replace", {"source": "sample", "dilation": 0, "end": 0.5},
+              {}, ()),
+    "uncond-follow": ("replace, uncond, + up_blocks.1.attentions.0", "replace", {"source": "uncond", "dilation": 0},
+                      {UP0: DOWN}, ()),
+    "uncond-dilate-follow": ("replace, uncond, dilation 1, + up_blocks.1.attentions.0", "replace",
+                             {"source": "uncond", "dilation": 1}, {UP0: DOWN}, ()),
+    "oracle": ("every token -> uncond: down.2.1 + mid", "oracle", {}, {}, (DOWN, MID)),
+    "oracle-up": ("every token -> uncond: down.2.1 + mid + up.1.0", "oracle", {}, {}, (DOWN, MID, UP0)),
+}
+
+
+def diagnose(a: argparse.Namespace) -> None:
+    from saeuron_core.demo.assets import ALL_CONCEPTS_SAE, OBJECT_MID_SAE, OBJECT_SAE, concept_strengths
+    from saeuron_core.demo.classifier import load_classifier
+    from saeuron_core.formats import load_sae
+    from saeuron_core.pipelines import load_pipeline
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from diagnose_replace_lib import Variant, format_diagnosis, run_diagnosis
+
+    names = [n.strip() for n in a.diagnose_replace.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DIAGNOSIS_VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(DIAGNOSIS_VARIANTS)}")
+    variants = [Variant("clean", "none")]
+    for n in names:
+        label, method, options, follow, oracle = DIAGNOSIS_VARIANTS[n]
+        variants.append(Variant(label, method, options, follow, oracle))
+    saes = {DOWN: load_sae(os.path.join(ASSETS, OBJECT_SAE)), MID: load_sae(os.path.join(ASSETS, OBJECT_MID_SAE))}
+    results = run_diagnosis(load_pipeline(a.model), load_classifier(a.classifier), saes,
+                            load_sae(os.path.join(ASSETS, ALL_CONCEPTS_SAE)), variants, a.seeds, concept_strengths(),
+                            steps=a.steps)
+    print(format_diagnosis(results))
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=os.path.join(ASSETS, "model"))
@@ -41,6 +85,13 @@ def parse_args() -> argparse.Namespace:
     add_gate_args(p)
     p.add_argument("--replace", default="sample:0,sample:1,uncond:0",
                    help="SOURCE:DILATION[:THRESHOLD_SCALE] settings ('' for none)")
+    p.add_argument("--replace-also-at", action="append", default=[], metavar="HOOK_POINT=BLOCK[,BLOCK]",
+                   help="replace: also replace what the SAE at HOOK_POINT detects at these later blocks (repeatable)")
+    p.add_argument("--neighbors", type=int, default=1, help="replace source nearest: average this many patches")
+    p.add_argument("--diagnose-replace", default=None, metavar="VARIANTS",
+                   help="instead of the sweep: why replace erases few objects, per block and step, for these "
+                        "variants (comma-separated, after a clean run: " + ", ".join(DIAGNOSIS_VARIANTS) + "); "
+                        "each prompt with its own object erased, one generation per variant")
     p.add_argument("--per-concept-out", default=None,
                    help="write the best ablation strength of each concept (JSON) and print the per-concept table")
     p.add_argument("--min-retained-confidence", type=float, default=0.0,
@@ -53,6 +104,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
+    if a.diagnose_replace:
+        return diagnose(a)
     from saeuron_core.demo.classifier import load_classifier
     from saeuron_core.evaluation import (METRIC_KEYS, EvalSettings, Evaluator, best_strengths, load_concept_strengths,
                                          mean_metrics)
@@ -61,15 +114,18 @@ def main() -> None:
 
     t0 = time.time()
     coverage_of, detect_with = gate_args(a)
+    from saeuron_core.cli import _replace_also_at
+
     base = EvalSettings(seeds=a.seeds, steps=a.steps, end=a.end, min_coverage=a.min_coverage,
-                        min_coverage_of=coverage_of, detect_with=detect_with)
+                        min_coverage_of=coverage_of, detect_with=detect_with, neighbors=a.neighbors,
+                        replace_also_at=_replace_also_at(a.replace_also_at, False))
     from saeuron_core.demo.assets import SAES
 
     saes = [load_sae(p) for p in (a.sae or [os.path.join(ASSETS, name) for name in SAES])]
     ev = Evaluator(load_pipeline(a.model), saes, load_classifier(a.classifier), base)
     concepts = [c.strip() for c in a.concepts.split(",")]
     clean = ev.run("none")
-    variants = [("ablate", f"strength {s}", {"ablate_strength": float(s)}) for s in a.strengths.split(",")]
+    variants = [("ablate", f"strength {s}", {"ablate_strength": float(s)}) for s in a.strengths.split(",") if s.strip()]
     for item in filter(None, a.replace.split(",")):
         parts = item.split(":")
         source, dilation, scale = parts[0], (parts[1:2] or ["0"])[0], (parts[2:3] or ["1"])[0]

@@ -358,6 +358,37 @@ def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
         update_report(old, new)
 
 
+def test_an_update_may_replace_every_replace_row_with_its_own_settings_and_sets() -> None:
+    from saeuron_core.evaluation import check_updatable, update_report
+
+    old = _report({"ablate": [_row("circle", "object", 0.5), _row("outline", "style", 0.25)],
+                   "replace": [_row("circle", "object", 0.1), _row("outline", "style", 0.2)]})
+    old["multi"] = {"ablate": [{"n": 2, "concepts": ["circle", "outline"], "UA": 0.5}],
+                    "replace": [{"n": 2, "concepts": ["circle", "outline"], "UA": 0.1}]}
+    old["settings"].update(replace_source="sample", dilation=0)
+    new = _report({"replace": [_row("circle", "object", 0.9), _row("outline", "style", 0.8)]}, seconds=5.0)
+    new["settings"].update(replace_source="uncond", dilation=1, replace_also_at={"a": ["b"]})
+    new["multi"] = {"replace": [{"n": 2, "concepts": ["circle", "outline"], "UA": 0.9}]}
+    settings = EvalSettings(**new["settings"])
+    check_updatable(old, settings, concepts=["circle", "outline"], methods=["none", "replace"], multi=True)
+    merged = update_report(old, new)
+    assert merged["summary"]["replace"]["object"]["UA"] == 0.9 and merged["summary"]["ablate"] == old["summary"]["ablate"]
+    assert merged["multi"]["replace"][0]["UA"] == 0.9 and merged["multi"]["ablate"] == old["multi"]["ablate"]
+    assert merged["settings"]["replace_source"] == "uncond"
+    assert merged["updates"][0]["changed"]["replace"] == {"dilation": 1, "replace_source": "uncond",
+                                                          "replace_also_at": {"a": ["b"]}}
+    # Not every replace row, or the ablate rows with another replace setting: refused.
+    with pytest.raises(ConfigError, match="several-at-once"):
+        check_updatable(old, settings, concepts=["circle"], methods=["replace"], multi=True)
+    with pytest.raises(ConfigError, match="settings differ"):
+        check_updatable(old, settings, concepts=["circle", "outline"], methods=["ablate"])
+    part = _report({"replace": [_row("circle", "object", 0.9)]})
+    part["settings"].update(replace_source="sample", dilation=0)
+    part["multi"] = new["multi"]
+    with pytest.raises(ConfigError, match="several-at-once"):
+        update_report(old, part)
+
+
 def test_update_report_refuses_to_leave_runs_over_the_updated_concept_stale() -> None:
     from saeuron_core.evaluation import update_report
 

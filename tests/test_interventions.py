@@ -118,7 +118,7 @@ def test_min_coverage_reads_the_conditional_row_for_both_halves_of_an_image():
     cond_only = ConceptEraser(sae, ["cat"], "ablate", cfg="cond", min_coverage=0.25)(
         call_for(x, [500.0] * 4, is_cond))
     assert torch.equal(cond_only[0], x[0]) and (cond_only[2, :32, 3] < 0).all()
-    eraser = ConceptEraser(sae, ["cat"], "replace", min_coverage=0.25, record_masks=True)
+    eraser = ConceptEraser(sae, ["cat"], "replace", min_coverage=0.25, dilation=0, record_masks=True)
     replaced = eraser(call_for(x, [500.0] * 4, is_cond))
     assert torch.equal(replaced[1], x[1]) and torch.equal(replaced[3], x[3])
     assert eraser.masks[0].mask[[1, 3]].sum() == 0 and eraser.masks[0].mask[2].sum() == 32
@@ -170,7 +170,7 @@ def test_replace_detects_the_planted_region_and_keeps_statistics(capsys):
     region = torch.zeros(H, W, dtype=torch.bool)
     region[2:5, 3:6] = True
     x[0, region.flatten(), 3] = 1.5
-    eraser = ConceptEraser(sae, ["cat"], "replace", record_masks=True)
+    eraser = ConceptEraser(sae, ["cat"], "replace", dilation=0, record_masks=True)
     out = eraser(call_for(x, [500.0]))
     assert torch.equal(eraser.masks[0].mask[0], region)
     assert torch.equal(out[0, ~region.flatten()], x[0, ~region.flatten()])  # undetected: bit-for-bit
@@ -193,14 +193,54 @@ def test_replace_sources():
     x = background(2)
     x[1, :3, 3] = 1.5  # concept in the conditional row only
     is_cond = torch.tensor([False, True])
-    out = ConceptEraser(sae, ["cat"], "replace", source="uncond")(call_for(x, [500.0, 500.0], is_cond))
+    out = ConceptEraser(sae, ["cat"], "replace", source="uncond", dilation=0)(call_for(x, [500.0, 500.0], is_cond))
     assert torch.equal(out[1, :3], x[0, :3]) and torch.equal(out[1, 3:], x[1, 3:])
-    near = ConceptEraser(sae, ["cat"], "replace", source="nearest")(call_for(x, [500.0, 500.0], is_cond))
+    near = ConceptEraser(sae, ["cat"], "replace", source="nearest", dilation=0)(call_for(x, [500.0, 500.0], is_cond))
     assert torch.equal(near[1, 0], x[1, 8])  # (0,0) -> nearest undetected patch: (1,0), tie broken by order
     half = ConceptEraser(sae, ["cat"], "replace", strength=0.5)(call_for(x, [500.0, 500.0], is_cond))
     assert torch.allclose(half[1, :3, 3], torch.full((3,), 0.75))
-    with pytest.raises(ConfigError, match="needs classifier-free guidance"):
-        ConceptEraser(sae, ["cat"], "replace", source="uncond")(call_for(x, [500.0, 500.0]))
+    # Without an unconditional half (CFG off) it falls back to undetected patches of the same map.
+    alone = ConceptEraser(sae, ["cat"], "replace", source="uncond", dilation=0)(call_for(x, [500.0, 500.0]))
+    assert (alone[1, :3, 3] == 0).all() and torch.equal(alone[1, 3:], x[1, 3:])
+
+
+def test_replace_with_the_mean_of_the_k_nearest_undetected_patches():
+    sae = sae_with_concepts()
+    x = background(2)
+    x[1, :3, 3] = 1.5
+    is_cond = torch.tensor([False, True])
+    out = ConceptEraser(sae, ["cat"], "replace", source="nearest", neighbors=3, dilation=0)(call_for(x, [500.0, 500.0], is_cond))
+    # (0,0): the three nearest undetected patches are (1,0), (1,1) and (0,3) / (2,0) at distance 2: the mean of
+    # the three topk picks, all concept-free
+    assert (out[1, :3, 3] == 0).all() and torch.equal(out[1, 3:], x[1, 3:]) and torch.equal(out[0], x[0])
+    d = torch.cdist(torch.tensor([[0.0, 0.0]]), torch.tensor([[r, c] for r in range(H) for c in range(W)],
+                                                              dtype=torch.float32))[0]
+    d[:3] = float("inf")
+    assert torch.allclose(out[1, 0], x[1, d.topk(3, largest=False).indices].mean(0))
+    with pytest.raises(ConfigError, match="neighbors must be a whole number >= 1"):
+        ConceptEraser(sae, ["cat"], "replace", source="nearest", neighbors=0)
+
+
+def test_a_follower_replaces_what_was_detected_at_a_later_block():
+    sae = sae_with_concepts()
+    x = background(2)
+    x[1, :3, 3] = 1.5  # the concept in the conditional row, first three patches of the 8x8 map
+    is_cond = torch.tensor([False, True])
+    eraser = ConceptEraser(sae, ["cat"], "replace", source="uncond", dilation=0)
+    follow = eraser.follower()
+    eraser(call_for(x, [500.0, 500.0], is_cond))
+    later = torch.randn(2, 16 * 16, 5)  # a later block: another grid and width
+    out = follow(call_for(later, [500.0, 500.0], is_cond, spatial=(16, 16)))
+    grid = torch.zeros(16, 16, dtype=torch.bool)
+    grid[:2, :6] = True  # the three detected 8x8 patches, nearest-resized to 16x16
+    assert torch.equal(out[1, grid.flatten()], later[0, grid.flatten()])  # the uncond row's tokens there
+    assert torch.equal(out[1, ~grid.flatten()], later[1, ~grid.flatten()]) and torch.equal(out[0], later[0])
+    # another call (a block that runs before the detecting one, or another step) is left alone
+    assert follow(call_for(later, [400.0, 400.0], is_cond, spatial=(16, 16))) is None
+    eraser(call_for(background(2), [300.0, 300.0], is_cond))  # nothing detected in this call
+    assert follow(call_for(later, [300.0, 300.0], is_cond, spatial=(16, 16))) is None
+    with pytest.raises(ConfigError, match="only method 'replace'"):
+        ConceptEraser(sae, ["cat"], "ablate").follower()
 
 
 def test_fp16_tokens_with_fp32_sae():
@@ -208,7 +248,7 @@ def test_fp16_tokens_with_fp32_sae():
     x = background().half()
     x[0, :2, 3] = 2.0
     for method in ("ablate", "replace"):
-        out = ConceptEraser(sae, ["cat"], method)(call_for(x, [500.0, 500.0]))
+        out = ConceptEraser(sae, ["cat"], method, dilation=0)(call_for(x, [500.0, 500.0]))
         assert out.dtype == torch.float16
         assert torch.equal(out[0, 2:], x[0, 2:]) and torch.equal(out[1], x[1])
         assert (out[0, :2, 3] != 2.0).all()
@@ -329,6 +369,23 @@ def test_erase_on_a_bare_unet(tiny_pipe, learned):
         after = unet(sample, torch.tensor(300), encoder_hidden_states=ctx).sample
     assert not torch.allclose(base, erased) and torch.equal(base, after)
     assert torch.equal(base[0], erased[0])  # the unconditional row is untouched with cfg="cond"
+
+
+def test_erase_also_at_replaces_at_later_blocks_too(tiny_pipe, learned):
+    unet = tiny_pipe.unet
+    torch.manual_seed(0)
+    sample, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    later = "up_blocks.1.attentions.2"  # after HOOK (up_blocks.1.attentions.1) in the forward pass
+    with torch.no_grad():
+        with erase(unet, learned, ["cat"], "replace", threshold_scale=0.0, source="uncond", cfg="cond"):
+            one = unet(sample, torch.tensor(300), encoder_hidden_states=ctx).sample
+        with erase(unet, learned, ["cat"], "replace", threshold_scale=0.0, source="uncond", cfg="cond",
+                   also_at=[later]):
+            both = unet(sample, torch.tensor(300), encoder_hidden_states=ctx).sample
+        after = unet(sample, torch.tensor(300), encoder_hidden_states=ctx).sample
+    assert not torch.allclose(one, both)
+    assert torch.equal(one[0], both[0])  # the unconditional row is untouched with cfg="cond"
+    assert not torch.allclose(after, both)  # the hooks are gone on exit
 
 
 def _probe_call():
