@@ -32,7 +32,14 @@ class ConceptEraser(io.ComfyNode):
                                 tooltip="Concept names from the SAE's library, separated by commas. In the page, "
                                         "click to pick them from the SAE chosen in Load SAE."),
                 io.Combo.Input("method", options=["ablate", "replace"], default="ablate",
-                               tooltip="ablate: push features negative; replace: detect and swap patches."),
+                               tooltip="ablate: push the concept's features negative where they fire; erases the "
+                                       "most (demo: styles 95%, objects 91%), best for styles and several concepts "
+                                       "at once. replace: the features only detect where the concept is; those "
+                                       "patches (grown by one) get the unconditional half's, keeping activations "
+                                       "in distribution and the rest of the picture (demo objects: 85% erased, 97% "
+                                       "of others kept) when the detection is also replayed at the later block that "
+                                       "draws the object again, which needs the library's also_at (one node hooks "
+                                       "one block: about a third of the objects). Poor for styles."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=MAX_ABLATE_STRENGTH, step=0.05,
                                tooltip="ablate: the negative multiplier (0 = off, below 1 pushes less hard, 1 = "
                                        "SAeUron's style setting, up to 100); replace: share of replacement, 0 to 1."),
