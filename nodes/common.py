@@ -118,19 +118,21 @@ def dit_layout(diffusion_model: Any) -> Optional[tuple[str, int, int, int]]:
     return None
 
 
-def block_target(model: Any, sae: TopKSAE, hook_point: Optional[str] = None) -> ComfyTarget:
-    """Where the SAE's block is in this MODEL; refuses SAEs that do not fit it."""
+def block_target(model: Any, sae: TopKSAE, hook_point: Optional[str] = None, check_width: bool = True) -> ComfyTarget:
+    """Where the SAE's block (or ``hook_point``) is in this MODEL; refuses SAEs that do not fit it (``check_width``
+    off: any block, for edits that do not run the SAE there)."""
     hook_point = hook_point or sae.config.hook_point
     if not hook_point:
         raise ConfigError("this SAE does not say which block it was trained on (no hook point in its config)")
     dit = dit_layout(getattr(model.model, "diffusion_model", None))
     if dit is not None:
-        return comfy_dit_target(hook_point, *dit, d_in=sae.d_in)
+        return comfy_dit_target(hook_point, *dit, d_in=sae.d_in if check_width else None)
     unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
     if not isinstance(unet_config, dict):
         raise ConfigError("this MODEL is neither a UNet that ComfyUI describes with a unet_config nor a FLUX or "
                           "SD3 transformer")
-    return comfy_target(hook_point, unet_config, sae.d_in, residual=sae.config.residual)
+    return comfy_target(hook_point, unet_config, sae.d_in if check_width else None,
+                        residual=sae.config.residual and check_width)
 
 
 def _flux_sampling(sampling: Any) -> bool:
@@ -156,12 +158,15 @@ def max_timestep(model: Any) -> int:
     return int(sampling.sigmas.shape[0])
 
 
-def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTarget] = None) -> Any:
-    """A clone of ``model`` whose SAE hook point runs ``fn`` on every call (the input MODEL is unchanged)."""
+def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTarget] = None,
+                residual: Optional[bool] = None) -> Any:
+    """A clone of ``model`` whose SAE hook point (or ``target``) runs ``fn`` on every call (the input MODEL is
+    unchanged); ``residual`` defaults to the SAE's."""
     from .wrapper import SAEWrappedTransformer
 
     target = target or block_target(model, sae)
-    patch = ComfyBlockPatch(fn, timestep_of(model), target, residual=sae.config.residual)
+    residual = sae.config.residual if residual is None else residual
+    patch = ComfyBlockPatch(fn, timestep_of(model), target, residual=residual)
     clone = model.clone()
     if target.kind == "output_patch":
         clone.set_model_output_block_patch(patch)

@@ -38,8 +38,8 @@ class ConceptEraser(io.ComfyNode):
                                        "patches (grown by one) get the unconditional half's, keeping activations "
                                        "in distribution and the rest of the picture (demo objects: 85% erased, 97% "
                                        "of others kept) when the detection is also replayed at the later block that "
-                                       "draws the object again, which needs the library's also_at (one node hooks "
-                                       "one block: about a third of the objects). Poor for styles."),
+                                       "draws the object again (replace_also_at; without it about a third of the "
+                                       "objects). Poor for styles."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=MAX_ABLATE_STRENGTH, step=0.05,
                                tooltip="ablate: the negative multiplier (0 = off, below 1 pushes less hard, 1 = "
                                        "SAeUron's style setting, up to 100); replace: share of replacement, 0 to 1."),
@@ -62,6 +62,11 @@ class ConceptEraser(io.ComfyNode):
                                       "mask_mode); resized to each block's token grid. Not connected: everywhere."),
                 io.Combo.Input("mask_mode", options=["inside", "outside"], default="inside", optional=True,
                                tooltip="With a mask: erase only inside the painted region, or only outside it."),
+                io.String.Input("replace_also_at", default="", optional=True,
+                                tooltip="replace only: later blocks (diffusers names, comma separated) where what "
+                                        "the SAE detects is replaced too, because the concept is drawn again there "
+                                        "(the demo's objects: up_blocks.1.attentions.0). Empty: the SAE's block "
+                                        "only."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the concepts erased.")],
         )
@@ -69,11 +74,14 @@ class ConceptEraser(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, concepts: str = "", method: str = "ablate", strength: float = 1.0,
                         start_percent: float = 0.0, end_percent: float = 1.0, cfg_half: str = "both",
-                        min_coverage: float = 0.0, detect_with: str = "", mask_mode: str = "inside") -> bool | str:
+                        min_coverage: float = 0.0, detect_with: str = "", mask_mode: str = "inside",
+                        replace_also_at: str = "") -> bool | str:
         def check() -> None:
             check_options(method, strength, start_percent, end_percent, cfg_half, min_coverage)
             parse_pairs(detect_with)
             check_choice("mask_mode", mask_mode, ["inside", "outside"])
+            if parse_concepts(replace_also_at) and method != "replace":
+                raise ConfigError("replace_also_at: only method 'replace' can replace at later blocks")
             if not parse_concepts(concepts):
                 raise ConfigError("choose at least one concept (names from the SAE's library, comma separated)")
         return validation(check)
@@ -81,7 +89,7 @@ class ConceptEraser(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, sae: Any, concepts: str, method: str, strength: float, start_percent: float,
                 end_percent: float, cfg_half: str, min_coverage: float = 0.0, detect_with: str = "",
-                mask: Any = None, mask_mode: str = "inside") -> io.NodeOutput:
+                mask: Any = None, mask_mode: str = "inside", replace_also_at: str = "") -> io.NodeOutput:
         target = block_target(model, sae)
         names = parse_concepts(concepts)
         if not names:
@@ -89,5 +97,10 @@ class ConceptEraser(io.ComfyNode):
             raise ConfigError(f"no concept chosen; this SAE knows: {known}")
         eraser = Eraser(sae, names, method, strength=strength, start=start_percent, end=end_percent,
                         cfg=cfg_half, min_coverage=min_coverage, detect_with=parse_pairs(detect_with))
-        fn = eraser if mask is None else RegionEdit(eraser, mask, mask_mode)
-        return io.NodeOutput(patch_block(model, sae, fn, target))
+        followers = [(point, eraser.follower()) for point in parse_concepts(replace_also_at)]
+        region = (lambda f: f) if mask is None else (lambda f: RegionEdit(f, mask, mask_mode))
+        patched = patch_block(model, sae, region(eraser), target)
+        for point, follower in followers:  # after the detecting block in each model call: they replay its mask
+            patched = patch_block(patched, sae, region(follower), block_target(model, sae, point, check_width=False),
+                                  residual=False)
+        return io.NodeOutput(patched)

@@ -60,7 +60,7 @@ def eraser(concepts: str, method: str, strength: float, model: list | None = Non
     return {"class_type": "SAeUronConceptEraser", "inputs": {
         "model": model or ["1", 0], "sae": sae or ["2", 0], "concepts": concepts, "method": method,
         "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "cfg_half": "both", "min_coverage": 0.0,
-        "detect_with": "", "mask_mode": "inside"}}
+        "detect_with": "", "mask_mode": "inside", "replace_also_at": ""}}
 
 
 def erase(name: str, prompt: str, concept: str, sae: str, method: str) -> dict:

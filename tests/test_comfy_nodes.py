@@ -526,3 +526,34 @@ def test_linked_model_files_and_folders_load_and_only_escaping_names_are_refused
         assert concept_names(run(host, "SAeUronLoadSAE", "linked.safetensors")[0]) == ["cat", "dog"]
     finally:
         folder_paths.folder_names_and_paths["sae"] = saved
+
+
+def test_replace_also_at_later_blocks_agrees_with_the_library(host):
+    """The node's replace_also_at replays the detection at a later block as erase(also_at=...) does in diffusers."""
+    from saeuron_core.interventions import erase
+
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="down_blocks.0.attentions.1"))
+    sae.load_state_dict(host["sae"].state_dict())
+    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    model, unet = host["model"], host["pipe"].unet
+    torch.manual_seed(6)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    sigma = model.model.model_sampling.sigma(torch.tensor([620.0]))
+    t = model.model.model_sampling.timestep(sigma).float().expand(2)
+    outs = {}
+    for later in ((), (HOOK,)):
+        with torch.no_grad(), erase(unet, sae, ["cat"], "replace", strength=1.0, also_at=later, cfg_layout="uncond_cond"):
+            outs[later] = unet(x, t, encoder_hidden_states=ctx).sample
+    assert not torch.allclose(outs[()], outs[(HOOK,)], atol=1e-4)  # the later block changes the result
+    patched = run(host, "SAeUronConceptEraser", model, sae, "cat", "replace", 1.0, 0.0, 1.0, "both",
+                  replace_also_at=HOOK)[0]
+    options = {**patched.model_options["transformer_options"], "cond_or_uncond": [1, 0], "sigmas": sigma}
+    patched.patch_model()
+    try:
+        with torch.no_grad():
+            comfy_out = patched.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options=options)
+    finally:
+        patched.unpatch_model()
+    torch.testing.assert_close(comfy_out, outs[(HOOK,)], atol=1e-4, rtol=1e-4)
+    error = node(host, "SAeUronConceptEraser").validate_inputs(concepts="cat", method="ablate", replace_also_at=HOOK)
+    assert isinstance(error, str) and "only method 'replace'" in error
