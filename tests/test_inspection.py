@@ -68,7 +68,8 @@ def test_records_match_the_sae_codes_of_each_step(tiny_pipe, sae, result):
 
 
 def test_fired_mask_is_what_the_eraser_detects(tiny_pipe, sae, result):
-    with erase(tiny_pipe, sae, "cat", "replace", cfg="cond", record_masks=True) as eraser:
+    # dilation 0: the detection itself (replace grows its mask by one patch by default)
+    with erase(tiny_pipe, sae, "cat", "replace", cfg="cond", record_masks=True, dilation=0) as eraser:
         inspect(tiny_pipe, sae, "a red cat", steps=STEPS, seed=3)
     # The first call sees unedited activations in both runs.
     assert torch.equal(eraser.masks[0].mask[0], result.steps[0].fired["cat"])
