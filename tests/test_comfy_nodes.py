@@ -136,6 +136,17 @@ def raw_outputs(host, hook_point, sae, method="ablate", **options):
     return out
 
 
+def comfy_forward(patched, x, t, ctx, sigma):
+    """One CFG-batched ``[uncond, cond]`` call of a patched MODEL's UNet, with the options ComfyUI's sampler sets."""
+    options = {**patched.model_options["transformer_options"], "cond_or_uncond": [1, 0], "sigmas": sigma}
+    patched.patch_model()
+    try:
+        with torch.no_grad():
+            return patched.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options=options)
+    finally:
+        patched.unpatch_model()
+
+
 def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx, **options):
     """``(diffusers output, ComfyUI output, plain output)`` of one CFG-batched UNet call with ``concept`` erased."""
     strength = 10.0 if method == "ablate" else 1.0
@@ -151,15 +162,7 @@ def erased_outputs(host, model, unet, sae, hook_point, concept, method, x, ctx, 
                     for k, v in options.items()}
     patched = run(host, "SAeUronConceptEraser", model, sae, concept, method, strength, 0.0, 1.0, "both",
                   **node_options, **region)[0]
-    options = {"patches": patched.model_options["transformer_options"].get("patches", {}),
-               "cond_or_uncond": [1, 0], "sigmas": sigma}
-    patched.patch_model()
-    try:
-        with torch.no_grad():
-            comfy_out = patched.model.diffusion_model(x, timesteps=t.expand(2), context=ctx,
-                                                      transformer_options=options)
-    finally:
-        patched.unpatch_model()
+    comfy_out = comfy_forward(patched, x, t.expand(2), ctx, sigma)
     with torch.no_grad():
         plain = unet(x, t.expand(2), encoder_hidden_states=ctx).sample
     return diffusers_out, comfy_out, plain
@@ -290,14 +293,7 @@ def test_erasers_on_two_blocks_chain_like_two_diffusers_hooks(host):
     assert list(chained.object_patches) == ["diffusion_model.input_blocks.2.1"]
     assert len(chained.model_options["transformer_options"]["patches"]["output_block_patch"]) == 1
     assert not model.object_patches and "patches" not in model.model_options.get("transformer_options", {})
-    options = {"patches": chained.model_options["transformer_options"]["patches"], "cond_or_uncond": [1, 0],
-               "sigmas": sigma}
-    chained.patch_model()
-    try:
-        with torch.no_grad():
-            comfy_out = chained.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options=options)
-    finally:
-        chained.unpatch_model()
+    comfy_out = comfy_forward(chained, x, t, ctx, sigma)
     assert not torch.allclose(both, plain, atol=1e-4)
     torch.testing.assert_close(comfy_out, both, atol=1e-4, rtol=1e-4)
 
@@ -547,13 +543,7 @@ def test_replace_also_at_later_blocks_agrees_with_the_library(host):
     assert not torch.allclose(outs[()], outs[(HOOK,)], atol=1e-4)  # the later block changes the result
     patched = run(host, "SAeUronConceptEraser", model, sae, "cat", "replace", 1.0, 0.0, 1.0, "both",
                   replace_also_at=HOOK)[0]
-    options = {**patched.model_options["transformer_options"], "cond_or_uncond": [1, 0], "sigmas": sigma}
-    patched.patch_model()
-    try:
-        with torch.no_grad():
-            comfy_out = patched.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options=options)
-    finally:
-        patched.unpatch_model()
+    comfy_out = comfy_forward(patched, x, t, ctx, sigma)
     torch.testing.assert_close(comfy_out, outs[(HOOK,)], atol=1e-4, rtol=1e-4)
     error = node(host, "SAeUronConceptEraser").validate_inputs(concepts="cat", method="ablate", replace_also_at=HOOK)
     assert isinstance(error, str) and "only method 'replace'" in error
