@@ -23,12 +23,23 @@ from pathlib import Path
 
 import torch
 
-from saeuron_core.collection import CollectConfig, collect_activations
-from saeuron_core.hooks import pipeline_hook
-from saeuron_core.pipelines import generate, make_tiny_pipeline, set_scheduler
-
-from .common import (NO_PAUSE, Pauser, add_common_args, emit, fmt_s, interleaved, machine_line, median,
-                     paired_ratio, setup_threads, spread, table)
+from benchmarks.common import (
+    NO_PAUSE,
+    Pauser,
+    add_common_args,
+    emit,
+    fmt_s,
+    interleaved,
+    machine_line,
+    median,
+    paired_ratio,
+    setup_threads,
+    spread,
+    table,
+)
+from saeuron_core.data.collection import CollectConfig, collect_activations
+from saeuron_core.hosts.diffusers import generate, make_tiny_pipeline, set_scheduler
+from saeuron_core.hosts.hooks import pipeline_hook
 
 HOOK = "up_blocks.1.attentions.1"
 PROMPTS = ["a cat on a sofa", "a dog in the park", "a red house", "a bowl of fruit", "a portrait of a woman",

@@ -34,14 +34,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saeuron_core.hooks import BlockCall, BlockHook, edit_block, to_tokens
-from saeuron_core.interventions import ConceptEraser
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import ConceptData, add_concept
-
-from .common import (NO_PAUSE, Pauser, add_common_args, best_ratio, emit, encode_flops, fmt_s, interleaved, machine_line,
-                     matmul_gflops, median, paired_ratio, setup_threads, sparse_decode_flops, spread, table,
-                     timed)
+from benchmarks.common import (
+    NO_PAUSE,
+    Pauser,
+    add_common_args,
+    best_ratio,
+    emit,
+    encode_flops,
+    fmt_s,
+    interleaved,
+    machine_line,
+    matmul_gflops,
+    median,
+    paired_ratio,
+    setup_threads,
+    sparse_decode_flops,
+    spread,
+    table,
+    timed,
+)
+from saeuron_core.erasure.eraser import ConceptEraser
+from saeuron_core.hosts.hooks import BlockCall, BlockHook, edit_block, to_tokens
+from saeuron_core.sae.library import ConceptData, add_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -653,7 +668,7 @@ def main(argv: list[str] | None = None) -> str:
     try:
         if only & {"sd15", "comfy"}:
             if args.quick:
-                from saeuron_core.pipelines import make_tiny_pipeline
+                from saeuron_core.hosts.diffusers import make_tiny_pipeline
 
                 unet = make_tiny_pipeline(seed=0).unet.eval().requires_grad_(False)
                 case = Case("tiny SD1.5-layout UNet (quick)", unet, "up_blocks.1.attentions.1",

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import cpu_model
+from benchmarks.common import cpu_model
 
 BENCHMARKS = ("eraser_overhead", "training_throughput", "scoring_scale", "collection_overhead")
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,11 +19,21 @@ import time
 
 import torch
 
-from saeuron_core.scoring import ConceptStats
-
-from .common import (NO_PAUSE, Pauser, add_common_args, emit, encode_flops, fmt_s, machine_line, matmul_gflops,
-                     median, setup_threads, table)
-from .training_throughput import _status_kib, reset_peak_rss
+from benchmarks.common import (
+    NO_PAUSE,
+    Pauser,
+    add_common_args,
+    emit,
+    encode_flops,
+    fmt_s,
+    machine_line,
+    matmul_gflops,
+    median,
+    setup_threads,
+    table,
+)
+from benchmarks.training_throughput import _status_kib, reset_peak_rss
+from saeuron_core.concepts.stats import ConceptStats
 
 TOKENS = (1_000, 10_000, 100_000)
 

@@ -7,10 +7,11 @@ from typing import Any, Callable, Optional
 
 from comfy_api.latest import io
 
-from saeuron_core.comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_dit_target, comfy_target
+from saeuron_core.assignments import parse_assignments
 from saeuron_core.errors import ConfigError
-from saeuron_core.options import parse_assignments
-from saeuron_core.sae import TopKSAE
+from saeuron_core.sae.model import TopKSAE
+
+from .comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_dit_target, comfy_target
 
 CATEGORY = "SAeUron"
 SAE_FOLDER = "sae"

@@ -6,10 +6,11 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from saeuron_core.erasure.eraser import MAX_ABLATE_STRENGTH, check_options
+from saeuron_core.erasure.eraser import ConceptEraser as Eraser
+from saeuron_core.erasure.regions import RegionEdit
 from saeuron_core.errors import ConfigError
-from saeuron_core.interventions import MAX_ABLATE_STRENGTH, ConceptEraser as Eraser, check_options
-from saeuron_core.regions import RegionEdit
-from saeuron_core.scoring import concept_names
+from saeuron_core.sae.library import concept_names
 
 from .common import CATEGORY, SAE, block_target, check_choice, parse_concepts, parse_pairs, patch_block, validation
 

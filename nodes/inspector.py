@@ -6,16 +6,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from comfy_api.latest import io, ui
 
 from saeuron_core.errors import ConfigError
 from saeuron_core.inspection import InspectRecorder
-from saeuron_core.sae import TopKSAE
-from saeuron_core.scoring import get_concept
+from saeuron_core.sae.library import get_concept
+from saeuron_core.sae.model import TopKSAE
 
-from .common import (CATEGORY, SAE, block_target, check_sampling_choices, parse_concepts, patch_block,
-                     validation)
+from .common import CATEGORY, SAE, block_target, check_sampling_choices, parse_concepts, patch_block, validation
 
 
 class FeatureInspector(io.ComfyNode):
@@ -63,8 +61,9 @@ class FeatureInspector(io.ComfyNode):
     def execute(cls, model: Any, sae: TopKSAE, positive: Any, negative: Any, latent_image: dict, vae: Any,
                 concepts: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                 top_features: int) -> io.NodeOutput:
-        import nodes as comfy_nodes
         from PIL import Image
+
+        import nodes as comfy_nodes
 
         target = block_target(model, sae)
         names = parse_concepts(concepts)

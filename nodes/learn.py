@@ -6,10 +6,11 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from saeuron_core.concepts.learning import ConceptRecorder
+from saeuron_core.concepts.stats import DEFAULT_MIN_SPECIFICITY, ConceptStats, check_selection
 from saeuron_core.errors import ConfigError
-from saeuron_core.sae import TopKSAE
-from saeuron_core.scoring import (DEFAULT_MIN_SPECIFICITY, ConceptRecorder, ConceptStats, check_concept_name,
-                                  check_selection, with_concept)
+from saeuron_core.sae.library import check_concept_name, with_concept
+from saeuron_core.sae.model import TopKSAE
 
 from .common import CATEGORY, SAE, block_target, check_sampling_choices, max_timestep, patch_block, validation
 
@@ -85,6 +86,7 @@ class LearnConcept(io.ComfyNode):
                 scheduler: str, top_n: int, min_specificity: float = DEFAULT_MIN_SPECIFICITY,
                 peak_specificity: float = -1.0) -> io.NodeOutput:
         import comfy.utils
+
         import nodes as comfy_nodes
 
         target = block_target(model, sae)

@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from saeuron_core.comfy_layout import (sampling_settings_from_scheduler, unet_config_from_diffusers,
-                                       vae_config_from_diffusers)
 from saeuron_core.errors import ConfigError
-from saeuron_core.formats import load_safetensors
+from saeuron_core.safetensors_io import load_safetensors
 
+from .comfy_layout import sampling_settings_from_scheduler, unet_config_from_diffusers, vae_config_from_diffusers
 from .common import CATEGORY, check_choice, path_in_folder, validation
 
 FOLDER = "diffusers"

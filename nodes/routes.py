@@ -10,7 +10,7 @@ import sys
 from typing import Any, Mapping
 
 from saeuron_core.errors import SaeuronError
-from saeuron_core.library import concept_names_in_file
+from saeuron_core.sae.files import concept_names_in_file
 
 from .common import list_saes, resolve_sae
 

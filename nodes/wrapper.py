@@ -7,7 +7,7 @@ from typing import Any
 from comfy.ldm.modules.attention import SpatialTransformer
 from torch import nn
 
-from saeuron_core.comfy_layout import ComfyBlockPatch
+from .comfy_layout import ComfyBlockPatch
 
 
 class SAEWrappedTransformer(SpatialTransformer):

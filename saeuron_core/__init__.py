@@ -7,11 +7,12 @@ pipeline or UNet; ``inspect(pipe, sae, prompt, ...)`` shows where concepts and f
 
 from typing import Any
 
+from .concepts.learning import learn_concept
+from .erasure.eraser import ConceptEraser, erase
 from .errors import ConfigError, HookError, SAEFormatError, SaeuronError, StoreError
-from .formats import convert, load_sae, save_sae
-from .interventions import ConceptEraser, erase
-from .sae import SAEConfig, TopK, TopKSAE
-from .scoring import concept_names, get_concept, learn_concept, remove_concept
+from .sae.files import convert, load_sae, save_sae
+from .sae.library import concept_names, get_concept, remove_concept
+from .sae.model import SAEConfig, TopK, TopKSAE
 
 __all__ = ["ConceptEraser", "ConfigError", "HookError", "SAEConfig", "SAEFormatError", "SaeuronError", "StoreError",
            "TopK", "TopKSAE", "concept_names", "convert", "erase", "get_concept", "inspect", "learn_concept",

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .erasure.eraser import ConceptsArg, Method, erase
 from .errors import ConfigError
-from .hooks import BlockCall, check_sae_fits, denoiser, pipeline_hook
-from .interventions import ConceptsArg, Method, erase
-from .pipelines import generate, set_scheduler
-from .sae import TopKSAE
-from .scoring import ConceptData, get_concept
+from .hosts.diffusers import generate, set_scheduler
+from .hosts.hooks import BlockCall, check_sae_fits, denoiser, pipeline_hook
+from .sae.library import ConceptData, get_concept
+from .sae.model import TopKSAE
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -23,8 +23,8 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 OBJECT_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0")
 WATCH_BLOCK = "up_blocks.1.attentions.1"
@@ -101,10 +101,10 @@ def run_diagnosis(pipe: Any, classifier: Any, saes: dict, watch_sae: Any, varian
                   log: Callable[[str], None] = print) -> list[dict]:
     from saeuron_core.demo.classifier import predict_proba
     from saeuron_core.demo.dataset import from_model_range
-    from saeuron_core.evaluation import demo_grid
-    from saeuron_core.hooks import BlockCall, pipeline_hook
-    from saeuron_core.interventions import ConceptEraser
-    from saeuron_core.pipelines import generate, set_scheduler
+    from saeuron_core.demo.evaluation import demo_grid
+    from saeuron_core.erasure.eraser import ConceptEraser
+    from saeuron_core.hosts.diffusers import generate, set_scheduler
+    from saeuron_core.hosts.hooks import BlockCall, pipeline_hook
 
     grid = demo_grid()
     objects = grid.object_names

@@ -52,10 +52,10 @@ def main() -> None:
 
     from saeuron_core.demo.classifier import load_classifier, predict
     from saeuron_core.demo.dataset import OBJECTS, STYLES
-    from saeuron_core.evaluation import EvalSettings, concept_owners
-    from saeuron_core.formats import load_sae
+    from saeuron_core.demo.evaluation import EvalSettings, concept_owners
+    from saeuron_core.hosts.diffusers import load_pipeline
     from saeuron_core.inspection import compare_erasure, image_grid, save_png
-    from saeuron_core.pipelines import load_pipeline
+    from saeuron_core.sae.files import load_sae
 
     t0 = time.time()
     loaded = [load_sae(p) for p in (a.sae or [str(assets.ASSETS / name) for name in assets.SAES])]

@@ -213,7 +213,7 @@ def object_info() -> dict:
 
 
 def main() -> None:
-    from saeuron_core.workflow_format import api_to_ui
+    from workflow_format import api_to_ui  # beside this script
 
     info = object_info()
     ui_dir, api_dir = ROOT / "example_workflows", ROOT / "docs" / "api-workflows"

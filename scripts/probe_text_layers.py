@@ -42,8 +42,8 @@ def main() -> None:
 
     from saeuron_core.demo.classifier import load_classifier, predict
     from saeuron_core.demo.dataset import OBJECTS, STYLES, from_model_range
-    from saeuron_core.evaluation import demo_grid
-    from saeuron_core.pipelines import generate, load_pipeline
+    from saeuron_core.demo.evaluation import demo_grid
+    from saeuron_core.hosts.diffusers import generate, load_pipeline
 
     pipe, clf, grid = load_pipeline(a.model), load_classifier(a.classifier), demo_grid()
     layers = [n.removesuffix(".transformer_blocks.0.attn2") for n, _ in pipe.unet.named_modules()

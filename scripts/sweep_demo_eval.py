@@ -26,7 +26,6 @@ ASSETS = os.path.join(ROOT, "demo_assets")
 
 from saeuron_core.cli import add_gate_args, gate_args, parse_seeds  # noqa: E402  (after the sys.path line above)
 
-
 DOWN, MID, UP0 = "down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0"
 # name -> (label, method, replace options, {later block: detecting block}, oracle blocks)
 DIAGNOSIS_VARIANTS = {
@@ -50,8 +49,8 @@ DIAGNOSIS_VARIANTS = {
 def diagnose(a: argparse.Namespace) -> None:
     from saeuron_core.demo.assets import ALL_CONCEPTS_SAE, OBJECT_MID_SAE, OBJECT_SAE, concept_strengths
     from saeuron_core.demo.classifier import load_classifier
-    from saeuron_core.formats import load_sae
-    from saeuron_core.pipelines import load_pipeline
+    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_core.sae.files import load_sae
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from diagnose_replace_lib import Variant, format_diagnosis, run_diagnosis
@@ -107,10 +106,16 @@ def main() -> None:
     if a.diagnose_replace:
         return diagnose(a)
     from saeuron_core.demo.classifier import load_classifier
-    from saeuron_core.evaluation import (METRIC_KEYS, EvalSettings, Evaluator, best_strengths, load_concept_strengths,
-                                         mean_metrics)
-    from saeuron_core.formats import load_sae
-    from saeuron_core.pipelines import load_pipeline
+    from saeuron_core.demo.evaluation import (
+        METRIC_KEYS,
+        EvalSettings,
+        Evaluator,
+        best_strengths,
+        load_concept_strengths,
+        mean_metrics,
+    )
+    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_core.sae.files import load_sae
 
     t0 = time.time()
     coverage_of, detect_with = gate_args(a)

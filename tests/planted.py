@@ -2,8 +2,8 @@
 
 import torch
 
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import ConceptData, add_concept
+from saeuron_core.sae.library import ConceptData, add_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 D = 16
 

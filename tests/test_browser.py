@@ -27,15 +27,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
-
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import concept_names, remove_concept
-
-from conftest import HOOK
 import comfy_host
+import pytest
+from conftest import HOOK
+
+from saeuron_core.sae.files import load_sae, save_sae
+from saeuron_core.sae.library import concept_names, remove_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

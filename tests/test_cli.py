@@ -8,18 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_user_error, run_cli
+from planted import concept
 from safetensors.torch import save_file
 
-from cli_helpers import assert_user_error, run_cli
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import add_concept
-
-from planted import concept
-
-
-
-
+from saeuron_core.sae.files import load_sae, save_sae
+from saeuron_core.sae.library import add_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 
 @pytest.fixture()
@@ -123,7 +118,7 @@ def test_end_to_end_and_sigkill_resume(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("shards_before_kill", [1, 3])
 def test_sigkill_during_collection_then_resume_gives_the_same_store(tmp_path, shards_before_kill):
-    from saeuron_core.store import ActivationStore
+    from saeuron_core.data.store import ActivationStore
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"a {c} {o}" for c in ("red", "blue", "green") for o in ("cat", "dog", "tree")))
@@ -158,7 +153,7 @@ def test_parse_seeds_takes_lists_and_inclusive_ranges():
 
 def test_collect_and_train_a_residual_sae(capsys, tmp_path):
     """``collect --residual`` records the block's update (output - input); the SAE trained on it says so."""
-    from saeuron_core.store import ActivationStore
+    from saeuron_core.data.store import ActivationStore
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")

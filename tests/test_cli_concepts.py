@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_user_error, run_cli
+from conftest import HOOK
 from PIL import Image
 from safetensors.torch import save_file
 
-from cli_helpers import assert_user_error, run_cli
 from saeuron_core.errors import ConfigError
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.pipelines import load_pipeline, make_tiny_pipeline
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import ConceptData, add_concept, concept_names, get_concept
-
-from conftest import HOOK
+from saeuron_core.hosts.diffusers import load_pipeline, make_tiny_pipeline
+from saeuron_core.sae.files import load_sae, save_sae
+from saeuron_core.sae.library import ConceptData, add_concept, concept_names, get_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 STEPS = "4"
 

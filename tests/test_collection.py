@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
-
-from saeuron_core.collection import CollectConfig, collect_activations, read_prompts
-from saeuron_core.errors import ConfigError, StoreError
-from saeuron_core.hooks import pipeline_hook
-from saeuron_core.store import ActivationStore
-
 from conftest import HOOK
+
+from saeuron_core.data.collection import CollectConfig, collect_activations, read_prompts
+from saeuron_core.data.store import ActivationStore
+from saeuron_core.errors import ConfigError, StoreError
+from saeuron_core.hosts.hooks import pipeline_hook
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree"]
 

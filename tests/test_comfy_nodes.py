@@ -4,17 +4,18 @@ import json
 
 import pytest
 import torch
-
-from saeuron_core.errors import ConfigError
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.hooks import BlockHook
-from saeuron_core.interventions import ConceptEraser
-from saeuron_core.regions import RegionEdit
-from saeuron_core.workflow_format import combo_choices
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import concept_names, get_concept, learn_concept
-
+import comfy_host
 from conftest import HOOK
+
+from saeuron_core.concepts.learning import learn_concept
+from saeuron_core.erasure.eraser import ConceptEraser
+from saeuron_core.erasure.regions import RegionEdit
+from saeuron_core.errors import ConfigError
+from saeuron_core.hosts.hooks import BlockHook
+from saeuron_core.sae.files import load_sae, save_sae
+from saeuron_core.sae.library import concept_names, get_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
+from scripts.workflow_format import combo_choices
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_comfyui_and_diffusers_paths_agree(host, method):
 def test_a_residual_sae_erases_the_same_in_both_hosts(host, method):
     """An SAE reading the block's update (output - input): an object patch (it sees the block's input) even where
     an output patch would do, and the same erasure as the diffusers residual hook."""
-    from saeuron_core.sae import SAEConfig as Config
+    from saeuron_core.sae.model import SAEConfig as Config
 
     sae = TopKSAE(Config(**{**host["sae"].config.to_dict(), "residual": True}))
     sae.load_state_dict(host["sae"].state_dict())
@@ -409,10 +410,10 @@ def test_unloading_and_reloading_the_model_keeps_the_behaviour(host):
 def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
     """The demo model's layout (pixel space, no vae/) through Load Diffusers Model, KSampler and VAEDecode."""
     import folder_paths
-    import nodes as comfy_nodes
-
-    from saeuron_core.pipelines import load_pipeline
     from test_demo_pipeline import _save_random_demo
+
+    import nodes as comfy_nodes
+    from saeuron_core.hosts.diffusers import load_pipeline
 
     root = host["models"] / "diffusers"
     _save_random_demo(root / "pixel-demo")
@@ -449,11 +450,10 @@ def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
 def test_cosine_schedule_matches_diffusers(host):
     import comfy.model_sampling
 
-    from saeuron_core.comfy_layout import sampling_settings_from_scheduler
     from saeuron_core.demo.model import train_scheduler
 
     sched = train_scheduler()
-    settings = sampling_settings_from_scheduler(dict(sched.config))
+    settings = comfy_host.pack_module("nodes.comfy_layout").sampling_settings_from_scheduler(dict(sched.config))
 
     class Config:
         sampling_settings = settings
@@ -469,9 +469,9 @@ def test_shipped_demo_erasure_agrees_between_comfyui_and_diffusers(host, method)
     import shutil
 
     import folder_paths
-
-    from saeuron_core.pipelines import load_pipeline
     from comfy_host import DEMO_ASSETS
+
+    from saeuron_core.hosts.diffusers import load_pipeline
 
     root = host["models"] / "diffusers"
     if not (root / "shipped-demo").exists():
@@ -526,7 +526,7 @@ def test_linked_model_files_and_folders_load_and_only_escaping_names_are_refused
 
 def test_replace_also_at_later_blocks_agrees_with_the_library(host):
     """The node's replace_also_at replays the detection at a later block as erase(also_at=...) does in diffusers."""
-    from saeuron_core.interventions import erase
+    from saeuron_core.erasure.eraser import erase
 
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="down_blocks.0.attentions.1"))
     sae.load_state_dict(host["sae"].state_dict())

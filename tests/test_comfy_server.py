@@ -1,14 +1,12 @@
 """The pack in a real ComfyUI server process, driven through its HTTP API."""
 
 import pytest
-import torch
-
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.workflow_format import combo_choices
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import add_concept, concept_names
-
 from planted import concept
+
+from saeuron_core.sae.files import load_sae, save_sae
+from saeuron_core.sae.library import add_concept, concept_names
+from saeuron_core.sae.model import SAEConfig, TopKSAE
+from scripts.workflow_format import combo_choices
 
 pytestmark = pytest.mark.slow
 

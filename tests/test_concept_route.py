@@ -9,16 +9,14 @@ import os
 
 import pytest
 import torch
+from conftest import HOOK
 from safetensors.torch import save_file
 
-import saeuron_core.formats as formats
+import saeuron_core.sae.files as formats
+from saeuron_core.concepts.learning import learn_concept
 from saeuron_core.errors import SAEFormatError
-from saeuron_core.formats import save_sae
-from saeuron_core.library import concept_names_in_file
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import learn_concept
-
-from conftest import HOOK
+from saeuron_core.sae.files import concept_names_in_file, save_sae
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 SUB = "route_test"  # our own sub-folder of the shared sae folder
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import run_cli
+
 from saeuron_core.demo.classifier import load_classifier, predict
 from saeuron_core.demo.dataset import OBJECTS, STYLES, generate
-from saeuron_core.formats import load_sae
-from saeuron_core.scoring import concept_names
+from saeuron_core.sae.files import load_sae
+from saeuron_core.sae.library import concept_names
 
 ASSETS = Path(__file__).resolve().parents[1] / "demo_assets"
 
@@ -32,10 +32,9 @@ def test_shipped_sae_has_every_object_and_style_and_fits_the_model():
     ("sae-styles-extra.safetensors", "up_blocks.1.attentions.1", ["gradient", "outline"]),
 ])
 def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, names):
-    from saeuron_core.hooks import check_sae_fits
-    from saeuron_core.pipelines import load_pipeline
-
     from saeuron_core.demo.assets import shipped_gates
+    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_core.hosts.hooks import check_sae_fits
 
     sae = load_sae(ASSETS / name)
     coverage, detectors = shipped_gates()
@@ -47,8 +46,8 @@ def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, na
 
 def test_shipped_gates_name_detectors_learned_with_peak_specificity():
     from saeuron_core.demo.assets import shipped_gates
-    from saeuron_core.evaluation import EvalSettings
-    from saeuron_core.scoring import get_concept
+    from saeuron_core.demo.evaluation import EvalSettings
+    from saeuron_core.sae.library import get_concept
 
     coverage, detectors = shipped_gates()
     shipped = EvalSettings(min_coverage_of=coverage, detect_with=detectors)  # as the eval CLI and erase demo build it
@@ -69,7 +68,7 @@ def test_shipped_gates_name_detectors_learned_with_peak_specificity():
 
 def test_shipped_outline_uses_more_features_than_the_other_styles():
     # outline is relearned with top_n 64 (build_demo_sae.py --relearn outline --top-n 64); the rest keep 3.
-    from saeuron_core.scoring import get_concept
+    from saeuron_core.sae.library import get_concept
 
     for name in ("sae-styles.safetensors", "sae-styles-extra.safetensors"):
         sae = load_sae(ASSETS / name)

@@ -8,8 +8,8 @@ from saeuron_core.demo.dataset import from_model_range
 from saeuron_core.demo.model import build_unet, sample, sample_scheduler
 from saeuron_core.demo.pipeline import PixelDiffusionPipeline, write_model_index
 from saeuron_core.demo.textenc import build_text_encoder, build_tokenizer
-from saeuron_core.hooks import pipeline_hook
-from saeuron_core.pipelines import generate, load_pipeline
+from saeuron_core.hosts.diffusers import generate, load_pipeline
+from saeuron_core.hosts.hooks import pipeline_hook
 
 PROMPTS = ["a star in stripes style", "a ring in noise style"]
 

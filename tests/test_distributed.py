@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeuron_core.store import STORE_FORMAT, ActivationStore, ShardWriter
-from saeuron_core.training import StoreSource, TrainConfig, train_sae
+from saeuron_core.data.store import STORE_FORMAT, ActivationStore, ShardWriter
+from saeuron_core.training.trainer import StoreSource, TrainConfig, train_sae
 
 HERE = Path(__file__).resolve()
 D_IN = 32
@@ -90,7 +90,7 @@ def write_synthetic_store(folder: Path, *, shards: int = 12, tokens: int = 1000,
 
 def worker(task: str, *args: str) -> None:
     torch.set_num_threads(1)
-    from saeuron_core import distributed
+    from saeuron_core.data import distributed
 
     info, _ = distributed.init_from_env("cpu")
     try:
@@ -121,7 +121,7 @@ def _train_worker(store_dir: Path, out: Path, batch_size: int, stop_at: int, inf
         pass
     if info.is_main:
         shutil.copy(ckpt, out / f"ckpt_{stop_at}.safetensors")
-    from saeuron_core import distributed
+    from saeuron_core.data import distributed
 
     distributed.barrier(info)
     result = train_sae(source, config, checkpoint=ckpt, out=out / "sae.safetensors", progress=False)
@@ -214,7 +214,7 @@ def test_rank_slices_of_the_global_stream_read_each_shard_once(tmp_path, dtype, 
 
 
 def test_tensor_source_rank_slices():
-    from saeuron_core.training import TensorSource
+    from saeuron_core.training.trainer import TensorSource
 
     src = TensorSource(torch.randn(1000, 8))
     whole = src.iter_batches(64, seed=2, start_batch=20)
@@ -229,8 +229,9 @@ PROMPTS = ["a red cat", "a blue dog", "a green tree"]
 
 
 def collect_cfg(**over):
-    from saeuron_core.collection import CollectConfig
     from conftest import HOOK
+
+    from saeuron_core.data.collection import CollectConfig
 
     base = dict(hook_point=HOOK, steps=3, guidance_scale=5.0, seeds=[0, 1, 2], batch_size=2, rows_per_shard=4,
                 dtype="float32")
@@ -259,7 +260,7 @@ def assert_same_rows(a: ActivationStore, b: ActivationStore) -> None:
 
 @pytest.fixture(scope="module")
 def one_rank_store(tiny_pipe, tmp_path_factory):
-    from saeuron_core.collection import collect_activations
+    from saeuron_core.data.collection import collect_activations
 
     return collect_activations(tiny_pipe, PROMPTS, tmp_path_factory.mktemp("c1") / "s", collect_cfg(), progress=False)
 
@@ -274,7 +275,7 @@ def _stop_after_first_shard(info):
 
 def test_two_rank_collection_resumes_and_matches_one_rank(tiny_pipe, one_rank_store, tmp_path):
     """Ranks given explicitly (as independent jobs would): rank 1 is interrupted and resumed."""
-    from saeuron_core.collection import collect_activations
+    from saeuron_core.data.collection import collect_activations
 
     out = tmp_path / "s"
     with pytest.raises(_Interrupt):
@@ -296,7 +297,7 @@ def test_two_rank_collection_resumes_and_matches_one_rank(tiny_pipe, one_rank_st
 
 
 def test_interrupted_two_rank_store_resumed_by_one_process(tiny_pipe, one_rank_store, tmp_path):
-    from saeuron_core.collection import collect_activations
+    from saeuron_core.data.collection import collect_activations
 
     out = tmp_path / "s"
     for rank in (0, 1):
@@ -309,7 +310,7 @@ def test_interrupted_two_rank_store_resumed_by_one_process(tiny_pipe, one_rank_s
 
 
 def test_single_process_store_resumed_by_two_ranks(tiny_pipe, one_rank_store, tmp_path):
-    from saeuron_core.collection import collect_activations
+    from saeuron_core.data.collection import collect_activations
 
     out = tmp_path / "s"
     with pytest.raises(_Interrupt):
@@ -345,7 +346,7 @@ def test_cli_collect_as_independent_jobs(capsys, tmp_path, one_rank_store):
 # -- online mode ------------------------------------------------------------------------------
 
 def test_online_training_writes_only_checkpoints(tiny_pipe, tmp_path):
-    from saeuron_core.online import OnlineSource
+    from saeuron_core.data.online import OnlineSource
 
     source = OnlineSource(tiny_pipe, PROMPTS, collect_cfg(), buffer_tokens=512)
     assert source.d_in == 32 and source.generated_items == 0  # read from the block, nothing generated

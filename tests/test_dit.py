@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from saeuron_core.errors import ConfigError
-from saeuron_core.hooks import BlockHook
-from saeuron_core.interventions import erase
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import add_concept
-
 from planted import concept
+
+from saeuron_core.erasure.eraser import erase
+from saeuron_core.errors import ConfigError
+from saeuron_core.hosts.hooks import BlockHook
+from saeuron_core.sae.library import add_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 SIGMA = 0.6  # timestep 600 on both hosts
 
@@ -164,6 +163,7 @@ def test_an_sae_that_does_not_fit_the_dit_is_refused(models, hook_point, width, 
 def test_flux_samples_through_comfyui_with_the_eraser_and_the_inspector(models):
     """ComfyUI's own sampler on a guidance-distilled-style FLUX call (cfg 1: no unconditional half)."""
     import comfy_host
+
     import nodes as comfy_nodes
 
     patcher = models["flux"][1]
@@ -201,7 +201,7 @@ def test_learn_concept_node_learns_on_flux(models, tiny_pipe, tmp_path):
     FLUX reads the first 16 of its pooled output) and adds a concept selected at the DiT block."""
     import comfy_host
 
-    from saeuron_core.scoring import concept_names, get_concept
+    from saeuron_core.sae.library import concept_names, get_concept
 
     clip = comfy_host.tiny_clip(tiny_pipe, tmp_path / "clip")
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=16, hook_point="transformer_blocks.1", residual=True))
@@ -218,9 +218,9 @@ def test_a_flux_sae_folder_in_the_published_layout_erases_the_same_in_both_hosts
     the Load SAE node with its hook_point and converted to the native file: a residual SAE that erases at the DiT
     block identically in ComfyUI and diffusers, before and after conversion."""
     import comfy_host
-
-    from saeuron_core.formats import load_sae, save_sae
     from test_import_sdlens import write_sdlens
+
+    from saeuron_core.sae.files import load_sae, save_sae
 
     folder = comfy_host._STATE["models"] / "sae" / "SAE_flux_tiny"
     write_sdlens(folder, d=32, n=64, k=8, final=False)

@@ -7,10 +7,18 @@ import json
 import pytest
 import torch
 
+from saeuron_core.demo.evaluation import (
+    EvalSettings,
+    Evaluator,
+    RunOutput,
+    best_strengths,
+    concept_owners,
+    demo_grid,
+    format_report,
+    mean_metrics,
+)
 from saeuron_core.errors import ConfigError
-from saeuron_core.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
-                                     format_report, mean_metrics)
-from saeuron_core.sae import SAEConfig, TopKSAE
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 
 def _evaluator(seeds: int = 2) -> Evaluator:
@@ -161,7 +169,7 @@ def test_unknown_concepts_and_methods_are_refused() -> None:
 
 
 def _with_concepts(sae: TopKSAE, names: list[str]) -> TopKSAE:
-    from saeuron_core.scoring import ConceptData, add_concept
+    from saeuron_core.sae.library import ConceptData, add_concept
 
     for i, name in enumerate(names):
         add_concept(sae, ConceptData(name=name, bucket_width=1000.0, max_timestep=1000,
@@ -250,7 +258,7 @@ def test_gates_and_detectors_reach_the_erasers() -> None:
 
 
 def test_gates_file_is_read_and_checked(tmp_path) -> None:
-    from saeuron_core.evaluation import load_gates
+    from saeuron_core.demo.evaluation import load_gates
 
     good = tmp_path / "gates.json"
     good.write_text('{"solid": {"min_coverage": 0.05, "detect_with": "solid (detector)"}, "noise": {"min_coverage": 0.1}}')
@@ -304,7 +312,7 @@ def _row(concept: str, kind: str, ua: float) -> dict:
 
 
 def test_update_report_replaces_rows_and_recomputes_the_summary() -> None:
-    from saeuron_core.evaluation import update_report
+    from saeuron_core.demo.evaluation import update_report
 
     old = _report({"ablate": [_row("star", "object", 1.0), _row("noise", "style", 0.5), _row("outline", "style", 0.25)]})
     new = _report({"ablate": [_row("outline", "style", 0.75)]}, seconds=3.0)
@@ -318,7 +326,7 @@ def test_update_report_replaces_rows_and_recomputes_the_summary() -> None:
 
 
 def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
-    from saeuron_core.evaluation import check_updatable, update_report
+    from saeuron_core.demo.evaluation import check_updatable, update_report
 
     old = _report({"ablate": [_row("noise", "style", 0.5), _row("outline", "style", 0.25)]})
     old["settings"].update(ablate_strength_of={"noise": 1.0, "outline": 5.0}, min_coverage_of={"outline": 0.2},
@@ -349,7 +357,7 @@ def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
     (lambda r: r.update(per_concept={"replace": []}), "no replace rows"),
 ])
 def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
-    from saeuron_core.evaluation import update_report
+    from saeuron_core.demo.evaluation import update_report
 
     old = _report({"ablate": [_row("outline", "style", 0.25)]})
     new = _report({"ablate": [_row("outline", "style", 0.75)]})
@@ -359,7 +367,7 @@ def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
 
 
 def test_an_update_may_replace_every_replace_row_with_its_own_settings_and_sets() -> None:
-    from saeuron_core.evaluation import check_updatable, update_report
+    from saeuron_core.demo.evaluation import check_updatable, update_report
 
     old = _report({"ablate": [_row("circle", "object", 0.5), _row("outline", "style", 0.25)],
                    "replace": [_row("circle", "object", 0.1), _row("outline", "style", 0.2)]})
@@ -390,7 +398,7 @@ def test_an_update_may_replace_every_replace_row_with_its_own_settings_and_sets(
 
 
 def test_update_report_refuses_to_leave_runs_over_the_updated_concept_stale() -> None:
-    from saeuron_core.evaluation import update_report
+    from saeuron_core.demo.evaluation import update_report
 
     old = _report({"ablate": [_row("circle", "object", 0.5), _row("outline", "style", 0.25)]})
     old["multi"] = {"ablate": [{"n": 2, "concepts": ["circle", "solid"], "UA": 0.5}]}

@@ -1,17 +1,17 @@
 import json
-from pathlib import Path
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+from planted import concept
 from safetensors.torch import save_file
 
 from saeuron_core.errors import SAEFormatError
-from saeuron_core.formats import convert, describe, load_sae, read_safetensors_header, save_sae
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import add_concept
-
-from planted import concept
+from saeuron_core.sae.files import convert, describe, load_sae, save_sae
+from saeuron_core.sae.library import add_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
+from saeuron_core.safetensors_io import read_safetensors_header
 
 D, N, K = 12, 48, 5
 
@@ -242,7 +242,7 @@ def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path)
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
-    import saeuron_core.formats as formats
+    import saeuron_core.safetensors_io as safetensors_io
 
     path = tmp_path / "s.safetensors"
     sae = random_sae()
@@ -253,7 +253,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats, "save_file", half_write)
+    monkeypatch.setattr(safetensors_io, "save_file", half_write)
     sae.concepts = {"new": {}}
     with pytest.raises(OSError, match="disk full"):
         save_sae(sae, path)

@@ -8,14 +8,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from planted import concept
 from safetensors.torch import save_file
 
 from saeuron_core.errors import SaeuronError
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import add_concept
-
-from planted import concept
+from saeuron_core.sae.files import load_sae, save_sae
+from saeuron_core.sae.library import add_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 FUZZ = settings(max_examples=int(os.environ.get("SAEURON_FUZZ_EXAMPLES", "150")), deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -97,10 +96,11 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6
 @given(field=st.sampled_from(["config", "training", "concepts", "saeuron_format"]), value=json_values,
        raw=st.booleans())
 def test_metadata_garbage(tmp_path_factory, field, value, raw):
-    from saeuron_core.formats import CORE_TENSORS, content_digest, load_safetensors
-
     import tempfile
     from pathlib import Path
+
+    from saeuron_core.sae.files import CORE_TENSORS, content_digest
+    from saeuron_core.safetensors_io import load_safetensors
 
     src = Path(tempfile.mkdtemp()) / "o.safetensors"
     src.write_bytes(ORIGINAL)

@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import HOOK
 
 from saeuron_core.errors import HookError
-from saeuron_core.hooks import BlockHook, pipeline_hook, to_tokens
-
-from conftest import HOOK
+from saeuron_core.hosts.hooks import BlockHook, pipeline_hook, to_tokens
 
 
 def run(pipe, prompts, guidance, steps=3, seeds=None):

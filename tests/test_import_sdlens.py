@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_user_error, run_cli
+from conftest import HOOK
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import saeuron_core as sc
 from saeuron_core.errors import SAEFormatError, SaeuronError
-from saeuron_core.formats import convert, describe, load_sae
-from saeuron_core.pipelines import generate
-
-from cli_helpers import assert_user_error, run_cli
-from conftest import HOOK
+from saeuron_core.hosts.diffusers import generate
+from saeuron_core.sae.files import convert, describe, load_sae
 
 SDXL_RUN = "unet.down_blocks.2.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001"  # as published, scaled down
 D, N, K = 64, 320, 10

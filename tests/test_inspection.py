@@ -1,17 +1,16 @@
 import numpy as np
 import pytest
 import torch
+from conftest import HOOK
 from PIL import Image
 
+from saeuron_core.concepts.learning import learn_concept
+from saeuron_core.erasure.eraser import erase
 from saeuron_core.errors import ConfigError
-from saeuron_core.hooks import pipeline_hook
-from saeuron_core.inspection import (compare_erasure, describe_concept, erasure_grid, image_grid, inspect,
-                                     save_png)
-from saeuron_core.interventions import erase
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import ConceptData, add_concept, get_concept, learn_concept
-
-from conftest import HOOK
+from saeuron_core.hosts.hooks import pipeline_hook
+from saeuron_core.inspection import compare_erasure, describe_concept, erasure_grid, image_grid, inspect, save_png
+from saeuron_core.sae.library import ConceptData, add_concept, get_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 STEPS = 4
 

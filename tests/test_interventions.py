@@ -1,15 +1,15 @@
 import pytest
 import torch
-
-from saeuron_core.errors import ConfigError, HookError
-from saeuron_core.hooks import BlockCall
-from saeuron_core.interventions import ConceptEraser, erase
-from saeuron_core.pipelines import generate
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import get_concept, learn_concept
-
 from conftest import HOOK
 from planted import D, sae_with_concepts
+
+from saeuron_core.concepts.learning import learn_concept
+from saeuron_core.erasure.eraser import ConceptEraser, erase
+from saeuron_core.errors import ConfigError, HookError
+from saeuron_core.hosts.diffusers import generate
+from saeuron_core.hosts.hooks import BlockCall
+from saeuron_core.sae.library import get_concept
+from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 H = W = 8
 
@@ -126,7 +126,8 @@ def test_min_coverage_reads_the_conditional_row_for_both_halves_of_an_image():
 
 def test_detect_with_lets_another_entry_decide_where_the_concept_is():
     from planted import concept
-    from saeuron_core.scoring import add_concept
+
+    from saeuron_core.sae.library import add_concept
 
     sae = sae_with_concepts()
     add_concept(sae, concept("cat (detector)", {range(50): [4]}))
@@ -297,7 +298,7 @@ def test_pipeline_identity(tiny_pipe, learned, kwargs):
 def test_pipeline_other_sampler_and_step_count_use_the_nearest_learned_timestep(fresh_tiny_pipe, learned):
     """Learned with 10 DDIM steps; applied with 4 Euler steps the features come from the nearest bucket."""
     pipe = fresh_tiny_pipe
-    from saeuron_core.pipelines import set_scheduler
+    from saeuron_core.hosts.diffusers import set_scheduler
 
     set_scheduler(pipe, "euler")
     data = get_concept(learned, "cat")

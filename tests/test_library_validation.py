@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_user_error, run_cli
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from planted import concept, planted_sae
 from safetensors.torch import save_file
 
-from cli_helpers import assert_user_error, run_cli
+from saeuron_core.erasure.eraser import ConceptEraser
 from saeuron_core.errors import ConfigError, SAEFormatError, SaeuronError
-from saeuron_core.formats import content_digest, load_safetensors, load_sae
-from saeuron_core.hooks import BlockCall
-from saeuron_core.interventions import ConceptEraser
-from saeuron_core.scoring import add_concept, get_concept
-
-from planted import concept, planted_sae
+from saeuron_core.hosts.hooks import BlockCall
+from saeuron_core.sae.files import content_digest, load_sae
+from saeuron_core.sae.library import add_concept, get_concept
+from saeuron_core.safetensors_io import load_safetensors
 
 ASSETS = Path(__file__).resolve().parents[1] / "demo_assets"
 SHIPPED = sorted(ASSETS.glob("*.safetensors"))

@@ -1,16 +1,16 @@
 """Paint where to erase: an edit kept only inside (or outside) a mask, on UNet grids and DiT token sequences."""
 
 import contextlib
+
 import pytest
 import torch
-
-from saeuron_core.errors import ConfigError
-from saeuron_core.hooks import BlockCall, BlockHook
-from saeuron_core.interventions import ConceptEraser, erase
-from saeuron_core.regions import RegionEdit, token_grid, token_mask
-
 from conftest import HOOK
 from planted import D, sae_with_concepts
+
+from saeuron_core.erasure.eraser import ConceptEraser, erase
+from saeuron_core.erasure.regions import RegionEdit, token_grid, token_mask
+from saeuron_core.errors import ConfigError
+from saeuron_core.hosts.hooks import BlockCall, BlockHook
 
 
 def call_of(tokens, spatial=None, is_cond=None):
@@ -80,8 +80,8 @@ def test_bad_masks_are_refused(bad, message):
 
 def test_erase_with_a_mask_changes_only_the_region_of_the_block(tiny_pipe):
     """Through the diffusers hook on the tiny pipeline's UNet: the hooked block's output changes only inside."""
-    from saeuron_core.sae import SAEConfig, TopKSAE
-    from saeuron_core.scoring import learn_concept
+    from saeuron_core.concepts.learning import learn_concept
+    from saeuron_core.sae.model import SAEConfig, TopKSAE
 
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK))

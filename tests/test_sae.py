@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from saeuron_core.errors import ConfigError
-from saeuron_core.sae import SAEConfig, TopKSAE, dtype_from_name, fvu
+from saeuron_core.sae.model import SAEConfig, TopKSAE, dtype_from_name, fvu
 
 
 def make_sae(d=16, n=64, k=4, seed=0, dtype=torch.float32):

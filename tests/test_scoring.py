@@ -1,13 +1,13 @@
 import pytest
 import torch
-
-from saeuron_core.errors import ConfigError
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.scoring import (ConceptStats, add_concept, concept_names, get_concept, learn_concept,
-                                  remove_concept)
-
 from conftest import HOOK
 from planted import concept, planted_sae
+
+from saeuron_core.concepts.learning import learn_concept
+from saeuron_core.concepts.stats import ConceptStats
+from saeuron_core.errors import ConfigError
+from saeuron_core.sae.files import load_sae, save_sae
+from saeuron_core.sae.library import add_concept, concept_names, get_concept, remove_concept
 
 
 def codes(rows, tokens, feats_vals):
@@ -124,7 +124,7 @@ def test_library_add_replace_remove_and_file_round_trip(tmp_path):
 
 def test_learn_concept_on_a_pipeline(tiny_pipe):
     torch.manual_seed(0)
-    from saeuron_core.sae import SAEConfig, TopKSAE
+    from saeuron_core.sae.model import SAEConfig, TopKSAE
 
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=HOOK))
     add_concept(sae, concept("other", {range(50): [1]}, n_buckets=50))
@@ -143,8 +143,9 @@ def test_learn_concept_on_a_pipeline(tiny_pipe):
 
 
 def test_learn_concepts_in_one_pass_equals_one_at_a_time(tiny_pipe) -> None:
-    from saeuron_core.sae import SAEConfig, TopKSAE
-    from saeuron_core.scoring import get_concept, learn_concept, learn_concepts
+    from saeuron_core.concepts.learning import learn_concept, learn_concepts
+    from saeuron_core.sae.library import get_concept
+    from saeuron_core.sae.model import SAEConfig, TopKSAE
 
     def fresh() -> TopKSAE:
         torch.manual_seed(0)

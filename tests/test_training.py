@@ -3,15 +3,21 @@ import math
 
 import pytest
 import torch
-
-from saeuron_core.collection import CollectConfig, collect_activations
-from saeuron_core.errors import ConfigError
-from saeuron_core.formats import load_sae
-from saeuron_core.sae import SAEConfig, TopKSAE, fvu
-from saeuron_core.training import (StoreSource, TensorSource, TrainConfig, TrainStep, geometric_median, lr_at,
-                                  train_sae)
-
 from conftest import HOOK
+
+from saeuron_core.data.collection import CollectConfig, collect_activations
+from saeuron_core.errors import ConfigError
+from saeuron_core.sae.files import load_sae
+from saeuron_core.sae.model import SAEConfig, TopKSAE, fvu
+from saeuron_core.training.trainer import (
+    StoreSource,
+    TensorSource,
+    TrainConfig,
+    TrainStep,
+    geometric_median,
+    lr_at,
+    train_sae,
+)
 
 
 def planted(d=64, m=128, n=40000, active=3, seed=0):

@@ -7,15 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from comfy_host import PACK_NAME
 from PIL import Image
 
-from saeuron_core.formats import load_sae, save_sae
-from saeuron_core.sae import SAEConfig, TopKSAE
-from saeuron_core.scoring import concept_names, get_concept, learn_concept
-from saeuron_core.workflow_format import combo_choices, is_widget, ui_to_api
-
-from comfy_host import PACK_NAME
-from conftest import HOOK
+from saeuron_core.sae.files import load_sae
+from saeuron_core.sae.library import concept_names, get_concept
+from scripts.workflow_format import combo_choices, is_widget, ui_to_api
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ GATES = "gates.json"                            # {concept: {"min_coverage": sha
 
 def concept_strengths() -> dict[str, float]:
     """The ablation strength chosen for each shipped concept on the validation seeds."""
-    from ..evaluation import load_concept_strengths
+    from .evaluation import load_concept_strengths
 
     return load_concept_strengths(str(ASSETS / CONCEPT_STRENGTHS))
 
@@ -46,7 +46,7 @@ def shipped_strengths() -> tuple[dict[str, float], dict[str, float]]:
 
 def shipped_gates() -> tuple[dict[str, float], dict[str, str]]:
     """The gates the shipped SAEs erase with: ``(min_coverage per concept, detector entry per concept)``."""
-    from ..evaluation import load_gates
+    from .evaluation import load_gates
 
     path = ASSETS / GATES
     return load_gates(str(path)) if path.exists() else ({}, {})

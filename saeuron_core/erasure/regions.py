@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError
-from .hooks import BlockCall, HookFn
+from ..errors import ConfigError
+from ..hosts.hooks import BlockCall, HookFn
 
 MaskMode = Literal["inside", "outside"]
 

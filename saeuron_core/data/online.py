@@ -26,12 +26,12 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, StoreError
+from ..hosts.diffusers import set_scheduler
+from ..hosts.hooks import BlockCall, block_channels, denoiser, get_submodule
+from ..sae.model import dtype_from_name
+from ..seeds import generator
 from .collection import CollectConfig, call_rows, run_chunk
-from .errors import ConfigError, StoreError
-from .hooks import BlockCall, block_channels, denoiser, get_submodule
-from .pipelines import set_scheduler
-from .sae import dtype_from_name
-from .store import generator
 
 
 class OnlineSource:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, HookError
+from ..errors import ConfigError, HookError
 
 CfgLayout = Literal["none", "uncond_cond", "cond_uncond"]
 

@@ -20,7 +20,6 @@ reads only its own rows of each global batch); no shard is opened twice per epoc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -32,8 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, StoreError
-from .formats import atomic_save_safetensors, atomic_write_text, load_safetensors, read_safetensors_header
+from ..errors import ConfigError, StoreError
+from ..safetensors_io import atomic_save_safetensors, atomic_write_text, load_safetensors, read_safetensors_header
+from ..seeds import generator
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "saeuron-activations"
@@ -65,16 +65,6 @@ def read_parts(folder: str | Path) -> list[dict[str, Any]]:
 
 def chunk_count(manifest: dict[str, Any]) -> int:
     return math.ceil(int(manifest["items_total"]) / int(manifest["chunk_items"]))
-
-
-def derived_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any tuple of values (independent of Python's hash randomisation)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def generator(*parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(*parts))
 
 
 @dataclass

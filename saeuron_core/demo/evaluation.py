@@ -29,18 +29,18 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Collection, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
-from .hooks import BlockCall, pipeline_hook
-from .interventions import ConceptEraser, check_options
-from .sae import TopKSAE
-from .scoring import concept_names
+from ..erasure.eraser import ConceptEraser, check_options
+from ..errors import ConfigError
+from ..hosts.hooks import BlockCall, pipeline_hook
+from ..sae.library import concept_names
+from ..sae.model import TopKSAE
 
 METHODS = ("none", "negative_prompt", "ablate", "replace")
 # Detect-and-replace on the shipped demo SAEs: the later block where the objects are drawn again from the prompt
@@ -119,7 +119,7 @@ class Grid:
 
 def demo_grid() -> Grid:
     """The demo dataset's 8 x 8 prompts."""
-    from .demo.dataset import OBJECTS, STYLES, all_prompts
+    from .dataset import OBJECTS, STYLES, all_prompts
 
     pairs = all_prompts()
     return Grid([p for _, _, p in pairs], torch.tensor([o for o, _, _ in pairs]), torch.tensor([s for _, s, _ in pairs]),
@@ -251,9 +251,9 @@ class Evaluator:
     def run(self, method: str, concepts: Sequence[str] = (), *, scheduler: Optional[str] = None,
             steps: Optional[int] = None) -> RunOutput:
         """Generate the whole grid once per seed with ``concepts`` erased by ``method``."""
-        from .demo.classifier import predict_proba
-        from .demo.dataset import from_model_range
-        from .pipelines import generate, set_scheduler
+        from ..hosts.diffusers import generate, set_scheduler
+        from .classifier import predict_proba
+        from .dataset import from_model_range
 
         s = self.settings
         erasers = self._erasers(method, concepts)
@@ -375,7 +375,7 @@ class Evaluator:
         """
         from PIL import Image
 
-        from .inspection import image_grid
+        from ..inspection import image_grid
 
         tiles = self.misread_tiles(out, concept)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -25,14 +25,24 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, StoreError
+from ..hosts.diffusers import generate, set_scheduler
+from ..hosts.hooks import BlockCall, pipeline_hook
+from ..sae.model import dtype_from_name
+from ..safetensors_io import atomic_write_text
+from ..seeds import generator
 from . import distributed
-from .errors import ConfigError, StoreError
-from .formats import atomic_write_text
-from .hooks import BlockCall, pipeline_hook
-from .pipelines import generate, set_scheduler
-from .sae import dtype_from_name
-from .store import (MANIFEST, STORE_FORMAT, ActivationStore, PartWriter, ShardInfo, ShardWriter, generator,
-                    new_part, part_file, read_parts)
+from .store import (
+    MANIFEST,
+    STORE_FORMAT,
+    ActivationStore,
+    PartWriter,
+    ShardInfo,
+    ShardWriter,
+    new_part,
+    part_file,
+    read_parts,
+)
 
 
 @dataclass

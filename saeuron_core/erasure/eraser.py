@@ -34,19 +34,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .errors import ConfigError
-from .hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, denoiser, pipeline_cfg_layout
+from ..errors import ConfigError
+from ..hosts.hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, denoiser, pipeline_cfg_layout
+from ..sae.library import ConceptData, bucket_of, get_concept
+from ..sae.model import TopKSAE
+from ..seeds import derived_seed
 from .regions import RegionEdit
-from .sae import TopKSAE
-from .scoring import ConceptData, bucket_of, get_concept
-from .store import derived_seed
 
 Method = Literal["ablate", "replace"]
 MAX_ABLATE_STRENGTH = 100.0

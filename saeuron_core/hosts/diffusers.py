@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .formats import PICKLE_SUFFIXES
+from ..errors import ConfigError
+from ..safetensors_io import PICKLE_SUFFIXES
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -142,7 +142,7 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
                 f"single-file .safetensors checkpoint (or 'tiny' for a random test pipeline); nothing is downloaded"
             )
         elif _pipeline_class_name(path) == "PixelDiffusionPipeline":
-            from .demo.pipeline import PixelDiffusionPipeline
+            from ..demo.pipeline import PixelDiffusionPipeline
 
             pipe = PixelDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                                           low_cpu_mem_usage=False)
@@ -190,7 +190,7 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Any:
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    from .formats import read_safetensors_header
+    from ..safetensors_io import read_safetensors_header
 
     read_safetensors_header(path)  # refuses pickles in disguise and truncated files before diffusers reads it
     config_dir = Path(config) if config is not None else None

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 TIMEOUT_ENV = "SAEURON_DIST_TIMEOUT_MIN"
 

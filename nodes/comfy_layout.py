@@ -24,8 +24,8 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
-from .hooks import BlockCall, edit_block, from_tokens, to_tokens
+from saeuron_core.errors import ConfigError
+from saeuron_core.hosts.hooks import BlockCall, edit_block, from_tokens, to_tokens
 
 _HOOK = re.compile(r"^(?:unet\.)?(?:(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0)$")
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import ConfigError, SaeuronError
+from ..errors import ConfigError, SaeuronError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -266,14 +266,14 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 
 def gate_args(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
     """``(min_coverage_of, detect_with)`` from the options :func:`add_gate_args` adds."""
-    from .options import parse_assignments
+    from ..assignments import parse_assignments
 
     return parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float), detect_with_arg(a)
 
 
 def detect_with_arg(a: argparse.Namespace) -> dict[str, str]:
     """``--detect-with CONCEPT=ENTRY`` (repeatable) as ``{concept: entry}``."""
-    from .options import parse_assignments
+    from ..assignments import parse_assignments
 
     return parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY")
 
@@ -298,9 +298,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 def _cmd_collect(a: argparse.Namespace) -> int:
     import os
 
-    from . import distributed
-    from .collection import CollectConfig, collect_activations, read_prompts
-    from .pipelines import load_pipeline
+    from ..data import distributed
+    from ..data.collection import CollectConfig, collect_activations, read_prompts
+    from ..hosts.diffusers import load_pipeline
 
     config = CollectConfig(hook_point=a.hook_point, steps=a.steps, guidance_scale=a.guidance, scheduler=a.scheduler,
                            seeds=a.seeds, every_n_steps=a.every_n_steps, halves=a.halves,
@@ -334,8 +334,8 @@ def _cmd_collect(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from . import distributed
-    from .training import TrainConfig
+    from ..data import distributed
+    from ..training.trainer import TrainConfig
 
     if a.online == (a.store is not None):
         return _fail("train: give --store STORE, or --online with --model and --prompts")
@@ -364,8 +364,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _train_store(a: argparse.Namespace, config, device):
-    from .store import ActivationStore
-    from .training import StoreSource, train_sae
+    from ..data.store import ActivationStore
+    from ..training.trainer import StoreSource, train_sae
 
     store = ActivationStore(a.store)
     collect_cfg = store.manifest.get("config", {})
@@ -377,10 +377,10 @@ def _train_store(a: argparse.Namespace, config, device):
 
 
 def _train_online(a: argparse.Namespace, config, device):
-    from .collection import CollectConfig, read_prompts
-    from .online import OnlineSource
-    from .pipelines import load_pipeline
-    from .training import train_sae
+    from ..data.collection import CollectConfig, read_prompts
+    from ..data.online import OnlineSource
+    from ..hosts.diffusers import load_pipeline
+    from ..training.trainer import train_sae
 
     sampling = CollectConfig(hook_point=a.hook_point, steps=a.sampling_steps, guidance_scale=a.guidance,
                              scheduler=a.scheduler, seeds=a.seeds, every_n_steps=a.every_n_steps, halves=a.halves,
@@ -399,14 +399,14 @@ def _train_online(a: argparse.Namespace, config, device):
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
-    from .formats import describe
+    from ..sae.files import describe
 
     info = describe(a.path, hook_point=a.hook_point)
     details: dict[str, str] = {}
     if info["concepts"]:
-        from .formats import load_sae
-        from .inspection import describe_concept, format_concept
-        from .scoring import get_concept
+        from ..inspection import describe_concept, format_concept
+        from ..sae.files import load_sae
+        from ..sae.library import get_concept
 
         sae = load_sae(a.path, hook_point=a.hook_point)
         info["concept_details"] = {}
@@ -432,7 +432,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
-    from .formats import convert
+    from ..sae.files import convert
 
     out = convert(a.src, a.dst, hook_point=a.hook_point)
     print(f"wrote {out}")
@@ -440,7 +440,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(a: argparse.Namespace) -> int:
-    from .pipelines import make_tiny_pipeline
+    from ..hosts.diffusers import make_tiny_pipeline
 
     out = Path(a.out)
     make_tiny_pipeline(a.seed).save_pretrained(str(out), safe_serialization=True)
@@ -450,7 +450,7 @@ def _cmd_make_tiny(a: argparse.Namespace) -> int:
 
 def _concept_output(sae_path: str, out: Optional[str]) -> Path:
     """Where learn-/remove-concept write: ``out``, or the SAE itself when it is a native file."""
-    from .formats import detect_format
+    from ..sae.files import detect_format
 
     fmt, resolved = detect_format(sae_path)
     if out is None:
@@ -471,8 +471,8 @@ def _png_out(out: str) -> Path:
 
 def _library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:
     """``{name: (positive, negative)}`` from --library, or from --concept/--positive/--negative."""
-    from .collection import read_prompts
-    from .scoring import check_concept_name
+    from ..data.collection import read_prompts
+    from ..sae.library import check_concept_name
 
     single = (a.concept, a.positive, a.negative)
     if a.library is None:
@@ -499,11 +499,12 @@ def _library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]
 
 
 def _cmd_learn_concept(a: argparse.Namespace) -> int:
-    from .formats import load_sae, save_sae
-    from .inspection import format_concept
-    from .hooks import check_sae_fits, denoiser
-    from .pipelines import load_pipeline
-    from .scoring import DEFAULT_MIN_SPECIFICITY, check_selection, learn_concepts
+    from ..concepts.learning import learn_concepts
+    from ..concepts.stats import DEFAULT_MIN_SPECIFICITY, check_selection
+    from ..hosts.diffusers import load_pipeline
+    from ..hosts.hooks import check_sae_fits, denoiser
+    from ..inspection import format_concept
+    from ..sae.files import load_sae, save_sae
 
     spec = _library_spec(a)
     out = _concept_output(a.sae, a.out)
@@ -533,8 +534,8 @@ def _cmd_learn_concept(a: argparse.Namespace) -> int:
 
 
 def _cmd_remove_concept(a: argparse.Namespace) -> int:
-    from .formats import load_sae, save_sae
-    from .scoring import concept_names, remove_concept
+    from ..sae.files import load_sae, save_sae
+    from ..sae.library import concept_names, remove_concept
 
     out = _concept_output(a.sae, a.out)
     sae = load_sae(a.sae)
@@ -545,10 +546,10 @@ def _cmd_remove_concept(a: argparse.Namespace) -> int:
 
 
 def _cmd_erase(a: argparse.Namespace) -> int:
-    from .formats import load_sae
-    from .inspection import compare_erasure, erasure_grid, save_png
-    from .interventions import ConceptEraser
-    from .pipelines import load_pipeline
+    from ..erasure.eraser import ConceptEraser
+    from ..hosts.diffusers import load_pipeline
+    from ..inspection import compare_erasure, erasure_grid, save_png
+    from ..sae.files import load_sae
 
     out = _png_out(a.out)
     sae = load_sae(a.sae, device=a.device)
@@ -567,10 +568,10 @@ def _cmd_erase(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from .formats import load_sae
-    from .inspection import inspect
-    from .pipelines import load_pipeline
-    from .scoring import get_concept
+    from ..hosts.diffusers import load_pipeline
+    from ..inspection import inspect
+    from ..sae.files import load_sae
+    from ..sae.library import get_concept
 
     out = _png_out(a.out)
     sae = load_sae(a.sae, device=a.device)
@@ -590,7 +591,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 def _demo_asset(given: Optional[str], name: str) -> str:
     if given:
         return given
-    from .demo.assets import ASSETS
+    from ..demo.assets import ASSETS
 
     path = ASSETS / name
     if not path.exists():
@@ -602,7 +603,7 @@ def _concept_strengths(path: str) -> dict[str, float]:
     """``--ablate-strengths``: a JSON file ``{concept: strength}`` ('' for none)."""
     if not path:
         return {}
-    from .evaluation import load_concept_strengths
+    from ..demo.evaluation import load_concept_strengths
 
     try:
         return load_concept_strengths(path)
@@ -612,8 +613,8 @@ def _concept_strengths(path: str) -> dict[str, float]:
 
 def _gates(path: Optional[str], *, shipped: bool) -> tuple[dict[str, float], dict[str, str]]:
     """``--gates``: a JSON file of gates ('' for none; unset: the shipped gates with the shipped SAEs)."""
-    from .demo import assets
-    from .evaluation import load_gates
+    from ..demo import assets
+    from ..demo.evaluation import load_gates
 
     if path is None:
         return assets.shipped_gates() if shipped else ({}, {})
@@ -624,11 +625,18 @@ def _gates(path: Optional[str], *, shipped: bool) -> tuple[dict[str, float], dic
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from .demo.classifier import load_classifier
-    from .evaluation import (EvalSettings, check_updatable, evaluate, format_report, load_report, save_report,
-                             update_report)
-    from .formats import load_sae
-    from .pipelines import load_pipeline, set_scheduler
+    from ..demo.classifier import load_classifier
+    from ..demo.evaluation import (
+        EvalSettings,
+        check_updatable,
+        evaluate,
+        format_report,
+        load_report,
+        save_report,
+        update_report,
+    )
+    from ..hosts.diffusers import load_pipeline, set_scheduler
+    from ..sae.files import load_sae
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else None
@@ -642,8 +650,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError("--multi takes integers like '2,4,8'; --generalization SCHEDULER:STEPS like 'euler_a:30'; "
                           "--window START:END like '0:0.5'") from None
-    from .demo import assets
-    from .options import parse_assignments
+    from ..assignments import parse_assignments
+    from ..demo import assets
 
     at = parse_assignments(a.ablate_strength_at, "--ablate-strength-at", "HOOK_POINT=STRENGTH", float)
     (gate_of, detector_of), (own_of, own_detectors) = _gates(a.gates, shipped=not a.sae), gate_args(a)
@@ -692,8 +700,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 def _replace_also_at(items: Optional[list[str]], shipped: bool) -> dict[str, list[str]]:
     """``--replace-also-at`` values as ``{detecting hook point: [later blocks]}`` (the shipped setting by default)."""
-    from .evaluation import DEMO_REPLACE_ALSO_AT
-    from .options import parse_assignments
+    from ..assignments import parse_assignments
+    from ..demo.evaluation import DEMO_REPLACE_ALSO_AT
 
     if items is None:
         return {k: list(v) for k, v in DEMO_REPLACE_ALSO_AT.items()} if shipped else {}

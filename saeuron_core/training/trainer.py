@@ -42,12 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed
-from .distributed import DistInfo
-from .errors import ConfigError, StoreError
-from .formats import atomic_save_safetensors, load_safetensors, save_sae
-from .sae import SAEConfig, TopKSAE, auto_lr
-from .store import ActivationStore, generator
+from ..data import distributed
+from ..data.distributed import DistInfo
+from ..data.store import ActivationStore
+from ..errors import ConfigError, StoreError
+from ..sae.files import save_sae
+from ..sae.model import SAEConfig, TopKSAE, auto_lr
+from ..safetensors_io import atomic_save_safetensors, load_safetensors
+from ..seeds import generator
 
 CHECKPOINT_FORMAT = "1"
 

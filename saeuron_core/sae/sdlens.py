@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .errors import SAEFormatError
-from .formats import _build, _check_tensors, _checked_hook, _int_field, _read_cfg
-from .sae import SAEConfig, TopKSAE
+from ..errors import SAEFormatError
+from .files import _build, _check_tensors, _checked_hook, _int_field, _read_cfg
+from .model import SAEConfig, TopKSAE
 
 CONFIG, WEIGHTS = "config.json", "state_dict.pth"
 _BUFFERS = ("stats_last_nonzero",)  # training statistics saved with the weights; shape [n], ignored

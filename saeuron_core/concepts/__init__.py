@@ -1,0 +1,1 @@
+"""Learning concepts: per-timestep feature statistics and scores, and learning them through a pipeline."""

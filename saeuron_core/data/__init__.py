@@ -1,0 +1,1 @@
+"""Activation data for training SAEs: collection into sharded stores, online sources, multi-rank (torchrun) support."""

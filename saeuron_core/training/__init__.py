@@ -1,0 +1,1 @@
+"""Training TopK SAEs on stored or online activations."""
