@@ -6,8 +6,8 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from saeuron_core.erasure.eraser import MAX_ABLATE_STRENGTH, check_options
 from saeuron_core.erasure.eraser import ConceptEraser as Eraser
+from saeuron_core.erasure.options import MAX_ABLATE_STRENGTH, EraseOptions
 from saeuron_core.erasure.regions import RegionEdit
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.library import concept_names
@@ -72,14 +72,21 @@ class ConceptEraser(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The model with the concepts erased.")],
         )
 
+    @staticmethod
+    def options(method: str, strength: float, start_percent: float, end_percent: float, cfg_half: str,
+                min_coverage: float, detect_with: str) -> EraseOptions:
+        """The node's widgets as the core's eraser options (validated)."""
+        return EraseOptions(method=method, strength=strength, start=start_percent, end=end_percent,  # type: ignore[arg-type]
+                            cfg=cfg_half, min_coverage=min_coverage,  # type: ignore[arg-type]
+                            detect_with=parse_pairs(detect_with))
+
     @classmethod
     def validate_inputs(cls, concepts: str = "", method: str = "ablate", strength: float = 1.0,
                         start_percent: float = 0.0, end_percent: float = 1.0, cfg_half: str = "both",
                         min_coverage: float = 0.0, detect_with: str = "", mask_mode: str = "inside",
                         replace_also_at: str = "") -> bool | str:
         def check() -> None:
-            check_options(method, strength, start_percent, end_percent, cfg_half, min_coverage)
-            parse_pairs(detect_with)
+            cls.options(method, strength, start_percent, end_percent, cfg_half, min_coverage, detect_with)
             check_choice("mask_mode", mask_mode, ["inside", "outside"])
             if parse_concepts(replace_also_at) and method != "replace":
                 raise ConfigError("replace_also_at: only method 'replace' can replace at later blocks")
@@ -96,8 +103,8 @@ class ConceptEraser(io.ComfyNode):
         if not names:
             known = ", ".join(concept_names(sae)) or "none"
             raise ConfigError(f"no concept chosen; this SAE knows: {known}")
-        eraser = Eraser(sae, names, method, strength=strength, start=start_percent, end=end_percent,
-                        cfg=cfg_half, min_coverage=min_coverage, detect_with=parse_pairs(detect_with))
+        eraser = Eraser(sae, names, options=cls.options(method, strength, start_percent, end_percent, cfg_half,
+                                                        min_coverage, detect_with))
         followers = [(point, eraser.follower()) for point in parse_concepts(replace_also_at)]
         region = (lambda f: f) if mask is None else (lambda f: RegionEdit(f, mask, mask_mode))
         patched = patch_block(model, sae, region(eraser), target)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .erasure.eraser import ConceptsArg, Method, erase
+from .erasure.eraser import erase
+from .erasure.options import ConceptsArg, EraseOptions, Method
 from .errors import ConfigError
 from .hosts.diffusers import generate, set_scheduler
 from .hosts.hooks import BlockCall, check_sae_fits, denoiser, pipeline_hook
@@ -233,11 +234,13 @@ def inspect(pipe: Any, sae: TopKSAE, prompt: str, *, concepts: Optional[str | Se
 
 @torch.no_grad()
 def compare_erasure(pipe: Any, sae: Union[TopKSAE, Sequence[TopKSAE]], concepts: ConceptsArg, prompts: Sequence[str], *,
-                    method: Method = "ablate", strength: float = 1.0, seed: int = 0, steps: int = 20,
+                    method: Optional[Method] = None, seed: int = 0, steps: int = 20,
                     guidance_scale: float = 7.5, scheduler: Optional[str] = None, height: Optional[int] = None,
                     width: Optional[int] = None, batch_size: int = 4, hook_point: Optional[str] = None,
-                    **options: Any) -> list[tuple["Image.Image", "Image.Image"]]:
-    """``(before, after)`` images per prompt, all with the same seed; ``options`` go to :func:`erase`.
+                    options: Optional[EraseOptions] = None,
+                    **changes: Any) -> list[tuple["Image.Image", "Image.Image"]]:
+    """``(before, after)`` images per prompt, all with the same seed; ``method``, ``options`` and option fields
+    by name (``strength=...``) go to :func:`erase`.
 
     Several SAEs (on different blocks) erase the concepts at all their blocks at once; ``hook_point``
     then stays each SAE's own.
@@ -267,8 +270,8 @@ def compare_erasure(pipe: Any, sae: Union[TopKSAE, Sequence[TopKSAE]], concepts:
         # each prompt has its own seeded generator, so the order changes nothing.
         with contextlib.ExitStack() as erasing:
             for one in saes:
-                erasing.enter_context(erase(pipe, one, concepts, method, strength=strength, hook_point=hook_point,
-                                            **options))
+                erasing.enter_context(erase(pipe, one, concepts, method, hook_point=hook_point, options=options,
+                                            **changes))
             after = run()
         before = run()
     finally:

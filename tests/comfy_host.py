@@ -9,7 +9,6 @@ diffusers UNet. ``ComfyServer`` runs ``main.py`` of a fresh copy as a real serve
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys

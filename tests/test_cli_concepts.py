@@ -176,7 +176,7 @@ def test_inspect_command(capsys, learned):
 
 def test_user_errors_exit_2_with_one_line(capsys, learned):
     f = learned
-    assert_user_error(*run_cli(capsys, *erase_args(f, "--strength", "101"))[::2], "strength for 'cat' must be between 0 and 100")
+    assert_user_error(*run_cli(capsys, *erase_args(f, "--strength", "101"))[::2], "strength must be between 0 and 100")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--method", "replace", "--strength", "1.5"))[::2],
                       "between 0 and 1 for method 'replace'")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--strength", "nan"))[::2], "strength")

@@ -1,8 +1,8 @@
 """Diffusers hook points -> ComfyUI blocks, checked against ComfyUI's own diffusers key map."""
 
+import comfy_host
 import pytest
 
-import comfy_host
 from saeuron_core.errors import ConfigError
 
 SD15 = {"model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],

@@ -2,9 +2,9 @@
 
 import json
 
+import comfy_host
 import pytest
 import torch
-import comfy_host
 from conftest import HOOK
 
 from saeuron_core.concepts.learning import learn_concept

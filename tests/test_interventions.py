@@ -5,6 +5,7 @@ from planted import D, sae_with_concepts
 
 from saeuron_core.concepts.learning import learn_concept
 from saeuron_core.erasure.eraser import ConceptEraser, erase
+from saeuron_core.erasure.options import EraseOptions
 from saeuron_core.errors import ConfigError, HookError
 from saeuron_core.hosts.diffusers import generate
 from saeuron_core.hosts.hooks import BlockCall
@@ -264,6 +265,23 @@ def test_fp16_tokens_with_fp32_sae():
 def test_bad_options(bad, match):
     with pytest.raises(ConfigError, match=match):
         ConceptEraser(sae_with_concepts(), ["cat"], **bad)
+
+
+def test_one_options_object_or_its_fields_by_name():
+    x = background()
+    x[0, :5, 3] = 2.0
+    call = call_for(x, [900.0, 900.0])
+    options = EraseOptions(method="ablate", strength=4.0, start=0.0, end=1.0)
+    by_name = ConceptEraser(sae_with_concepts(), ["cat"], "ablate", strength=4.0)(call)
+    assert torch.equal(ConceptEraser(sae_with_concepts(), ["cat"], options=options)(call), by_name)
+    # fields by name change the given options; the options object itself is left as it was
+    weaker = ConceptEraser(sae_with_concepts(), ["cat"], options=options, strength=2.0)
+    assert weaker.options.strength == 2.0 and options.strength == 4.0
+    assert not torch.equal(weaker(call), by_name)
+    with pytest.raises(ConfigError, match="unknown eraser option strenght; the options are .*strength"):
+        ConceptEraser(sae_with_concepts(), ["cat"], strenght=2.0)
+    with pytest.raises(ConfigError, match="between 0 and 1 for method 'replace'"):
+        EraseOptions.build(options, method="replace")  # strength 4 is no share of replacement
 
 
 def test_unknown_concept_lists_known_ones():

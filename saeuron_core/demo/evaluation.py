@@ -36,7 +36,8 @@ from typing import Any, Callable, Collection, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..erasure.eraser import ConceptEraser, check_options
+from ..erasure.eraser import ConceptEraser
+from ..erasure.options import EraseOptions
 from ..errors import ConfigError
 from ..hosts.hooks import BlockCall, pipeline_hook
 from ..sae.library import concept_names
@@ -172,7 +173,7 @@ class Evaluator:
                  grid: Optional[Grid] = None, progress: Optional[Callable[[str], None]] = None) -> None:
         if not settings.seeds or settings.steps < 1 or settings.batch_size < 1:
             raise ConfigError("evaluation needs at least one seed, steps >= 1 and batch_size >= 1")
-        check_options("ablate", None, settings.start, settings.end, min_coverage=settings.min_coverage)
+        EraseOptions(start=settings.start, end=settings.end, min_coverage=settings.min_coverage)  # checks them
         self.saes = [sae] if isinstance(sae, TopKSAE) else list(sae)
         if not self.saes:
             raise ConfigError("evaluation needs at least one SAE")

@@ -35,7 +35,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,62 +46,14 @@ from ..hosts.hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, denoi
 from ..sae.library import ConceptData, bucket_of, get_concept
 from ..sae.model import TopKSAE
 from ..seeds import derived_seed
+from .options import ConceptsArg, EraseOptions, Method, check_coverage, check_strength, normalize_concepts
 from .regions import RegionEdit
-
-Method = Literal["ablate", "replace"]
-MAX_ABLATE_STRENGTH = 100.0
-ConceptsArg = Union[str, Sequence[Union[str, tuple[str, float]]], Mapping[str, float]]
-
-
-def normalize_concepts(concepts: ConceptsArg, strength: float) -> dict[str, float]:
-    """``"cat"``, ``["cat", ("dog", 2.0)]`` or ``{"cat": 1.0}`` -> ``{name: strength}``."""
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    if isinstance(concepts, Mapping):
-        return {str(k): float(v) for k, v in concepts.items()}
-    out: dict[str, float] = {}
-    for item in concepts:
-        if isinstance(item, str):
-            out[item] = float(strength)
-        else:
-            name, value = item
-            out[str(name)] = float(value)
-    return out
-
-
-def _check_coverage(name: Optional[str], value: float) -> None:
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        which = f"min_coverage for {name!r}" if name is not None else "min_coverage"
-        raise ConfigError(f"{which} must be between 0 and 1 (the share of the feature map where the concept's "
-                          f"features must fire before the image is edited), got {value}")
 
 
 def _selected_cells(c: ConceptData) -> tuple[Tensor, Tensor, Tensor]:
     """``(selected mask [buckets, M], bucket index, feature id)`` of each selected candidate of ``c``."""
     sel = c.selected_mask()
     return sel, torch.arange(c.n_buckets)[:, None].expand_as(c.feature_ids)[sel], c.feature_ids[sel]
-
-
-def _check_strength(method: str, name: Optional[str], value: float) -> None:
-    upper = MAX_ABLATE_STRENGTH if method == "ablate" else 1.0
-    if not math.isfinite(value) or not 0.0 <= value <= upper:
-        meaning = "the negative multiplier gamma = -strength" if method == "ablate" else "the share of replacement"
-        which = f"strength for {name!r}" if name is not None else "strength"
-        raise ConfigError(f"{which} must be between 0 and {upper:g} for method {method!r} ({meaning}), got {value}")
-
-
-def check_options(method: str, strength: Optional[float], start: float = 0.0, end: float = 1.0,
-                  cfg: str = "both", min_coverage: float = 0.0) -> None:
-    """Validate an eraser's options (raises :class:`ConfigError` saying what is expected)."""
-    if method not in ("ablate", "replace"):
-        raise ConfigError(f"method must be 'ablate' or 'replace', got {method!r}")
-    if strength is not None:
-        _check_strength(method, None, strength)
-    if not (0.0 <= start <= end <= 1.0):
-        raise ConfigError(f"the window needs 0 <= start <= end <= 1 (fractions of the denoising), got {start}..{end}")
-    if cfg not in ("both", "cond", "uncond"):
-        raise ConfigError(f"cfg must be 'both', 'cond' or 'uncond', got {cfg!r}")
-    _check_coverage(None, min_coverage)
 
 
 @dataclass
@@ -117,29 +69,19 @@ class MaskRecord:
 class ConceptEraser:
     """Block-hook function that erases concepts (``method`` ablate or replace) from an SAE's library."""
 
-    def __init__(self, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ablate", *, strength: float = 1.0,
-                 start: float = 0.0, end: float = 1.0, cfg: Literal["both", "cond", "uncond"] = "both",
-                 threshold_scale: float = 1.0, dilation: int = 1,
-                 source: Literal["sample", "nearest", "uncond"] = "uncond", neighbors: int = 1, seed: int = 0,
-                 record_masks: bool = False, min_coverage: Union[float, Mapping[str, float]] = 0.0,
-                 detect_with: Optional[Mapping[str, str]] = None) -> None:
-        check_options(method, None, start, end, cfg)
-        if source not in ("sample", "nearest", "uncond"):
-            raise ConfigError(f"source must be 'sample', 'nearest' or 'uncond', got {source!r}")
-        if not math.isfinite(threshold_scale) or threshold_scale < 0 or dilation < 0:
-            raise ConfigError("threshold_scale must be >= 0 and dilation >= 0")
-        self.sae, self.method, self.start, self.end, self.cfg = sae, method, start, end, cfg
-        if int(neighbors) != neighbors or neighbors < 1:
-            raise ConfigError(f"neighbors must be a whole number >= 1 (how many of the nearest undetected patches "
-                              f"are averaged into a replacement), got {neighbors}")
-        self.threshold_scale, self.dilation, self.source, self.seed = threshold_scale, dilation, source, seed
-        self.neighbors = int(neighbors)
-        self.strengths = normalize_concepts(concepts, strength)
+    def __init__(self, sae: TopKSAE, concepts: ConceptsArg, method: Optional[Method] = None, *,
+                 options: Optional[EraseOptions] = None, **changes: Any) -> None:
+        """``options`` (an :class:`EraseOptions`) with ``method`` and any of its fields given by name changed."""
+        self.options = o = EraseOptions.build(options, method=method, **changes)
+        self.sae, self.method, self.start, self.end, self.cfg = sae, o.method, o.start, o.end, o.cfg
+        self.threshold_scale, self.dilation, self.source, self.seed = o.threshold_scale, o.dilation, o.source, o.seed
+        self.neighbors = int(o.neighbors)
+        self.strengths = normalize_concepts(concepts, o.strength)
         for name, value in self.strengths.items():
-            _check_strength(method, name, value)
+            check_strength(o.method, name, value)
         self.concepts: list[ConceptData] = [get_concept(sae, name) for name in self.strengths]
-        self.min_coverage = self._coverage_per_concept(min_coverage)
-        entries = self._detectors(detect_with or {})
+        self.min_coverage = self._coverage_per_concept(o.min_coverage)
+        entries = self._detectors(o.detect_with or {})
         for c in self.concepts + list(entries.values()):
             if not c.n_selected.any():
                 raise ConfigError(f"concept {c.name!r} selects no feature at any timestep, so erasing with it would "
@@ -148,7 +90,7 @@ class ConceptEraser:
         # the entry whose features read each gated concept's coverage (None: not gated)
         self.detectors: list[Optional[ConceptData]] = [entries.get(c.name, c) if float(self.min_coverage[j]) > 0
                                                        else None for j, c in enumerate(self.concepts)]
-        self.record_masks = record_masks
+        self.record_masks = o.record_masks
         self.masks: list[MaskRecord] = []
         self._last_mask: Optional[tuple[Tensor, Tensor, Tensor, Optional[tuple[int, int]]]] = None
         self._sae_copies: dict[torch.device, TopKSAE] = {}
@@ -160,10 +102,10 @@ class ConceptEraser:
             self._refuse_stray("min_coverage", min_coverage)
             values = {str(k): float(v) for k, v in min_coverage.items()}
         else:
-            _check_coverage(None, float(min_coverage))
+            check_coverage(None, float(min_coverage))
             values = {name: float(min_coverage) for name in self.strengths}
         for name, value in values.items():
-            _check_coverage(name, value)
+            check_coverage(name, value)
         return torch.tensor([values.get(name, 0.0) for name in self.strengths], dtype=torch.float32)
 
     def _refuse_stray(self, option: str, names: Mapping[str, Any]) -> None:
@@ -174,9 +116,6 @@ class ConceptEraser:
 
     def _detectors(self, detect_with: Mapping[str, str]) -> dict[str, ConceptData]:
         """``{concept: detector entry}`` checked: the concept is erased here and the entry is in the library."""
-        if not isinstance(detect_with, Mapping):
-            raise ConfigError("detect_with must map erased concepts to library entries, like {'solid': 'solid "
-                              "(detector)'}")
         self._refuse_stray("detect_with", detect_with)
         # an unknown entry fails here, with the known ones listed
         return {str(k): get_concept(self.sae, str(v)) for k, v in detect_with.items()}
@@ -474,18 +413,20 @@ class ReplaceFollower:
 
 
 @contextlib.contextmanager
-def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ablate", *, strength: float = 1.0,
+def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Optional[Method] = None, *,
           hook_point: Optional[str] = None, cfg_layout: Optional[CfgLayout] = None, also_at: Sequence[str] = (),
-          mask: Optional[Tensor] = None, mask_mode: str = "inside", **options: Any) -> Iterator[ConceptEraser]:
+          mask: Optional[Tensor] = None, mask_mode: str = "inside", options: Optional[EraseOptions] = None,
+          **changes: Any) -> Iterator[ConceptEraser]:
     """Everything inside the block generates with ``concepts`` erased; on exit ``target`` is as before.
 
     ``target`` is a diffusers pipeline (CFG halves are read from it) or a bare denoiser, a UNet or a FLUX / SD3
     transformer (then ``cfg_layout`` says how its batches are laid out; default ``"uncond_cond"`` as diffusers
     does). An SAE whose config says ``residual`` reads the block's update and its edit is added onto the output.
-    Options: ``start``, ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``neighbors``, ``seed``,
-    ``record_masks``, ``min_coverage``, ``detect_with`` (see :class:`ConceptEraser`). ``also_at``: later blocks
-    where a replace eraser also replaces what it detected (:meth:`ConceptEraser.follower`). ``mask`` (``[H, W]``
-    or ``[M, H, W]``, 0..1): erase only inside the painted region (``mask_mode="outside"``: only outside it).
+    How it erases: ``options`` (an :class:`EraseOptions`) and/or its fields by name (``strength``, ``start``,
+    ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``neighbors``, ``seed``, ``record_masks``,
+    ``min_coverage``, ``detect_with``). ``also_at``: later blocks where a replace eraser also replaces what it
+    detected (:meth:`ConceptEraser.follower`). ``mask`` (``[H, W]`` or ``[M, H, W]``, 0..1): erase only inside
+    the painted region (``mask_mode="outside"``: only outside it).
     """
     is_pipeline = not isinstance(target, torch.nn.Module)
     unet = denoiser(target) if is_pipeline else target
@@ -493,7 +434,7 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Method = "ab
     if not hook_point:
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
     check_sae_fits(unet, hook_point, sae)
-    eraser = ConceptEraser(sae, concepts, method, strength=strength, **options)
+    eraser = ConceptEraser(sae, concepts, method, options=options, **changes)
     fn = eraser if mask is None else RegionEdit(eraser, mask, mask_mode)  # type: ignore[arg-type]
     layout = pipeline_cfg_layout(target) if is_pipeline else (cfg_layout or "uncond_cond")
     followers = [eraser.follower() for _ in also_at] if also_at else []
