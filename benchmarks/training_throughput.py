@@ -40,7 +40,8 @@ from benchmarks.common import (
     timed,
 )
 from saeuron_core.sae.model import SAEConfig, TopKSAE, auto_lr
-from saeuron_core.training.trainer import TrainConfig, TrainStep, geometric_median, lr_at, make_optimizer
+from saeuron_core.training.step import TrainStep
+from saeuron_core.training.trainer import TrainConfig, geometric_median, lr_at, make_optimizer
 
 # -- memory -------------------------------------------------------------------------------------
 

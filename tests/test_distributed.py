@@ -30,7 +30,8 @@ import pytest
 import torch
 
 from saeuron_core.data.store import STORE_FORMAT, ActivationStore, ShardWriter
-from saeuron_core.training.trainer import StoreSource, TrainConfig, train_sae
+from saeuron_core.training.sources import StoreSource
+from saeuron_core.training.trainer import TrainConfig, train_sae
 
 HERE = Path(__file__).resolve()
 D_IN = 32
@@ -214,7 +215,7 @@ def test_rank_slices_of_the_global_stream_read_each_shard_once(tmp_path, dtype, 
 
 
 def test_tensor_source_rank_slices():
-    from saeuron_core.training.trainer import TensorSource
+    from saeuron_core.training.sources import TensorSource
 
     src = TensorSource(torch.randn(1000, 8))
     whole = src.iter_batches(64, seed=2, start_batch=20)

@@ -9,15 +9,9 @@ from saeuron_core.data.collection import CollectConfig, collect_activations
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.files import load_sae
 from saeuron_core.sae.model import SAEConfig, TopKSAE, fvu
-from saeuron_core.training.trainer import (
-    StoreSource,
-    TensorSource,
-    TrainConfig,
-    TrainStep,
-    geometric_median,
-    lr_at,
-    train_sae,
-)
+from saeuron_core.training.sources import StoreSource, TensorSource
+from saeuron_core.training.step import TrainStep
+from saeuron_core.training.trainer import TrainConfig, geometric_median, lr_at, train_sae
 
 
 def planted(d=64, m=128, n=40000, active=3, seed=0):

@@ -365,7 +365,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _train_store(a: argparse.Namespace, config, device):
     from ..data.store import ActivationStore
-    from ..training.trainer import StoreSource, train_sae
+    from ..training.sources import StoreSource
+    from ..training.trainer import train_sae
 
     store = ActivationStore(a.store)
     collect_cfg = store.manifest.get("config", {})

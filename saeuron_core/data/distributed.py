@@ -164,3 +164,14 @@ def all_gather_object(obj: Any, info: Optional[DistInfo] = None) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def rank_rows(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of each global batch of ``batch_size`` rows that belong to ``rank`` of ``world_size``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} of world size {world_size} is not a valid rank")
+    if batch_size % world_size:
+        raise ConfigError(f"the global batch size ({batch_size}) must be divisible by the number of ranks "
+                          f"({world_size})")
+    local = batch_size // world_size
+    return rank * local, (rank + 1) * local

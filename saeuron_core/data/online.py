@@ -31,6 +31,7 @@ from ..hosts.diffusers import set_scheduler
 from ..hosts.hooks import BlockCall, block_channels, denoiser, get_submodule
 from ..sae.model import dtype_from_name
 from ..seeds import generator
+from .distributed import rank_rows
 from .collection import CollectConfig, call_rows, run_chunk
 
 
@@ -108,12 +109,8 @@ class OnlineSource:
         A pure function of ``seed`` and ``start_batch``: each pass visits this rank's chunks in an
         order drawn from them, and a resumed run (``start_batch`` > 0) draws a fresh order.
         """
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank {rank} of world size {world_size} is not a valid rank")
-        if batch_size % world_size:
-            raise ConfigError(f"train: the global batch size ({batch_size}) must be divisible by the number of "
-                              f"ranks ({world_size})")
-        local = batch_size // world_size
+        lo, hi = rank_rows(batch_size, rank, world_size)
+        local = hi - lo
         mine = [c for c in range(self.n_chunks) if c % world_size == rank]
         if not mine:
             raise ConfigError(f"online: {len(self.items)} items in chunks of {self.config.batch_size} leave rank "

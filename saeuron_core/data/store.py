@@ -34,6 +34,7 @@ from torch import Tensor
 from ..errors import ConfigError, StoreError
 from ..safetensors_io import atomic_save_safetensors, atomic_write_text, load_safetensors, read_safetensors_header
 from ..seeds import generator
+from .distributed import rank_rows
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "saeuron-activations"
@@ -214,12 +215,8 @@ class ActivationStore:
         ``b = batch_size // world_size``: per group it maps the shards and reads only its own rows,
         so ranks read disjoint rows and memory per rank is ``1 / world_size`` of a group.
         """
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank {rank} of world size {world_size} is not a valid rank")
-        if batch_size % world_size:
-            raise ConfigError(f"the global batch size ({batch_size}) must be divisible by the number of ranks "
-                              f"({world_size})")
-        local = batch_size // world_size
+        lo, hi = rank_rows(batch_size, rank, world_size)
+        local = hi - lo
         if self.n_tokens < batch_size:
             raise StoreError(f"{self.folder}: store holds {self.n_tokens} tokens, fewer than one batch of {batch_size}")
         skip = start_batch
@@ -237,7 +234,7 @@ class ActivationStore:
                     for b in range(skip, n_batches):
                         yield tokens[perm[b * batch_size:(b + 1) * batch_size]].to(dtype)
                 else:
-                    mine = perm[:n_batches * batch_size].view(n_batches, batch_size)[skip:, rank * local:(rank + 1) * local]
+                    mine = perm[:n_batches * batch_size].view(n_batches, batch_size)[skip:, lo:hi]
                     tokens = self.gather_rows(group, mine.reshape(-1))
                     for b in range(n_batches - skip):
                         yield tokens[b * local:(b + 1) * local].to(dtype)
