@@ -57,7 +57,7 @@ def reply(query):
     return routes.concepts_reply(query)
 
 
-# -- saeuron_core.library -----------------------------------------------------------------
+# -- concept names from the file header -------------------------------------------------------------
 
 def test_names_come_from_the_header_only(tmp_path, sae_with_concepts, monkeypatch):
     path = save_sae(sae_with_concepts, tmp_path / "sae.safetensors")

@@ -1,4 +1,4 @@
-"""Concept scoring (SAeUron's importance score) and the SAE file's concept library.
+"""Concept scoring: SAeUron's importance score, feature selection and streamed per-timestep statistics.
 
 For a concept c and timestep bucket t, feature i gets the score
 ``p_c(i) - p_o(i)`` where ``p_c`` is the mean activation of every feature over all tokens of

@@ -8,7 +8,7 @@ call with the same settings continues after the last written shard.
 Under ``torchrun`` (or with explicit ``rank``/``world_size``) the items are cut into chunks of
 ``batch_size`` items, exactly the pipeline calls a single process makes; chunk ``c`` belongs to
 rank ``c % world_size``. Every rank writes its own shards and progress file (see
-:mod:`saeuron_core.store`), so ranks never wait for each other while sampling, a rank that is
+:mod:`saeuron_core.data.store`), so ranks never wait for each other while sampling, a rank that is
 interrupted redoes only its chunks after its last shard, and the store can be resumed with
 another number of ranks (chunks already done, by any rank, are skipped).
 """

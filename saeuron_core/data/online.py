@@ -31,8 +31,8 @@ from ..hosts.diffusers import set_scheduler
 from ..hosts.hooks import BlockCall, block_channels, denoiser, get_submodule
 from ..sae.model import dtype_from_name
 from ..seeds import generator
-from .distributed import rank_rows
 from .collection import CollectConfig, call_rows, run_chunk
+from .distributed import rank_rows
 
 
 class OnlineSource:

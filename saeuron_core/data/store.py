@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, StoreError
+from ..errors import StoreError
 from ..safetensors_io import atomic_save_safetensors, atomic_write_text, load_safetensors, read_safetensors_header
 from ..seeds import generator
 from .distributed import rank_rows

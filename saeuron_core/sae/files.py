@@ -7,7 +7,7 @@ metadata strings: ``saeuron_format`` (version), ``config`` (:class:`SAEConfig`),
 
 Imported (read-only): EleutherAI sparsify / SAeUron folders (``cfg.json`` + ``sae.safetensors``),
 SAELens folders (``cfg.json`` + ``sae_weights.safetensors``) and SDLens / sdxl-unbox folders (``config.json`` +
-``state_dict.pth``, see :mod:`.import_sdlens`). Nothing is ever unpickled, except that one ``state_dict.pth``
+``state_dict.pth``, see :mod:`.imported`). Nothing is ever unpickled, except that one ``state_dict.pth``
 through torch's weights-only unpickler (tensors only; any other object is refused without running it).
 """
 
@@ -29,12 +29,12 @@ from ..safetensors_io import (
     read_safetensors_header,
     refuse_pickle,
 )
+from .imported import checked_hook, load_saelens, load_sdlens, load_sparsify, sdlens_folder
 from .library import check_concept_name, check_library
-from .model import SAEConfig, TopKSAE, dtype_name
+from .model import SAEConfig, TopKSAE
+from .tensors import CORE_TENSORS, build_sae, check_tensors
 
 FORMAT_VERSION = "1"
-CORE_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
-SAE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what SAE weights may be stored in
 
 
 def _json_field(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
@@ -44,31 +44,6 @@ def _json_field(path: Path, metadata: dict[str, str], key: str, default: Any) ->
         return json.loads(metadata[key])
     except json.JSONDecodeError:
         raise SAEFormatError(f"{path}: metadata field {key!r} is not valid JSON; the file is corrupt") from None
-
-
-def _check_tensors(path: Path, tensors: dict[str, Tensor], names: tuple[str, ...]) -> None:
-    missing = [name for name in names if name not in tensors]
-    if missing:
-        raise SAEFormatError(f"{path}: missing tensor(s) {missing}; an SAE file needs {list(names)}")
-    for name in names:
-        t = tensors[name]
-        if t.dtype not in SAE_DTYPES:
-            raise SAEFormatError(f"{path}: tensor {name!r} has dtype {dtype_name(t.dtype)}; expected a float tensor "
-                                 f"({', '.join(map(dtype_name, SAE_DTYPES))})")
-        if not torch.isfinite(t).all():
-            raise SAEFormatError(f"{path}: tensor {name!r} contains NaN or infinite values")
-
-
-def _build(path: Path, config: SAEConfig, tensors: dict[str, Tensor], device: str | torch.device,
-           dtype: torch.dtype | None) -> TopKSAE:
-    try:
-        sae = TopKSAE.from_tensors(config, tensors, device=device, dtype=dtype)
-    except ConfigError as exc:
-        raise SAEFormatError(f"{path}: {exc}") from None
-    for name, t in sae.tensors().items():  # finite in the file's dtypes, but also in the SAE's one?
-        if not torch.isfinite(t).all():
-            raise SAEFormatError(f"{path}: tensor {name!r} has values beyond the range of {dtype_name(sae.dtype)}")
-    return sae
 
 
 # -- native format -----------------------------------------------------------------------
@@ -118,8 +93,8 @@ def _load_native(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
         config = SAEConfig.from_dict(_json_field(path, metadata, "config", None))
     except ConfigError as exc:
         raise SAEFormatError(f"{path}: bad config metadata: {exc}") from None
-    _check_tensors(path, tensors, CORE_TENSORS)
-    sae = _build(path, config, tensors, device, dtype)
+    check_tensors(path, tensors, CORE_TENSORS)
+    sae = build_sae(path, config, tensors, device, dtype)
     sae.training_summary = _json_field(path, metadata, "training", {})
     sae.concepts = _json_field(path, metadata, "concepts", {})
     if not isinstance(sae.training_summary, dict) or not isinstance(sae.concepts, dict):
@@ -133,99 +108,10 @@ def _load_native(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     return sae
 
 
-# -- importers ---------------------------------------------------------------------------
-
-def _read_cfg(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SAEFormatError(f"{path}: cannot read {path.name} ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise SAEFormatError(f"{path}: {path.name} must hold a JSON object")
-    return cfg
-
-
-def _int_field(path: Path, cfg: dict[str, Any], *keys: str) -> int:
-    for key in keys:
-        value = cfg.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    raise SAEFormatError(f"{path}: {path.name} needs an integer {' or '.join(keys)}")
-
-
-def _hook_from_folder(folder: Path) -> str:
-    name = folder.name
-    return name[len("unet."):] if name.startswith("unet.") else (name if "." in name else "")
-
-
-def _load_sparsify(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> TopKSAE:
-    cfg_path, weights = folder / "cfg.json", folder / "sae.safetensors"
-    cfg = _read_cfg(cfg_path)
-    if cfg.get("input_unit_norm"):
-        raise SAEFormatError(
-            f"{cfg_path}: input_unit_norm=true SAEs normalise each token before encoding; this is not "
-            f"supported (expected input_unit_norm false, as in the published SAeUron SAEs)"
-        )
-    tensors, _ = load_safetensors(weights, device="cpu")
-    _check_tensors(weights, tensors, CORE_TENSORS)
-    d_in = _int_field(cfg_path, cfg, "d_in")
-    n = cfg.get("num_latents") or 0
-    if not isinstance(n, int) or n <= 0:
-        n = d_in * _int_field(cfg_path, cfg, "expansion_factor")
-    config = SAEConfig(d_in=d_in, n_latents=n, k=_int_field(cfg_path, cfg, "k"),
-                       hook_point=_hook_from_folder(folder), model_family=str(cfg.get("model_family", "")),
-                       normalize_decoder=bool(cfg.get("normalize_decoder", True)),
-                       extra={"imported_from": "sparsify", "source_cfg": cfg})
-    sae = _build(weights, config, tensors, device, dtype)
-    sae.source_format = "sparsify"
-    return sae
-
-
-def _load_saelens(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> TopKSAE:
-    cfg_path, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
-    cfg = _read_cfg(cfg_path)
-    arch = str(cfg.get("architecture", "topk")).lower()
-    act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or ""
-    if arch != "topk" and act != "topk":
-        raise SAEFormatError(f"{cfg_path}: SAELens architecture {arch!r} is not a TopK SAE; only TopK SAEs are supported")
-    norm = cfg.get("normalize_activations", "none") or "none"
-    if norm != "none":
-        raise SAEFormatError(f"{cfg_path}: normalize_activations={norm!r} is not supported (expected 'none')")
-    k = cfg.get("k")
-    if k is None and isinstance(cfg.get("activation_fn_kwargs"), dict):
-        k = cfg["activation_fn_kwargs"].get("k")
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise SAEFormatError(f"{cfg_path}: cfg.json needs an integer k (or activation_fn_kwargs.k)")
-    tensors, _ = load_safetensors(weights, device="cpu")
-    _check_tensors(weights, tensors, ("W_enc", "b_enc", "W_dec", "b_dec"))
-    d_in, n = _int_field(cfg_path, cfg, "d_in"), _int_field(cfg_path, cfg, "d_sae")
-    w_enc = tensors["W_enc"]
-    if tuple(w_enc.shape) != (d_in, n):
-        raise SAEFormatError(f"{weights}: 'W_enc' has shape {list(w_enc.shape)}, expected {[d_in, n]}")
-    b_enc = tensors["b_enc"]
-    if not cfg.get("apply_b_dec_to_input", True):
-        # W(x - b_dec) + b' == W x + b_enc  with  b' = b_enc + W b_dec: fold so one encode formula fits.
-        b_enc = b_enc + tensors["b_dec"].to(w_enc.dtype) @ w_enc
-    converted = {"encoder.weight": w_enc.T.contiguous(), "encoder.bias": b_enc,
-                 "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
-    config = SAEConfig(d_in=d_in, n_latents=n, k=k, hook_point=str(cfg.get("hook_name", "") or ""),
-                       model_family=str(cfg.get("model_name", "") or ""), normalize_decoder=False,
-                       extra={"imported_from": "saelens", "source_cfg": cfg})
-    sae = _build(weights, config, converted, device, dtype)
-    sae.source_format = "saelens"
-    return sae
-
-
-def _sdlens_folder(path: Path) -> Path | None:
-    from .sdlens import sdlens_folder
-
-    return sdlens_folder(path)
-
-
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     """Return ``(format, resolved_path)``; format is ``native``, ``sparsify``, ``saelens`` or ``sdlens``."""
     path = Path(path)
-    if path.name == "state_dict.pth" and path.is_file() and _sdlens_folder(path.parent):
+    if path.name == "state_dict.pth" and path.is_file() and sdlens_folder(path.parent):
         return "sdlens", path.parent  # read through the weights-only unpickler only
     refuse_pickle(path)
     if not path.exists():
@@ -242,10 +128,10 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
         if (path / "sae_weights.safetensors").is_file():
             return "saelens", path
         raise SAEFormatError(f"{path}: has cfg.json but neither sae.safetensors (sparsify) nor sae_weights.safetensors (SAELens)")
-    sdlens = _sdlens_folder(path)
+    sdlens = sdlens_folder(path)
     if sdlens:
         return "sdlens", sdlens
-    candidates = sorted(p for p in path.iterdir() if p.is_dir() and ((p / "cfg.json").is_file() or _sdlens_folder(p)))
+    candidates = sorted(p for p in path.iterdir() if p.is_dir() and ((p / "cfg.json").is_file() or sdlens_folder(p)))
     if len(candidates) == 1:
         return detect_format(candidates[0])
     if candidates:
@@ -266,13 +152,11 @@ def load_sae(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     """
     fmt, resolved = detect_format(path)
     if fmt == "sdlens":
-        from .sdlens import load_sdlens
-
         return load_sdlens(resolved, device, dtype, hook_point)
     if fmt in ("sparsify", "saelens"):
-        sae = (_load_sparsify if fmt == "sparsify" else _load_saelens)(resolved, device, dtype)
+        sae = (load_sparsify if fmt == "sparsify" else load_saelens)(resolved, device, dtype)
         if hook_point is not None:
-            sae.config.hook_point = _checked_hook(resolved, hook_point)
+            sae.config.hook_point = checked_hook(resolved, hook_point)
         return sae
     if hook_point is not None:
         raise ConfigError(f"{resolved}: a native SAE file carries its own hook point (saeuron info shows it); "
@@ -285,16 +169,6 @@ def load_sae(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             f"that holds cfg.json"
         )
     return _load_native(resolved, tensors, metadata, device, dtype)
-
-
-def _checked_hook(folder: Path, hook_point: str) -> str:
-    from .sdlens import normalize_hook_point
-
-    hook = normalize_hook_point(hook_point)
-    if not hook:
-        raise SAEFormatError(f"{folder}: hook point {hook_point!r} is not a block this SAE can read; expected a "
-                             f"diffusers block path such as up_blocks.1.attentions.1 or transformer_blocks.18")
-    return hook
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, hook_point: str | None = None) -> Path:

@@ -1,6 +1,8 @@
-"""Read-only import of SDLens / sdxl-unbox SAEs (the public SDXL-Turbo SAEs and the FLUX.1 block-18 SAE).
+"""Read-only importers of other projects' SAE folders: EleutherAI sparsify / SAeUron (``cfg.json`` +
+``sae.safetensors``), SAELens TopK (``cfg.json`` + ``sae_weights.safetensors``) and SDLens / sdxl-unbox (the public
+SDXL-Turbo SAEs and the FLUX.1 block-18 SAE).
 
-Layout: a folder per block, e.g. ``unet.down_blocks.2.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001/final/``,
+SDLens / sdxl-unbox layout: a folder per block, e.g. ``unet.down_blocks.2.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001/final/``,
 holding ``config.json`` (``n_dirs_local``, ``d_model``, ``k``, ``auxk``, ...) and ``state_dict.pth`` (a
 ``torch.save`` of ``encoder.weight [n, d]``, ``decoder.weight [d, n]``, ``pre_bias [d]``, ``latent_bias [n]`` and a
 ``stats_last_nonzero [n]`` buffer, bare or under a ``"state_dict"`` key). ``mean.pt`` is not needed and not read.
@@ -16,16 +18,18 @@ plain containers and refuses any other object without running it; the result mus
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import SAEFormatError
-from .files import _build, _check_tensors, _checked_hook, _int_field, _read_cfg
+from ..safetensors_io import load_safetensors
 from .model import SAEConfig, TopKSAE
+from .tensors import CORE_TENSORS, build_sae, check_tensors
 
 CONFIG, WEIGHTS = "config.json", "state_dict.pth"
 _BUFFERS = ("stats_last_nonzero",)  # training statistics saved with the weights; shape [n], ignored
@@ -33,6 +37,96 @@ _HOOK_KEYS = ("hook_point", "hook_name", "block", "position")
 _BLOCK = re.compile(r"^(down_blocks|up_blocks|mid_block|transformer_blocks|single_transformer_blocks)(\.\d+|\.[a-z_]+)*$")
 _COMFY_FLUX = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
 
+
+def read_cfg(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SAEFormatError(f"{path}: cannot read {path.name} ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{path}: {path.name} must hold a JSON object")
+    return cfg
+
+
+def int_field(path: Path, cfg: dict[str, Any], *keys: str) -> int:
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise SAEFormatError(f"{path}: {path.name} needs an integer {' or '.join(keys)}")
+
+
+def _hook_from_folder(folder: Path) -> str:
+    name = folder.name
+    return name[len("unet."):] if name.startswith("unet.") else (name if "." in name else "")
+
+
+def load_sparsify(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> TopKSAE:
+    cfg_path, weights = folder / "cfg.json", folder / "sae.safetensors"
+    cfg = read_cfg(cfg_path)
+    if cfg.get("input_unit_norm"):
+        raise SAEFormatError(
+            f"{cfg_path}: input_unit_norm=true SAEs normalise each token before encoding; this is not "
+            f"supported (expected input_unit_norm false, as in the published SAeUron SAEs)"
+        )
+    tensors, _ = load_safetensors(weights, device="cpu")
+    check_tensors(weights, tensors, CORE_TENSORS)
+    d_in = int_field(cfg_path, cfg, "d_in")
+    n = cfg.get("num_latents") or 0
+    if not isinstance(n, int) or n <= 0:
+        n = d_in * int_field(cfg_path, cfg, "expansion_factor")
+    config = SAEConfig(d_in=d_in, n_latents=n, k=int_field(cfg_path, cfg, "k"),
+                       hook_point=_hook_from_folder(folder), model_family=str(cfg.get("model_family", "")),
+                       normalize_decoder=bool(cfg.get("normalize_decoder", True)),
+                       extra={"imported_from": "sparsify", "source_cfg": cfg})
+    sae = build_sae(weights, config, tensors, device, dtype)
+    sae.source_format = "sparsify"
+    return sae
+
+
+def load_saelens(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> TopKSAE:
+    cfg_path, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
+    cfg = read_cfg(cfg_path)
+    arch = str(cfg.get("architecture", "topk")).lower()
+    act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or ""
+    if arch != "topk" and act != "topk":
+        raise SAEFormatError(f"{cfg_path}: SAELens architecture {arch!r} is not a TopK SAE; only TopK SAEs are supported")
+    norm = cfg.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise SAEFormatError(f"{cfg_path}: normalize_activations={norm!r} is not supported (expected 'none')")
+    k = cfg.get("k")
+    if k is None and isinstance(cfg.get("activation_fn_kwargs"), dict):
+        k = cfg["activation_fn_kwargs"].get("k")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise SAEFormatError(f"{cfg_path}: cfg.json needs an integer k (or activation_fn_kwargs.k)")
+    tensors, _ = load_safetensors(weights, device="cpu")
+    check_tensors(weights, tensors, ("W_enc", "b_enc", "W_dec", "b_dec"))
+    d_in, n = int_field(cfg_path, cfg, "d_in"), int_field(cfg_path, cfg, "d_sae")
+    w_enc = tensors["W_enc"]
+    if tuple(w_enc.shape) != (d_in, n):
+        raise SAEFormatError(f"{weights}: 'W_enc' has shape {list(w_enc.shape)}, expected {[d_in, n]}")
+    b_enc = tensors["b_enc"]
+    if not cfg.get("apply_b_dec_to_input", True):
+        # W(x - b_dec) + b' == W x + b_enc  with  b' = b_enc + W b_dec: fold so one encode formula fits.
+        b_enc = b_enc + tensors["b_dec"].to(w_enc.dtype) @ w_enc
+    converted = {"encoder.weight": w_enc.T.contiguous(), "encoder.bias": b_enc,
+                 "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+    config = SAEConfig(d_in=d_in, n_latents=n, k=k, hook_point=str(cfg.get("hook_name", "") or ""),
+                       model_family=str(cfg.get("model_name", "") or ""), normalize_decoder=False,
+                       extra={"imported_from": "saelens", "source_cfg": cfg})
+    sae = build_sae(weights, config, converted, device, dtype)
+    sae.source_format = "saelens"
+    return sae
+
+
+def checked_hook(folder: Path, hook_point: str) -> str:
+    hook = normalize_hook_point(hook_point)
+    if not hook:
+        raise SAEFormatError(f"{folder}: hook point {hook_point!r} is not a block this SAE can read; expected a "
+                             f"diffusers block path such as up_blocks.1.attentions.1 or transformer_blocks.18")
+    return hook
+
+# -- SDLens / sdxl-unbox ----------------------------------------------------------------------------------
 
 def is_sdlens_folder(folder: Path) -> bool:
     """Whether ``folder`` holds an SDLens SAE (``config.json`` next to ``state_dict.pth``)."""
@@ -102,7 +196,7 @@ def _check_shapes(path: Path, tensors: dict[str, Tensor], d: int, n: int) -> Non
     if stray:
         raise SAEFormatError(f"{path}: unexpected tensor(s) {stray}; an SDLens SAE holds {sorted(expected)} "
                              f"and {list(_BUFFERS)}")
-    _check_tensors(path, tensors, tuple(expected))
+    check_tensors(path, tensors, tuple(expected))
     for name, shape in {**expected, **{b: (n,) for b in _BUFFERS}}.items():
         if name in tensors and tuple(tensors[name].shape) != shape:
             raise SAEFormatError(f"{path}: {name!r} has shape {list(tensors[name].shape)}, expected {list(shape)} "
@@ -116,13 +210,13 @@ def load_sdlens(folder: Path, device: str | torch.device = "cpu", dtype: Optiona
     The block comes from ``hook_point`` if given, else from ``config.json``, else from the folder name.
     """
     cfg_path, weights = folder / CONFIG, folder / WEIGHTS
-    cfg = _read_cfg(cfg_path)
-    d, n, k = (_int_field(cfg_path, cfg, key) for key in ("d_model", "n_dirs_local", "k"))
+    cfg = read_cfg(cfg_path)
+    d, n, k = (int_field(cfg_path, cfg, key) for key in ("d_model", "n_dirs_local", "k"))
     named = next((cfg[key] for key in _HOOK_KEYS if isinstance(cfg.get(key), str) and cfg[key]), None)
     if hook_point is not None:
-        hook = _checked_hook(folder, hook_point)
+        hook = checked_hook(folder, hook_point)
     else:
-        hook = _checked_hook(cfg_path, named) if named else hook_from_folder_name(folder)
+        hook = checked_hook(cfg_path, named) if named else hook_from_folder_name(folder)
     if not hook:
         raise SAEFormatError(
             f"{folder}: this SDLens SAE does not say which block it reads (neither config.json nor the folder name "
@@ -136,7 +230,7 @@ def load_sdlens(folder: Path, device: str | torch.device = "cpu", dtype: Optiona
     config = SAEConfig(d_in=d, n_latents=n, k=k, hook_point=hook, model_family=model_family(hook),
                        normalize_decoder=False, residual=True,
                        extra={"imported_from": "sdlens", "source_cfg": cfg, "source_folder": _run_name(folder)})
-    sae = _build(weights, config, converted, device, dtype)
+    sae = build_sae(weights, config, converted, device, dtype)
     sae.source_format = "sdlens"
     return sae
 
