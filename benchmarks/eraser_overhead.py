@@ -34,25 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import (
-    NO_PAUSE,
-    Pauser,
-    add_common_args,
-    best_ratio,
-    emit,
-    encode_flops,
-    fmt_s,
-    interleaved,
-    machine_line,
-    matmul_gflops,
-    median,
-    paired_ratio,
-    setup_threads,
-    sparse_decode_flops,
-    spread,
-    table,
-    timed,
-)
+from benchmarks.common import (NO_PAUSE, Pauser, add_common_args, best_ratio, emit, encode_flops, fmt_s, interleaved,
+                               machine_line, matmul_gflops, median, paired_ratio, setup_threads, sparse_decode_flops,
+                               spread, table, timed)
 from saeuron_core.erasure.eraser import ConceptEraser
 from saeuron_core.hosts.hooks import BlockCall, BlockHook, edit_block, to_tokens
 from saeuron_core.sae.library import ConceptData, add_concept

@@ -19,19 +19,8 @@ import time
 
 import torch
 
-from benchmarks.common import (
-    NO_PAUSE,
-    Pauser,
-    add_common_args,
-    emit,
-    encode_flops,
-    fmt_s,
-    machine_line,
-    matmul_gflops,
-    median,
-    setup_threads,
-    table,
-)
+from benchmarks.common import (NO_PAUSE, Pauser, add_common_args, emit, encode_flops, fmt_s, machine_line,
+                               matmul_gflops, median, setup_threads, table)
 from benchmarks.training_throughput import _status_kib, reset_peak_rss
 from saeuron_core.concepts.stats import ConceptStats
 

@@ -23,22 +23,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks.common import (
-    NO_PAUSE,
-    Pauser,
-    add_common_args,
-    emit,
-    encode_flops,
-    fmt_s,
-    machine_line,
-    matmul_gflops,
-    median,
-    paired_ratio,
-    setup_threads,
-    spread,
-    table,
-    timed,
-)
+from benchmarks.common import (NO_PAUSE, Pauser, add_common_args, emit, encode_flops, fmt_s, machine_line,
+                               matmul_gflops, median, paired_ratio, setup_threads, spread, table, timed)
 from saeuron_core.sae.model import SAEConfig, TopKSAE, auto_lr
 from saeuron_core.training.step import TrainStep
 from saeuron_core.training.trainer import TrainConfig, geometric_median, lr_at, make_optimizer

@@ -10,17 +10,8 @@ from comfy_api.latest import io
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.files import load_sae, save_sae
 
-from .common import (
-    CATEGORY,
-    SAE,
-    SAE_FOLDER,
-    check_choice,
-    list_saes,
-    path_in_folder,
-    resolve_sae,
-    sae_dirs,
-    validation,
-)
+from .common import (CATEGORY, SAE, SAE_FOLDER, check_choice, list_saes, path_in_folder, resolve_sae, sae_dirs,
+                     validation)
 
 
 class LoadSAE(io.ComfyNode):

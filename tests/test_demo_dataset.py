@@ -5,15 +5,8 @@ from __future__ import annotations
 import torch
 
 from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts, generate, make_prompt, to_model_range
-from saeuron_core.demo.textenc import (
-    MAX_LENGTH,
-    build_text_encoder,
-    build_tokenizer,
-    encode,
-    load_tokenizer,
-    vocabulary_words,
-    write_tokenizer,
-)
+from saeuron_core.demo.textenc import (MAX_LENGTH, build_text_encoder, build_tokenizer, encode, load_tokenizer,
+                                       vocabulary_words, write_tokenizer)
 
 
 def test_generate_is_deterministic_for_a_seed() -> None:

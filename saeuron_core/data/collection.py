@@ -32,17 +32,8 @@ from ..sae.model import dtype_from_name
 from ..safetensors_io import atomic_write_text
 from ..seeds import generator
 from . import distributed
-from .store import (
-    MANIFEST,
-    STORE_FORMAT,
-    ActivationStore,
-    PartWriter,
-    ShardInfo,
-    ShardWriter,
-    new_part,
-    part_file,
-    read_parts,
-)
+from .store import (MANIFEST, STORE_FORMAT, ActivationStore, PartWriter, ShardInfo, ShardWriter, new_part, part_file,
+                    read_parts)
 
 
 @dataclass

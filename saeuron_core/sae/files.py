@@ -23,12 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, SAEFormatError
-from ..safetensors_io import (
-    atomic_save_safetensors,
-    load_safetensors,
-    read_safetensors_header,
-    refuse_pickle,
-)
+from ..safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_header, refuse_pickle
 from .imported import checked_hook, load_saelens, load_sdlens, load_sparsify, sdlens_folder
 from .library import check_concept_name, check_library
 from .model import SAEConfig, TopKSAE
