@@ -106,20 +106,14 @@ def main() -> None:
     if a.diagnose_replace:
         return diagnose(a)
     from saeuron_core.demo.classifier import load_classifier
-    from saeuron_core.demo.evaluation import (
-        METRIC_KEYS,
-        EvalSettings,
-        Evaluator,
-        best_strengths,
-        load_concept_strengths,
-        mean_metrics,
-    )
+    from saeuron_core.demo.evaluation import (METRIC_KEYS, EvalSettings, Evaluator, best_strengths,
+                                              load_concept_strengths, mean_metrics)
     from saeuron_core.hosts.diffusers import load_pipeline
     from saeuron_core.sae.files import load_sae
 
     t0 = time.time()
     coverage_of, detect_with = gate_args(a)
-    from saeuron_core.cli import _replace_also_at
+    from saeuron_core.cli import replace_also_at_arg as _replace_also_at
 
     base = EvalSettings(seeds=a.seeds, steps=a.steps, end=a.end, min_coverage=a.min_coverage,
                         min_coverage_of=coverage_of, detect_with=detect_with, neighbors=a.neighbors,

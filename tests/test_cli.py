@@ -172,3 +172,54 @@ def test_collect_and_train_a_residual_sae(capsys, tmp_path):
     assert load_sae(tmp_path / "r.safetensors").config.residual
     code, out, _ = run_cli(capsys, "info", str(tmp_path / "r.safetensors"))
     assert code == 0 and "reads its residual update" in out
+
+
+def test_fields_make_options_from_a_dataclass_and_build_it_back():
+    """``cli.fields.Fields``: type, choices, default and help from the dataclass; the command's flag and words win."""
+    import argparse
+    from dataclasses import dataclass, field
+    from typing import Literal, Optional
+
+    from saeuron_core.cli import parse_seeds
+    from saeuron_core.cli.fields import Fields
+
+    @dataclass
+    class Cfg:
+        name: str
+        steps: int = 5
+        rate: Optional[float] = None
+        mode: Literal["a", "b"] = "a"
+        switch: bool = False
+        seeds: list[int] = field(default_factory=lambda: [0])
+        scale: float = field(default=1.0, metadata={"help": "from metadata"})
+        hidden: int = 7
+
+    fields = Fields(Cfg, ("name", "steps", "rate", "mode", "switch", "seeds", "scale"), flags={"steps": "--n-steps"},
+                    help={"steps": "own words"}, types={"seeds": parse_seeds})
+    p = argparse.ArgumentParser(exit_on_error=False)
+    fields.add_to(p)
+    by_dest = {a.dest: a for a in p._actions}
+    assert by_dest["n_steps"].help == "own words" and by_dest["scale"].help == "from metadata"
+    assert by_dest["mode"].choices == ["a", "b"] and by_dest["rate"].type is float and by_dest["name"].required
+    a = p.parse_args(["--name", "x", "--n-steps", "3", "--switch", "--seeds", "1-2", "--rate", "0.5"])
+    assert fields.build(a, hidden=9) == Cfg("x", 3, 0.5, "a", True, [1, 2], 1.0, 9)
+    assert fields.build(p.parse_args(["--name", "y"])) == Cfg("y")
+    with pytest.raises(argparse.ArgumentError):
+        p.parse_args(["--name", "x", "--mode", "c"])
+    with pytest.raises(TypeError, match="no field nope"):
+        Fields(Cfg, ("nope",))
+    with pytest.raises(TypeError, match="no command-line type"):
+        Fields(Cfg, ("seeds",)).add_to(argparse.ArgumentParser())
+
+
+def test_train_online_takes_collects_sampling_options():
+    """The options both commands make from CollectConfig: the same defaults; two of them renamed for train."""
+    from saeuron_core.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if a.dest == "command").choices
+    collect = {a.dest: a.default for a in subs["collect"]._actions}
+    train = {a.dest: a.default for a in subs["train"]._actions}
+    renamed = {"steps": "sampling_steps", "batch_size": "gen_batch_size"}
+    for name in ("hook_point", "model_family", "steps", "guidance", "scheduler", "seeds", "every_n_steps", "halves",
+                 "residual", "tokens_per_map", "height", "width", "batch_size", "dtype"):
+        assert train[renamed.get(name, name)] == collect[name], name

@@ -7,16 +7,8 @@ import json
 import pytest
 import torch
 
-from saeuron_core.demo.evaluation import (
-    EvalSettings,
-    Evaluator,
-    RunOutput,
-    best_strengths,
-    concept_owners,
-    demo_grid,
-    format_report,
-    mean_metrics,
-)
+from saeuron_core.demo.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
+                                          format_report, mean_metrics)
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.model import SAEConfig, TopKSAE
 
@@ -257,8 +249,58 @@ def test_gates_and_detectors_reach_the_erasers() -> None:
         Evaluator(None, [objects], None, EvalSettings(min_coverage=2.0))
 
 
+def test_erase_options_give_each_method_its_own_settings() -> None:
+    from saeuron_core.erasure.options import EraseOptions
+
+    s = EvalSettings(replace_strength=0.5, threshold_scale=0.8, dilation=2, replace_source="nearest", neighbors=3,
+                     start=0.1, end=0.9, min_coverage=0.2, min_coverage_of={"solid": 0.05},
+                     detect_with={"solid": "solid (detector)"})
+    gates = {"min_coverage": {"solid": 0.05, "noise": 0.2}, "detect_with": {"solid": "solid (detector)"}}
+    # ablation: the window and the gates; its strengths are per concept, the replace settings stay the eraser's own
+    assert s.erase_options("ablate", ["solid", "noise"]) == EraseOptions(method="ablate", start=0.1, end=0.9, **gates)
+    assert s.erase_options("replace", ["solid", "noise"]) == EraseOptions(
+        method="replace", strength=0.5, threshold_scale=0.8, dilation=2, source="nearest", neighbors=3, start=0.1,
+        end=0.9, **gates)
+    assert s.erase_options("ablate") == EraseOptions(start=0.1, end=0.9, min_coverage=0.2)  # no concepts: the common gate
+    # the settings the eraser reads default to the eraser's own defaults
+    d, e = EvalSettings(), EraseOptions()
+    assert (d.replace_strength, d.threshold_scale, d.dilation, d.replace_source, d.neighbors, d.start, d.end) == \
+        (e.strength, e.threshold_scale, e.dilation, e.source, e.neighbors, e.start, e.end)
+    with pytest.raises(ConfigError, match="neighbors must be a whole number"):
+        EvalSettings(neighbors=0).erase_options("replace", ["solid"])
+    with pytest.raises(ConfigError, match="min_coverage for 'solid'"):
+        EvalSettings(min_coverage_of={"solid": 2.0}).erase_options("ablate", ["solid"])
+
+
+def test_the_erasers_take_the_settings_erase_options() -> None:
+    styles = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="up_blocks.1.attentions.2")),
+                            ["solid", "noise"])
+    settings = EvalSettings(ablate_strength_of={"solid": 4.0}, replace_strength=0.5, dilation=0, end=0.5)
+    ev = Evaluator(None, [styles], None, settings)
+    for method in ("ablate", "replace"):
+        eraser = ev._erasers(method, ["solid", "noise"])["up_blocks.1.attentions.2"]
+        assert eraser.options == settings.erase_options(method, ["solid", "noise"])
+    assert ev._erasers("ablate", ["solid", "noise"])["up_blocks.1.attentions.2"].strengths == {"solid": 4.0, "noise": 10.0}
+    assert ev._erasers("replace", ["solid", "noise"])["up_blocks.1.attentions.2"].strengths == {"solid": 0.5, "noise": 0.5}
+
+
+def test_the_shipped_assets_read_their_files_without_the_evaluation() -> None:
+    import subprocess
+    import sys
+
+    from saeuron_core.demo import asset_files, evaluation
+
+    # one loader of each file form, which the evaluation (and the CLI through it) shares
+    assert evaluation.load_gates is asset_files.load_gates
+    assert evaluation.load_concept_strengths is asset_files.load_concept_strengths
+    code = ("import sys; from saeuron_core.demo import assets; assets.shipped_gates(); assets.shipped_strengths(); "
+            "print(sorted(m for m in sys.modules if 'evaluation' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_gates_file_is_read_and_checked(tmp_path) -> None:
-    from saeuron_core.demo.evaluation import load_gates
+    from saeuron_core.demo.asset_files import load_gates
 
     good = tmp_path / "gates.json"
     good.write_text('{"solid": {"min_coverage": 0.05, "detect_with": "solid (detector)"}, "noise": {"min_coverage": 0.1}}')

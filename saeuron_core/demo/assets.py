@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .asset_files import load_concept_strengths, load_gates
+
 ASSETS = Path(__file__).resolve().parents[2] / "demo_assets"
 OBJECT_SAE = "sae-objects.safetensors"          # down_blocks.2.attentions.1: where the object enters the UNet
 OBJECT_MID_SAE = "sae-objects-mid.safetensors"  # mid_block.attentions.0: where more of it enters
@@ -34,8 +36,6 @@ GATES = "gates.json"                            # {concept: {"min_coverage": sha
 
 def concept_strengths() -> dict[str, float]:
     """The ablation strength chosen for each shipped concept on the validation seeds."""
-    from .evaluation import load_concept_strengths
-
     return load_concept_strengths(str(ASSETS / CONCEPT_STRENGTHS))
 
 
@@ -46,7 +46,5 @@ def shipped_strengths() -> tuple[dict[str, float], dict[str, float]]:
 
 def shipped_gates() -> tuple[dict[str, float], dict[str, str]]:
     """The gates the shipped SAEs erase with: ``(min_coverage per concept, detector entry per concept)``."""
-    from .evaluation import load_gates
-
     path = ASSETS / GATES
     return load_gates(str(path)) if path.exists() else ({}, {})

@@ -1,0 +1,111 @@
+"""``saeuron learn-concept``: score the SAE's features for one concept (or a ``--library`` of them) on
+generated prompts and store the result in the SAE file's concept library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import ConfigError
+from .common import OWN_HOOK_HELP, SEEDS_HELP, add_model_args, concept_output, parse_seeds
+
+NAME = "learn-concept"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``learn-concept`` and its options."""
+    lc = sub.add_parser(NAME, help="score the SAE's features for a concept and store it in the SAE file")
+    lc.add_argument("sae", help="SAE file or sparsify/SAELens folder")
+    lc.add_argument("--concept", help="name of the concept (replaces a concept of the same name)")
+    lc.add_argument("--positive", help="prompts with the concept: text file (one per line) or JSON list")
+    lc.add_argument("--negative", help="prompts without the concept: text file or JSON list")
+    lc.add_argument("--library", help="instead of --concept/--positive/--negative: a JSON file "
+                                      "{name: {\"positive\": [...], \"negative\": [...]}} learning every concept "
+                                      "from one generation pass")
+    add_model_args(lc)
+    lc.add_argument("--out", default=None, help="output .safetensors SAE file (default: update SAE in place; "
+                                                "required for sparsify/SAELens folders)")
+    lc.add_argument("--steps", type=int, default=50)
+    lc.add_argument("--guidance", type=float, default=7.5)
+    lc.add_argument("--scheduler", default="ddim")
+    lc.add_argument("--seeds", type=parse_seeds, default=[0], help=SEEDS_HELP)
+    lc.add_argument("--batch-size", type=int, default=4)
+    sel = lc.add_mutually_exclusive_group()
+    sel.add_argument("--top-n", type=int, default=None, help="features selected per timestep (default 3)")
+    sel.add_argument("--quantile", type=float, default=None, help="select features scoring above this quantile, e.g. 0.9999")
+    lc.add_argument("--min-specificity", type=float, default=None,
+                    help="select only features with (m_c - m_o) / (m_c + m_o) at least this, from their mean "
+                         "activations with (m_c) and without (m_o) the concept; 0 = SAeUron's selection "
+                         "(default: saeuron_core.scoring.DEFAULT_MIN_SPECIFICITY)")
+    lc.add_argument("--peak-specificity", type=float, default=None,
+                    help="also require that specificity against the single negative prompt where the feature is "
+                         "most active (keeps out features a sibling concept shares; default: not required)")
+    lc.add_argument("--bucket-width", type=float, default=20.0, help="timesteps per bucket")
+    lc.add_argument("--height", type=int, default=None)
+    lc.add_argument("--width", type=int, default=None)
+    lc.add_argument("--hook-point", default=None, help=OWN_HOOK_HELP)
+
+
+def library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:
+    """``{name: (positive, negative)}`` from --library, or from --concept/--positive/--negative."""
+    from ..data.collection import read_prompts
+    from ..sae.library import check_concept_name
+
+    single = (a.concept, a.positive, a.negative)
+    if a.library is None:
+        if not all(single):
+            raise ConfigError("give --concept, --positive and --negative (or --library with several concepts)")
+        return {check_concept_name(a.concept): (read_prompts(a.positive), read_prompts(a.negative))}
+    if any(single):
+        raise ConfigError("--library replaces --concept/--positive/--negative; give one or the other")
+    try:
+        with open(a.library, encoding="utf-8") as f:
+            raw = json.load(f)
+    except ValueError as exc:
+        raise ConfigError(f"--library {a.library}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"--library {a.library}: expected a non-empty object {{name: {{positive, negative}}}}")
+    spec = {}
+    for name, entry in raw.items():
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(k), list) and all(isinstance(p, str) for p in entry[k]) for k in ("positive", "negative"))
+        if not ok:
+            raise ConfigError(f"--library {a.library}: concept {name!r} needs 'positive' and 'negative' lists of prompts")
+        spec[check_concept_name(name)] = (entry["positive"], entry["negative"])
+    return spec
+
+
+def run(a: argparse.Namespace) -> int:
+    """Learn the concepts and write the SAE (to ``--out``, or in place)."""
+    from ..concepts.learning import learn_concepts
+    from ..concepts.stats import DEFAULT_MIN_SPECIFICITY, check_selection
+    from ..hosts.diffusers import load_pipeline
+    from ..hosts.hooks import check_sae_fits, denoiser
+    from ..inspection import format_concept
+    from ..sae.files import load_sae, save_sae
+
+    spec = library_spec(a)
+    out = concept_output(a.sae, a.out)
+    min_specificity = DEFAULT_MIN_SPECIFICITY if a.min_specificity is None else a.min_specificity
+    # Fail before loading the model and the (long) generation.
+    check_selection(a.top_n, a.quantile, min_specificity=min_specificity, peak_specificity=a.peak_specificity)
+    sae = load_sae(a.sae, device=a.device)
+    pipe = load_pipeline(a.model, device=a.device, config=a.config)
+    hook_point = a.hook_point or sae.config.hook_point
+    if hook_point:
+        check_sae_fits(denoiser(pipe), hook_point, sae)
+    learned = learn_concepts(pipe, sae, spec, hook_point=hook_point, steps=a.steps, guidance_scale=a.guidance,
+                             scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
+                             quantile=a.quantile, min_specificity=min_specificity, bucket_width=a.bucket_width,
+                             height=a.height, width=a.width, progress=sys.stderr.isatty(),
+                             peak_specificity=a.peak_specificity)
+    save_sae(sae, out)
+    for data in learned:
+        counts = data.n_selected[data.observed]
+        lo, hi = int(counts.min()), int(counts.max())
+        per_t = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        distinct = int(data.feature_ids[data.selected_mask()].unique().numel())
+        print(f"learned concept {data.name!r}: {per_t} selected features per timestep ({distinct} distinct) -> {out}")
+        print(f"  {format_concept(data.name, data)}")
+    return 0

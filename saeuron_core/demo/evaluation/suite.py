@@ -1,0 +1,101 @@
+"""The full mini-UnlearnCanvas evaluation (``saeuron eval``): every method on every concept alone, on
+several at once, and with another sampler, as one JSON-ready report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Optional, Sequence
+
+from ...errors import ConfigError
+from .evaluator import SAEs, Evaluator
+from .generation import RunOutput
+from .scoring import summary_by_kind
+from .settings import METHODS, SAE_METHODS, EvalSettings
+
+
+def _concepts(ev: Evaluator, concepts: Optional[Sequence[str]], sae_methods: Sequence[str]) -> list[str]:
+    """The concepts to evaluate (default: the whole grid), each of the grid and, for SAE methods, of a library."""
+    grid = ev.grid
+    chosen = list(concepts) if concepts else grid.object_names + grid.style_names
+    for c in chosen:
+        grid.kind_of(c)
+    lacking = [c for c in chosen if c in ev.missing]
+    if sae_methods and lacking:
+        raise ConfigError(f"no SAE's concept library has {', '.join(map(repr, lacking))}; learn them first "
+                          f"(saeuron learn-concept) or evaluate other concepts")
+    return chosen
+
+
+def _clean_part(ev: Evaluator, settings: EvalSettings, concepts: Sequence[str], clean: RunOutput) -> dict[str, Any]:
+    """The report's head: settings, SAEs, grid and the clean run's accuracy and misreadings."""
+    saes = [{"hook_point": hp, "concepts": [c for c in concepts if i in ev.owners.get(c, [])],
+             "ablate_strength": ev.ablate_strength(i)} for i, hp in enumerate(ev.hook_points)]
+    return {"settings": asdict(settings), "saes": saes,
+            "grid": {"objects": ev.grid.object_names, "styles": ev.grid.style_names},
+            "clean_accuracy": ev.accuracy(clean), "clean_misread": ev.clean_misreads(clean),
+            "per_concept": {}, "summary": {}}
+
+
+def _multi_runs(ev: Evaluator, methods: Sequence[str], concepts: Sequence[str],
+                sizes: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
+    """Per method but ``none``, one run per set size ``n``: the first ``n // 2`` objects and ``n - n // 2``
+    styles erased at once (sizes the concepts cannot fill are left out)."""
+    objs = [c for c in concepts if c in ev.grid.object_names]
+    stys = [c for c in concepts if c in ev.grid.style_names]
+    out = {}
+    for method in [m for m in methods if m != "none"]:
+        rows = []
+        for n in sizes:
+            chosen = objs[:n // 2] + stys[:n - n // 2]
+            if len(chosen) < n:
+                continue
+            run = ev.run(method, chosen)
+            rows.append({"n": n, "concepts": chosen, **ev.multi_metrics(run, chosen)})
+        out[method] = rows
+    return out
+
+
+def _generalization(ev: Evaluator, sae_methods: Sequence[str], concepts: Sequence[str], scheduler: str,
+                    steps: int) -> dict[str, Any]:
+    """Clean accuracy and per-kind summary of each SAE method with another scheduler and step count."""
+    clean = ev.run("none", scheduler=scheduler, steps=steps)
+    out: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "clean_accuracy": ev.accuracy(clean), "summary": {}}
+    for method in sae_methods:
+        rows = ev.per_concept(method, concepts, clean, scheduler=scheduler, steps=steps)
+        out["summary"][method] = summary_by_kind(rows)
+    return out
+
+
+def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
+             methods: Sequence[str] = METHODS, concepts: Optional[Sequence[str]] = None,
+             multi: Sequence[int] = (2, 4, 8), generalization: Optional[tuple[str, int]] = ("euler_a", 30),
+             progress: Optional[Callable[[str], None]] = None, misread_dir: Optional[str] = None) -> dict[str, Any]:
+    """Full mini-UnlearnCanvas evaluation; returns a JSON-ready report.
+
+    ``misread_dir``: write there a sheet of the misread images of the clean run (``none.png``) and of
+    each concept's erasure (``<method>-<concept>.png``: still read as the concept, then the other
+    images of its kind read wrong), each with a ``.json`` list of prompt, seed and readings.
+    """
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+    ev = Evaluator(pipe, sae, classifier, settings, progress=progress)
+    sae_methods = [m for m in methods if m in SAE_METHODS]
+    concepts = _concepts(ev, concepts, sae_methods)
+    t0 = time.perf_counter()
+    clean = ev.run("none")
+    if misread_dir:
+        ev.save_misread_sheet(clean, os.path.join(misread_dir, "none.png"))
+    report = _clean_part(ev, settings, concepts, clean)
+    for method in methods:
+        rows = ev.per_concept(method, concepts, clean, misread_dir=misread_dir if method != "none" else None)
+        report["per_concept"][method] = rows
+        report["summary"][method] = summary_by_kind(rows)
+    if multi:
+        report["multi"] = _multi_runs(ev, methods, concepts, multi)
+    if generalization and sae_methods:
+        report["generalization"] = _generalization(ev, sae_methods, concepts, *generalization)
+    report["seconds"] = time.perf_counter() - t0
+    return report

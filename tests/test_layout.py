@@ -1,0 +1,137 @@
+"""The core's layout: each module imports only its own layer or the layers below it, and nothing imports in a circle.
+
+Imports are read from the source (lazy ones inside functions included, ``if TYPE_CHECKING:`` ones not), so the
+check holds for every code path, not only for what one import happens to load.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ROOT / "saeuron_core"
+MAX_LINES = 450
+
+# Bottom to top, by module or package (the longest prefix names a module's layer); a module may import its own
+# layer (without a circle) and anything below. The demo model itself is plain torch, as low as the SAE (diffusers
+# pipelines load it by its class name); its evaluation uses everything and sits at the top with the CLI.
+LAYERS = [
+    {"errors", "seeds", "safetensors_io", "assignments"},
+    {"sae", "demo", "demo.dataset", "demo.textenc", "demo.model", "demo.pipeline", "demo.classifier", "demo.assets"},
+    {"hosts"},
+    {"concepts", "data"},
+    {"training", "erasure"},
+    {"inspection"},
+    {"demo.evaluation", "cli", "__init__", "__main__"},
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every saeuron_core module (or package) that ``path`` imports, lazily or not."""
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and is_type_checking(node):
+            return
+        if isinstance(node, ast.ImportFrom):
+            base = (package[:len(package) - node.level + 1] if node.level else [])
+            target = ".".join(base + ([node.module] if node.module else []))
+            if target.split(".")[0] == "saeuron_core":
+                for alias in node.names:  # `from . import x` may name a submodule
+                    sub = f"{target}.{alias.name}"
+                    found.add(sub if module_file(sub) else target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "saeuron_core")
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    found.discard(module_name(path))
+    return found
+
+
+def module_file(name: str) -> Path | None:
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def layer_of(name: str) -> int:
+    parts = name.split(".")[1:] or ["__init__"]
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        for i, layer in enumerate(LAYERS):
+            if prefix in layer:
+                return i
+    raise AssertionError(f"{name} is in no layer of tests/test_layout.py; add it")
+
+
+MODULES = sorted(CORE.rglob("*.py"))
+GRAPH = {module_name(p): imports_of(p) for p in MODULES}
+
+
+def test_every_module_is_in_a_layer_and_imports_only_its_own_or_lower_ones():
+    upward = []
+    for name, targets in GRAPH.items():
+        for target in targets:
+            if module_file(target) is None:
+                upward.append(f"{name} imports {target}, which does not exist")
+            elif layer_of(target) > layer_of(name):
+                upward.append(f"{name} (layer {layer_of(name)}) imports {target} (layer {layer_of(target)})")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_circle():
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    path: list[str] = []
+
+    def walk(name: str) -> None:
+        state[name] = 1
+        path.append(name)
+        for target in sorted(GRAPH.get(name, ())):
+            if target.count(".") and target.rsplit(".", 1)[0] == name:
+                continue  # a package importing its own submodule (re-export) is not a circle
+            if state.get(target) == 1:
+                circle = path[path.index(target):] + [target]
+                pytest.fail("import circle: " + " -> ".join(circle))
+            if state.get(target) is None:
+                walk(target)
+        path.pop()
+        state[name] = 2
+
+    for name in GRAPH:
+        if name not in state:
+            walk(name)
+
+
+def test_the_core_never_imports_a_host():
+    hosts = ("comfy", "comfy_api", "nodes", "folder_paths", "server")
+    for path in MODULES:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] in hosts for n in names), f"{path}: imports {names}"
+
+
+@pytest.mark.parametrize("path", MODULES + sorted((ROOT / "nodes").glob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_stay_small(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it by what it holds"
