@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Optional
 
 from ..errors import ConfigError
 from .common import add_gate_args, gate_args, parse_seeds
+from .fields import Fields
 
 if TYPE_CHECKING:
     from ..demo.evaluation import EvalSettings
+    from ..erasure.options import EraseOptions
 
 NAME = "eval"
 
@@ -38,16 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--ablate-strengths", default=None, metavar="FILE",
                     help="JSON {concept: strength}: each concept's own ablation strength, over the block's (default: "
                          "the strengths chosen for the shipped concepts when the shipped SAEs are used; '' for none)")
-    ev.add_argument("--replace-strength", type=float, default=1.0)
-    ev.add_argument("--replace-source", choices=["sample", "nearest", "uncond"], default="uncond",
-                    help="where replacement patches come from")
-    ev.add_argument("--dilation", type=int, default=1, help="grow the detection mask by this many patches")
-    ev.add_argument("--neighbors", type=int, default=1,
-                    help="--replace-source nearest: average this many nearest undetected patches")
+    replace_fields().add_to(ev)
     ev.add_argument("--replace-also-at", action="append", default=None, metavar="HOOK_POINT=BLOCK[,BLOCK]",
                     help="replace: also replace what the SAE at HOOK_POINT detects at these later blocks "
                          "(repeatable; default: the shipped setting with the shipped SAEs; '' for none)")
-    ev.add_argument("--threshold-scale", type=float, default=1.0, help="multiply the firing thresholds")
     add_gate_args(ev)
     ev.add_argument("--gates", default=None, metavar="FILE",
                     help="JSON {concept: {\"min_coverage\": share, \"detect_with\": entry}} (default: the shipped "
@@ -69,6 +65,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="write sheets of the misread images here: the clean run's (none.png) and each erasure's "
                          "(<method>-<concept>.png: the concept still read, then its kind's other images read "
                          "wrong), each with a .json of prompts, seeds and readings")
+
+
+def replace_fields() -> Fields[EraseOptions]:
+    """The replace eraser's :class:`EraseOptions` options (``--replace-strength``, ``--replace-source``, ...)."""
+    from ..demo.evaluation import REPLACE_OPTIONS
+    from ..erasure.options import EraseOptions
+
+    return Fields(EraseOptions, tuple(REPLACE_OPTIONS), flags={"strength": "--replace-strength",
+                                                              "source": "--replace-source"},
+                  help={"strength": None, "source": "where replacement patches come from",
+                        "neighbors": "--replace-source nearest: average this many nearest undetected patches"})
 
 
 def replace_also_at_arg(items: Optional[list[str]], shipped: bool) -> dict[str, list[str]]:
@@ -135,7 +142,7 @@ def _settings(a: argparse.Namespace, start: float, end: float) -> EvalSettings:
     """The :class:`EvalSettings` the options give (the shipped strengths and gates with the shipped SAEs)."""
     from ..assignments import parse_assignments
     from ..demo import assets
-    from ..demo.evaluation import EvalSettings
+    from ..demo.evaluation import REPLACE_OPTIONS, EvalSettings
 
     at = parse_assignments(a.ablate_strength_at, "--ablate-strength-at", "HOOK_POINT=STRENGTH", float)
     (gate_of, detector_of), (own_of, own_detectors) = _gates(a.gates, shipped=not a.sae), gate_args(a)
@@ -148,10 +155,9 @@ def _settings(a: argparse.Namespace, start: float, end: float) -> EvalSettings:
         of = _concept_strengths(a.ablate_strengths or "")
     return EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
                         ablate_strength=EvalSettings.ablate_strength if a.ablate_strength is None else a.ablate_strength,
-                        ablate_strength_at=at, ablate_strength_of=of, replace_strength=a.replace_strength,
-                        start=start, end=end,
-                        replace_source=a.replace_source, dilation=a.dilation, threshold_scale=a.threshold_scale,
-                        neighbors=a.neighbors, replace_also_at=replace_also_at_arg(a.replace_also_at, not a.sae),
+                        ablate_strength_at=at, ablate_strength_of=of, start=start, end=end,
+                        **{REPLACE_OPTIONS[option]: value for option, value in replace_fields().values(a).items()},
+                        replace_also_at=replace_also_at_arg(a.replace_also_at, not a.sae),
                         min_coverage=a.min_coverage, min_coverage_of=coverage_of, detect_with=detect_with,
                         batch_size=a.batch_size)
 

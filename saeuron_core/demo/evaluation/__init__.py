@@ -38,12 +38,12 @@ from .grid import Grid, concept_owners, demo_grid
 from .markdown import format_report
 from .report import PER_CONCEPT_SETTINGS, REPLACE_SETTINGS, check_updatable, load_report, save_report, update_report
 from .scoring import METRIC_KEYS, mean_metrics, summary_by_kind
-from .settings import DEMO_REPLACE_ALSO_AT, METHODS, SAE_METHODS, EvalSettings
+from .settings import DEMO_REPLACE_ALSO_AT, METHODS, REPLACE_OPTIONS, SAE_METHODS, EvalSettings
 from .strengths import best_strengths
 from .suite import evaluate
 
 __all__ = [
-    "DEMO_REPLACE_ALSO_AT", "METHODS", "METRIC_KEYS", "PER_CONCEPT_SETTINGS", "REPLACE_SETTINGS", "SAE_METHODS", "SAEs",
+    "DEMO_REPLACE_ALSO_AT", "METHODS", "METRIC_KEYS", "PER_CONCEPT_SETTINGS", "REPLACE_OPTIONS", "REPLACE_SETTINGS", "SAE_METHODS", "SAEs",
     "EvalSettings", "Evaluator", "Grid", "RunOutput", "best_strengths", "check_updatable", "concept_owners",
     "demo_grid", "evaluate", "format_report", "load_concept_strengths", "load_gates", "load_report", "mean_metrics",
     "save_report", "summary_by_kind", "update_report",

@@ -15,6 +15,9 @@ SAE_METHODS = ("ablate", "replace")  # the methods that erase with the SAEs' con
 DEMO_REPLACE_ALSO_AT: dict[str, list[str]] = {"down_blocks.2.attentions.1": ["up_blocks.1.attentions.0"]}
 
 _ERASER = EraseOptions()  # the eraser's defaults, which the settings below that it reads share
+#: the settings a replace eraser reads, by the name of the :class:`EraseOptions` field each one sets
+REPLACE_OPTIONS = {"strength": "replace_strength", "threshold_scale": "threshold_scale", "dilation": "dilation",
+                   "source": "replace_source", "neighbors": "neighbors"}
 
 
 @dataclass
@@ -68,6 +71,5 @@ class EvalSettings:
         (:meth:`strength_for`) and leaves the rest at the eraser's defaults.
         """
         gates = self.gate_options(concepts) if concepts is not None else {"min_coverage": self.min_coverage}
-        own = dict(strength=self.replace_strength, threshold_scale=self.threshold_scale, dilation=self.dilation,
-                   source=self.replace_source, neighbors=self.neighbors) if method == "replace" else {}
+        own = {option: getattr(self, name) for option, name in REPLACE_OPTIONS.items()} if method == "replace" else {}
         return EraseOptions(method=method, start=self.start, end=self.end, **own, **gates)  # type: ignore[arg-type]
