@@ -46,7 +46,7 @@ from ..hosts.hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, denoi
 from ..sae.library import ConceptData, bucket_of, get_concept
 from ..sae.model import TopKSAE
 from ..seeds import derived_seed
-from .options import ConceptsArg, EraseOptions, Method, check_coverage, check_strength, normalize_concepts
+from .options import ConceptsArg, EraseOptions, Method, check_strength, normalize_concepts
 from .regions import RegionEdit
 
 
@@ -97,15 +97,15 @@ class ConceptEraser:
         self._build_tables()
 
     def _coverage_per_concept(self, min_coverage: Union[float, Mapping[str, float]]) -> Tensor:
-        """``[n_concepts]`` gate of each erased concept (a mapping names some; the others get 0)."""
+        """``[n_concepts]`` gate of each erased concept (a mapping names some; the others get 0).
+
+        The values were checked when the :class:`EraseOptions` were built; here only the names are.
+        """
         if isinstance(min_coverage, Mapping):
             self._refuse_stray("min_coverage", min_coverage)
             values = {str(k): float(v) for k, v in min_coverage.items()}
         else:
-            check_coverage(None, float(min_coverage))
             values = {name: float(min_coverage) for name in self.strengths}
-        for name, value in values.items():
-            check_coverage(name, value)
         return torch.tensor([values.get(name, 0.0) for name in self.strengths], dtype=torch.float32)
 
     def _refuse_stray(self, option: str, names: Mapping[str, Any]) -> None:
