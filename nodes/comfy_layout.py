@@ -2,7 +2,7 @@
 
 Pure torch: nothing here imports ComfyUI. The node pack passes in ComfyUI's ``unet_config``,
 ``transformer_options`` and ``model_sampling`` and gets back what to patch and a
-:class:`~saeuron_core.hooks.BlockCall` that the same erasers and recorders as in diffusers consume.
+:class:`~saeuron_core.hosts.hooks.BlockCall` that the same erasers and recorders as in diffusers consume.
 
 ComfyUI's ``output_block_patch`` (with ``transformer_options["block"] == ("output", n + 1)``) sees
 exactly the output of ``output_blocks[n]``; that equals the attention layer's output unless an

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lc.add_argument("--min-specificity", type=float, default=None,
                     help="select only features with (m_c - m_o) / (m_c + m_o) at least this, from their mean "
                          "activations with (m_c) and without (m_o) the concept; 0 = SAeUron's selection "
-                         "(default: saeuron_core.scoring.DEFAULT_MIN_SPECIFICITY)")
+                         "(default: saeuron_core.concepts.stats.DEFAULT_MIN_SPECIFICITY)")
     lc.add_argument("--peak-specificity", type=float, default=None,
                     help="also require that specificity against the single negative prompt where the feature is "
                          "most active (keeps out features a sibling concept shares; default: not required)")
@@ -81,7 +81,6 @@ def run(a: argparse.Namespace) -> int:
     from ..concepts.learning import learn_concepts
     from ..concepts.stats import DEFAULT_MIN_SPECIFICITY, check_selection
     from ..hosts.diffusers import load_pipeline
-    from ..hosts.hooks import check_sae_fits, denoiser
     from ..inspection import format_concept
     from ..sae.files import load_sae, save_sae
 
@@ -92,10 +91,7 @@ def run(a: argparse.Namespace) -> int:
     check_selection(a.top_n, a.quantile, min_specificity=min_specificity, peak_specificity=a.peak_specificity)
     sae = load_sae(a.sae, device=a.device)
     pipe = load_pipeline(a.model, device=a.device, config=a.config)
-    hook_point = a.hook_point or sae.config.hook_point
-    if hook_point:
-        check_sae_fits(denoiser(pipe), hook_point, sae)
-    learned = learn_concepts(pipe, sae, spec, hook_point=hook_point, steps=a.steps, guidance_scale=a.guidance,
+    learned = learn_concepts(pipe, sae, spec, hook_point=a.hook_point, steps=a.steps, guidance_scale=a.guidance,
                              scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
                              quantile=a.quantile, min_specificity=min_specificity, bucket_width=a.bucket_width,
                              height=a.height, width=a.width, progress=sys.stderr.isatty(),
