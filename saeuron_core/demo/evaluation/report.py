@@ -12,13 +12,12 @@ from typing import Any, Collection, Sequence
 from ...errors import ConfigError
 from ..asset_files import read_json
 from .scoring import summary_by_kind
-from .settings import EvalSettings
+from .settings import REPLACE_OPTIONS, EvalSettings
 
 # Settings that hold one value per concept: an update may change them for the concepts it re-measures.
 PER_CONCEPT_SETTINGS = ("ablate_strength_of", "min_coverage_of", "detect_with")
 # Settings that only detect-and-replace reads: a report may take new ones when every replace row is re-measured.
-REPLACE_SETTINGS = ("replace_strength", "threshold_scale", "dilation", "replace_source", "neighbors",
-                    "replace_also_at")
+REPLACE_SETTINGS = (*REPLACE_OPTIONS.values(), "replace_also_at")
 
 
 def load_report(path: str) -> dict[str, Any]:
