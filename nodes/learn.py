@@ -104,7 +104,7 @@ class LearnConcept(io.ComfyNode):
         uncond = _encode(clip, "")
         bar = comfy.utils.ProgressBar(len(positive) + len(negative))
         for group, prompt in enumerate(positive + negative):
-            recorder.group = group
+            recorder.groups = group
             comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, _encode(clip, prompt),
                                         uncond, latent_image, denoise=1.0)
             bar.update(1)

@@ -20,39 +20,27 @@ from .stats import DEFAULT_MIN_SPECIFICITY, ConceptStats, check_selection
 class ConceptRecorder:
     """Block-call function that feeds :class:`ConceptStats` from the conditional rows of each call.
 
-    Before each generation set either ``group`` (one group for every conditional row, however many the
-    sampler makes: the ComfyUI Learn Concept node's sampler may batch or split the rows of one prompt) or
-    ``groups`` (one group id per prompt of the next pipeline call, in order).
+    Before each generation set ``groups``: one group for every conditional row, however many the sampler
+    makes (an ``int``; the ComfyUI Learn Concept node's sampler may batch or split the rows of one prompt),
+    or one group id per prompt of the next pipeline call, in order (a tensor).
     """
 
     def __init__(self, sae: TopKSAE, stats: ConceptStats) -> None:
         self.sae, self.stats = sae, stats
         self.groups: int | torch.Tensor = 0
 
-    @property
-    def group(self) -> int:
-        if not isinstance(self.groups, int):
-            raise AttributeError("this recorder files rows by prompt (groups), not under one group")
-        return self.groups
-
-    @group.setter
-    def group(self, value: int) -> None:
-        self.groups = int(value)
-
     def __call__(self, call: Any) -> None:
         if call.timesteps is None:
             raise ConfigError("scoring needs the timestep of each call: hook the UNet, not a lone block")
         rows = call.tokens[call.is_cond]
-        if isinstance(self.groups, int):
-            groups = torch.full((rows.shape[0],), self.groups, dtype=torch.long)
-        elif rows.shape[0] != len(self.groups):
+        per_prompt = not isinstance(self.groups, int)
+        if per_prompt and rows.shape[0] != len(self.groups):
             raise ConfigError(f"expected {len(self.groups)} conditional rows per UNet call, got {rows.shape[0]}")
-        else:
-            groups = self.groups
         if rows.shape[0]:
             with torch.no_grad():
                 code = self.sae.encode(rows)
-            self.stats.add_groups(groups, call.timesteps[call.is_cond], code.values, code.indices)
+            add = self.stats.add_groups if per_prompt else self.stats.add_to
+            add(self.groups, call.timesteps[call.is_cond], code.values, code.indices)
         return None
 
 
