@@ -163,7 +163,7 @@ def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTa
                 residual: Optional[bool] = None) -> Any:
     """A clone of ``model`` whose SAE hook point (or ``target``) runs ``fn`` on every call (the input MODEL is
     unchanged); ``residual`` defaults to the SAE's."""
-    from .wrapper import SAEWrappedTransformer
+    from .wrapper import wrap_block
 
     target = target or block_target(model, sae)
     residual = sae.config.residual if residual is None else residual
@@ -183,5 +183,5 @@ def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTa
         # model: ComfyUI leaves a sampled clone's object patches applied there until it unpatches lazily, so that
         # module may belong to another clone.
         current = clone.get_model_object(target.module_path)
-        clone.add_object_patch(target.module_path, SAEWrappedTransformer(current, patch))
+        clone.add_object_patch(target.module_path, wrap_block(current, patch))
     return clone

@@ -264,7 +264,7 @@ def test_an_eraser_built_after_another_clone_was_sampled_wraps_the_original_bloc
     ablate = run(host, "SAeUronConceptEraser", model, sae, "cat", "ablate", 20.0, 0.0, 1.0, "both")[0]
     ablated = sample(host, ablate)  # leaves ablate's wrapper on the shared model
     replace = run(host, "SAeUronConceptEraser", model, sae, "cat", "replace", 1.0, 0.0, 1.0, "both")[0]
-    assert not isinstance(replace.object_patches["diffusion_model.output_blocks.5.1"].inner,
+    assert not isinstance(replace.object_patches["diffusion_model.output_blocks.5.1"].sae_inner,
                           type(replace.object_patches["diffusion_model.output_blocks.5.1"]))
     assert torch.equal(sample(host, replace), replace_alone)
     assert not torch.equal(ablated, replace_alone)
