@@ -12,6 +12,8 @@ from saeuron_core.errors import ConfigError
 from saeuron_core.sae.model import TopKSAE
 
 from .comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_dit_target, comfy_target
+from .demo_files import shipped_sae, shipped_sae_names
+from .sae_model import attach_sae
 
 CATEGORY = "SAeUron"
 SAE_FOLDER = "sae"
@@ -36,9 +38,17 @@ def sae_dirs() -> list[str]:
     return [p for p in folder_paths.get_folder_paths(SAE_FOLDER) if os.path.isdir(p)]
 
 
+def sae_save_folder() -> str:
+    """Where Save SAE writes: the first existing sae folder, else the first configured one (a fresh ComfyUI has no
+    ``models/sae`` until something is saved there)."""
+    import folder_paths
+
+    return (sae_dirs() or folder_paths.get_folder_paths(SAE_FOLDER))[0]
+
+
 def list_saes() -> list[str]:
     """Native ``.safetensors`` files, sparsify/SAELens folders (``cfg.json`` + weights) and SDLens/sdxl-unbox
-    folders (``config.json`` + ``state_dict.pth``) under the sae folders."""
+    folders (``config.json`` + ``state_dict.pth``) under the sae folders, and the pack's demo SAEs."""
     found: set[str] = set()
     for root in sae_dirs():
         for here, dirs, files in os.walk(root, followlinks=True):
@@ -51,7 +61,7 @@ def list_saes() -> list[str]:
             for name in files:
                 if name.endswith(".safetensors") and not name.startswith("."):
                     found.add(os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/"))
-    return sorted(found)
+    return sorted(found | set(shipped_sae_names()))
 
 
 def path_in_folder(root: str, name: str, what: str, folder: str) -> str:
@@ -68,11 +78,15 @@ def path_in_folder(root: str, name: str, what: str, folder: str) -> str:
 
 
 def resolve_sae(name: str) -> str:
-    """Absolute path of a listed SAE; names that leave the sae folders are refused."""
+    """Absolute path of a listed SAE (the user's own before the pack's demo SAEs); names that leave the sae folders
+    are refused."""
     for root in sae_dirs():
         path = path_in_folder(root, name, "SAE name", SAE_FOLDER)
         if os.path.exists(path):
             return path
+    shipped = shipped_sae(name)
+    if shipped is not None:
+        return str(shipped)
     raise ConfigError(f"SAE {name!r} not found in the sae model folders ({', '.join(sae_dirs()) or 'none'})")
 
 
@@ -161,14 +175,15 @@ def max_timestep(model: Any) -> int:
 
 def patch_block(model: Any, sae: TopKSAE, fn: Callable, target: Optional[ComfyTarget] = None,
                 residual: Optional[bool] = None) -> Any:
-    """A clone of ``model`` whose SAE hook point (or ``target``) runs ``fn`` on every call (the input MODEL is
-    unchanged); ``residual`` defaults to the SAE's."""
+    """A clone of ``model`` whose SAE hook point (or ``target``) runs ``fn`` on every call, with the SAE attached as
+    a model ComfyUI loads along (the input MODEL is unchanged); ``residual`` defaults to the SAE's."""
     from .wrapper import wrap_block
 
     target = target or block_target(model, sae)
     residual = sae.config.residual if residual is None else residual
     patch = ComfyBlockPatch(fn, timestep_of(model), target, residual=residual)
     clone = model.clone()
+    attach_sae(clone, sae)
     if target.kind == "output_patch":
         clone.set_model_output_block_patch(patch)
     elif target.kind == "dit_patch":

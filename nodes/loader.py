@@ -20,6 +20,7 @@ from saeuron_core.safetensors_io import load_safetensors
 
 from .comfy_layout import sampling_settings_from_scheduler, unet_config_from_diffusers, vae_config_from_diffusers
 from .common import CATEGORY, check_choice, path_in_folder, validation
+from .demo_files import shipped_pipeline, shipped_pipeline_names
 
 FOLDER = "diffusers"
 
@@ -31,7 +32,7 @@ def list_pipelines() -> list[str]:
     for root in folder_paths.get_folder_paths(FOLDER):
         if os.path.isdir(root):
             found += [name for name in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, name, "model_index.json"))]
-    return found
+    return found + [name for name in shipped_pipeline_names() if name not in found]
 
 
 def _resolve(name: str) -> Path:
@@ -41,6 +42,9 @@ def _resolve(name: str) -> Path:
         path = Path(path_in_folder(root, name, "model name", FOLDER))
         if (path / "model_index.json").is_file():
             return path
+    shipped = shipped_pipeline(name)
+    if shipped is not None:
+        return shipped
     raise ConfigError(f"no diffusers pipeline folder {name!r} in models/diffusers")
 
 

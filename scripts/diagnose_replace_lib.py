@@ -166,7 +166,7 @@ def run_diagnosis(pipe: Any, classifier: Any, saes: dict, watch_sae: Any, varian
                     else:
                         d = None
                     if d is not None:
-                        sae = d.sae_on(sub.tokens.device)
+                        sae = d.sae.on_device(sub.tokens.device)
                         m, *_ = d._detect(sae, sub.tokens, d.buckets(sub.timesteps, len(rows)))
                         present.add((hp, step), float(m[crow].float().sum()), float(m[crow].numel()))
                     new = None
@@ -243,7 +243,8 @@ def run_diagnosis(pipe: Any, classifier: Any, saes: dict, watch_sae: Any, varian
             r = Moments()
             for (b, _), mo in ref.items():
                 if b == hp and mo.n:
-                    r.n += mo.n; r.norm += mo.norm
+                    r.n += mo.n
+                    r.norm += mo.norm
                     r.s = mo.s.clone() if r.s is None else r.s + mo.s
                     r.sq = mo.sq.clone() if r.sq is None else r.sq + mo.sq
             if hp in before:

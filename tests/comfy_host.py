@@ -172,31 +172,38 @@ def tiny_clip(pipe, folder: Path):
 class ComfyServer:
     """``main.py --cpu`` of a fresh ComfyUI copy on a free loopback port, with this pack as a custom node.
 
-    The pack comes in through ``--extra-model-paths-config`` (a ``custom_nodes:`` entry) and model
-    folders (``sae``, ``checkpoints``) point into ``root/models``. ``front_end_root`` serves another frontend
-    (e.g. ``newest_frontend()``) instead of the pinned one. Stopped by its PID.
+    ``pack_only``: a fresh install, as a user has it after cloning the pack into ``ComfyUI/custom_nodes``: no
+    model folder made or configured (``models`` is ComfyUI's own). Otherwise the pack comes in through
+    ``--extra-model-paths-config`` (a ``custom_nodes:`` entry) and model folders (``sae``, ``checkpoints``) point
+    into ``root/models``. ``front_end_root`` serves another frontend (e.g. ``newest_frontend()``) instead of the
+    pinned one. Stopped by its PID.
     """
 
-    def __init__(self, root: Path, front_end_root: Path | None = None) -> None:
+    def __init__(self, root: Path, front_end_root: Path | None = None, pack_only: bool = False) -> None:
         import socket
 
         self.root = root
         self.front_end_root = front_end_root
         self.host_dir = copy_host(root / "ComfyUI")
-        self.models = root / "models"
-        (self.models / "sae").mkdir(parents=True, exist_ok=True)
-        (self.models / "diffusers").mkdir(parents=True, exist_ok=True)
-        nodes_dir = root / "custom_nodes"
-        nodes_dir.mkdir()
-        (nodes_dir / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
-        self.config = root / "extra_model_paths.yaml"
-        self.config.write_text(
-            "saeuron_tests:\n"
-            f"  base_path: {self.models}\n"
-            "  sae: sae\n"
-            "  diffusers: diffusers\n"
-            "  checkpoints: checkpoints\n"
-            f"  custom_nodes: {nodes_dir}\n")
+        self.config = None
+        if pack_only:
+            self.models = self.host_dir / "models"
+            (self.host_dir / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+        else:
+            self.models = root / "models"
+            (self.models / "sae").mkdir(parents=True, exist_ok=True)
+            (self.models / "diffusers").mkdir(parents=True, exist_ok=True)
+            nodes_dir = root / "custom_nodes"
+            nodes_dir.mkdir()
+            (nodes_dir / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+            self.config = root / "extra_model_paths.yaml"
+            self.config.write_text(
+                "saeuron_tests:\n"
+                f"  base_path: {self.models}\n"
+                "  sae: sae\n"
+                "  diffusers: diffusers\n"
+                "  checkpoints: checkpoints\n"
+                f"  custom_nodes: {nodes_dir}\n")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -212,7 +219,8 @@ class ComfyServer:
         self.log = open(self.root / "server.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--extra-model-paths-config", str(self.config), "--output-directory", str(self.root / "output"),
+             *(["--extra-model-paths-config", str(self.config)] if self.config else []),
+             "--output-directory", str(self.root / "output"),
              "--input-directory", str(self.root / "input"), "--temp-directory", str(self.root),
              *(["--front-end-root", str(self.front_end_root)] if self.front_end_root else [])],
             cwd=self.host_dir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -313,16 +321,27 @@ def expected_images(api: dict) -> dict[str, tuple[int, int]]:
 DEMO_ASSETS = ROOT / "demo_assets"
 
 
-def install_demo(models: Path) -> None:
-    """Copy the shipped demo model and SAEs where the workflows expect them.
+def demo_files():
+    """The pack's ``nodes/demo_files.py`` (the names under which it offers its demo model and SAEs), loaded by
+    path: it imports nothing from ComfyUI."""
+    import importlib.util
 
-    Copies, not links: the pack refuses model files that resolve outside its model folders.
-    """
-    shutil.copytree(DEMO_ASSETS / "model", models / "diffusers" / "saeuron-demo")
-    for shipped, name in (("sae.safetensors", "saeuron-demo"), ("sae-objects.safetensors", "saeuron-demo-objects"),
-                          ("sae-objects-mid.safetensors", "saeuron-demo-objects-mid"),
-                          ("sae-styles.safetensors", "saeuron-demo-styles")):
-        shutil.copy(DEMO_ASSETS / shipped, models / "sae" / f"{name}.safetensors")
+    if "demo_files" not in _STATE:
+        spec = importlib.util.spec_from_file_location("saeuron_pack_demo_files", ROOT / "nodes" / "demo_files.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _STATE["demo_files"] = module
+    return _STATE["demo_files"]
+
+
+def install_demo(models: Path) -> None:
+    """Copy the shipped demo model and SAEs into ``models`` under the names the workflows use (as a user's own
+    files of those names; the pack offers them without this)."""
+    files = demo_files()
+    for name in files.DEMO_PIPELINES:
+        shutil.copytree(files.shipped_pipeline(name), models / "diffusers" / name)
+    for name in files.DEMO_SAES:
+        shutil.copy(files.shipped_sae(name), models / "sae" / name)
 
 
 TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,

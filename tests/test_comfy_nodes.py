@@ -376,7 +376,7 @@ def test_load_diffusers_model_matches_the_diffusers_components(host, tmp_path):
     pipe.save_pretrained(str(root / "tiny"), safe_serialization=True)
     folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
     loader = node(host, "SAeUronLoadDiffusersModel")
-    assert combo_choices(loader.INPUT_TYPES()["required"]["model_path"]) == ["tiny"]
+    assert combo_choices(loader.INPUT_TYPES()["required"]["model_path"]) == ["tiny", "saeuron-demo"]  # the pack's demo last
     model, clip, vae = loader.execute("tiny").args
     torch.manual_seed(0)
     x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([500.0, 500.0])
@@ -547,3 +547,38 @@ def test_replace_also_at_later_blocks_agrees_with_the_library(host):
     torch.testing.assert_close(comfy_out, outs[(HOOK,)], atol=1e-4, rtol=1e-4)
     error = node(host, "SAeUronConceptEraser").validate_inputs(concepts="cat", method="ablate", replace_also_at=HOOK)
     assert isinstance(error, str) and "only method 'replace'" in error
+
+
+def test_the_pack_offers_its_demo_files_and_a_users_own_files_of_those_names_win(host, tmp_path):
+    """The example workflows' model and SAEs are listed without any copying; a user's own file or folder of the
+    same name is listed once and is the one loaded."""
+    import shutil
+
+    import comfy_host
+    import folder_paths
+
+    files = comfy_host.demo_files()
+    choices = combo_choices(node(host, "SAeUronLoadSAE").INPUT_TYPES()["required"]["sae_name"])
+    assert set(files.DEMO_SAES) <= set(choices)
+    styles = run(host, "SAeUronLoadSAE", "saeuron-demo-styles.safetensors")[0]
+    assert concept_names(styles) == concept_names(load_sae(files.shipped_sae("saeuron-demo-styles.safetensors")))
+    pipelines = combo_choices(node(host, "SAeUronLoadDiffusersModel").INPUT_TYPES()["required"]["model_path"])
+    assert "saeuron-demo" in pipelines
+
+    own = host["models"] / "sae" / "saeuron-demo-styles.safetensors"
+    save_sae(host["sae"], own)
+    own_model = __import__("pathlib").Path(folder_paths.get_folder_paths("diffusers")[0]) / "saeuron-demo"
+    shutil.copytree(files.shipped_pipeline("saeuron-demo"), own_model)
+    (own_model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**json.loads((own_model / "scheduler" / "scheduler_config.json").read_text()), "beta_schedule": "unknown"}))
+    try:
+        choices = combo_choices(node(host, "SAeUronLoadSAE").INPUT_TYPES()["required"]["sae_name"])
+        assert choices.count("saeuron-demo-styles.safetensors") == 1
+        assert concept_names(run(host, "SAeUronLoadSAE", "saeuron-demo-styles.safetensors")[0]) == ["cat", "dog"]
+        pipelines = combo_choices(node(host, "SAeUronLoadDiffusersModel").INPUT_TYPES()["required"]["model_path"])
+        assert pipelines.count("saeuron-demo") == 1
+        with pytest.raises(ConfigError, match="beta_schedule 'unknown'"):  # the user's folder is the one read
+            run(host, "SAeUronLoadDiffusersModel", "saeuron-demo")
+    finally:
+        own.unlink()
+        shutil.rmtree(own_model)

@@ -22,11 +22,12 @@ API_DIR = ROOT / "docs" / "api-workflows"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A ComfyUI server whose models folder holds the workflows' model and SAE: the shipped demo ones."""
+    """A fresh ComfyUI with only the pack installed: nothing copied or configured, so the workflows run on the
+    demo model and SAEs the pack offers itself."""
     import comfy_host
 
-    srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("workflows"))
-    comfy_host.install_demo(srv.models)
+    srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("workflows"), pack_only=True)
+    assert not (srv.models / "sae").exists()
     with srv:
         srv.object_info = srv.get("/object_info")
         yield srv
@@ -131,13 +132,19 @@ def test_workflow_runs_through_prompt(server, path):
                 for _, out in sorted(entry["outputs"].items()) if out.get("images")]
     if path.stem == "learn_concept":
         learned = load_sae(server.models / "sae" / "saeuron-demo-learned.safetensors")
-        assert concept_names(learned) == sorted(concept_names(load_sae(server.models / "sae" / "saeuron-demo.safetensors"))
+        assert concept_names(learned) == sorted(concept_names(load_sae(shipped("saeuron-demo.safetensors")))
                                                 + ["round things"])
         pictures = [library_picture(learned, "round things")]
     assert write_thumbnail(path.stem, pictures).stat().st_size > 0
     if path.stem == "inspect_features":
         texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
         assert texts and len(texts[0].splitlines()) == api["6"]["inputs"]["steps"]
+
+
+def shipped(name: str) -> Path:
+    import comfy_host
+
+    return comfy_host.demo_files().shipped_sae(name)
 
 
 DOC_WORKFLOWS = sorted((ROOT / "docs" / "workflows").glob("*.json"))

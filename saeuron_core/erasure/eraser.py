@@ -32,7 +32,6 @@ with the other).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -93,7 +92,6 @@ class ConceptEraser:
         self.record_masks = o.record_masks
         self.masks: list[MaskRecord] = []
         self._last_mask: Optional[tuple[Tensor, Tensor, Tensor, Optional[tuple[int, int]]]] = None
-        self._sae_copies: dict[torch.device, TopKSAE] = {}
         self._build_tables()
 
     def _coverage_per_concept(self, min_coverage: Union[float, Mapping[str, float]]) -> Tensor:
@@ -213,7 +211,7 @@ class ConceptEraser:
         seen = torch.ones_like(rows) if self.gated else rows
         row_idx = seen.nonzero().squeeze(1)
         x = call.tokens[row_idx.to(call.tokens.device)]
-        sae = self.sae_on(x.device)
+        sae = self.sae.on_device(x.device)
         gate = (call.is_cond[seen], rows[seen]) if self.gated else None
         with torch.no_grad():
             mask, tok, fires, values, ids = self._detect(sae, x, self.buckets(call.timesteps[seen], x.shape[0]), gate)
@@ -280,14 +278,6 @@ class ConceptEraser:
         gates[: len(min_coverage)] = min_coverage
         open_ = (coverage >= gates) & edit[:, None]                                          # [rows, concepts]
         return fires & (edits & open_[ri][:, None, :]).any(-1)
-
-    def sae_on(self, device: torch.device) -> TopKSAE:
-        """The SAE on the activations' device (a cached copy when the model runs elsewhere)."""
-        if self.sae.device == device:
-            return self.sae
-        if device not in self._sae_copies:
-            self._sae_copies[device] = copy.deepcopy(self.sae).to(device)
-        return self._sae_copies[device]
 
     def _ablate(self, sae: TopKSAE, x: Tensor, tok: tuple[Tensor, Tensor], fires: Tensor, change: Tensor,
                 ids: Tensor) -> Tensor:

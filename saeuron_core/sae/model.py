@@ -137,6 +137,19 @@ class TopKSAE(nn.Module):
     def device(self) -> torch.device:
         return self.W_dec.device
 
+    def on_device(self, device: torch.device) -> "TopKSAE":
+        """This SAE with every weight on ``device``: itself when they all are there, else a copy for one use.
+
+        Nothing is kept: where the SAE lives is its host's decision (ComfyUI's memory manager may leave it, or part
+        of it, offloaded), so an offloaded SAE is streamed to the activations for each call, never cached twice.
+        """
+        if all(p.device == device for p in self.parameters()):
+            return self
+        moved = TopKSAE(self.config, device="meta")
+        moved.load_state_dict({k: v.detach().to(device) for k, v in self.state_dict().items()}, assign=True)
+        moved.concepts, moved.extra_tensors = self.concepts, self.extra_tensors
+        return moved
+
     # -- core maths ----------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
