@@ -1,7 +1,7 @@
 """The real ComfyUI host for tests: upstream ComfyUI 0.3.64 with its pinned Vue frontend.
 
-``scripts/setup_env.sh`` unpacks it into ``.hosts/ComfyUI`` with the installer shipped beside the project
-(``../shared/hosts/install-comfyui.sh``). ``start()`` copies that tree to a temp dir, imports it with
+``scripts/setup_env.sh test`` puts it in ``.hosts/ComfyUI`` (with the host installer in ``$SAEURON_COMFY_HOSTS`` or
+``../shared/hosts``, else cloned from upstream). ``start()`` copies that tree to a temp dir, imports it with
 ``--cpu`` and loads this repo as a custom-node pack the way ComfyUI does (``nodes.load_custom_node``).
 ``tiny_model()`` builds a small SD1.5-layout UNet through ComfyUI's own classes with the weights of the tiny
 diffusers UNet. ``ComfyServer`` runs ``main.py`` of a fresh copy as a real server.
@@ -34,7 +34,7 @@ TINY_UNET_CONFIG = {
 def comfy_source() -> Path:
     tree = HOSTS / "ComfyUI"
     if not (tree / "comfyui_version.py").is_file():
-        raise RuntimeError(f"ComfyUI 0.3.64 is not installed in {tree}; run scripts/setup_env.sh")
+        raise RuntimeError(f"ComfyUI 0.3.64 is not installed in {tree}; run scripts/setup_env.sh test")
     return tree
 
 
@@ -42,7 +42,7 @@ def newest_frontend() -> Path:
     """The static files of the newest frontend (served with ``--front-end-root``)."""
     static = HOSTS / f"frontend-{NEWEST_FRONTEND}" / "static"
     if not (static / "index.html").is_file():
-        raise RuntimeError(f"frontend {NEWEST_FRONTEND} is not installed in {static.parent}; run scripts/setup_env.sh")
+        raise RuntimeError(f"frontend {NEWEST_FRONTEND} is not installed in {static.parent}; run scripts/setup_env.sh test")
     return static
 
 

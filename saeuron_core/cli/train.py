@@ -7,6 +7,7 @@ Its hyper-parameters are :class:`~saeuron_core.training.trainer.TrainConfig` fie
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -86,6 +87,11 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _name(path: Any) -> str:
+    """A local path as the SAE file records it: the last part only (files are shared; directories are not)."""
+    return Path(str(path)).name if path else ""
+
+
 def _checkpoint(a: argparse.Namespace) -> str:
     return a.checkpoint or f"{a.out}.ckpt.safetensors"
 
@@ -100,7 +106,7 @@ def _train_store(a: argparse.Namespace, config: TrainConfig, device: Any) -> Tra
     return train_sae(StoreSource(store, a.shuffle_shards), config, hook_point=collect_cfg.get("hook_point", ""),
                      model_family=collect_cfg.get("model_family", ""), residual=bool(collect_cfg.get("residual")),
                      checkpoint=_checkpoint(a), out=a.out, device=device,
-                     source_info={"store": str(a.store), "model": collect_cfg.get("model", ""),
+                     source_info={"store": _name(a.store), "model": _name(collect_cfg.get("model", "")),
                                   "tokens_in_store": store.n_tokens})
 
 
@@ -117,6 +123,7 @@ def _train_online(a: argparse.Namespace, config: TrainConfig, device: Any) -> Tr
     source = OnlineSource(pipe, prompts, sampling, buffer_tokens=a.buffer_tokens)
     return train_sae(source, config, hook_point=sampling.hook_point, model_family=sampling.model_family,
                      residual=sampling.residual, checkpoint=_checkpoint(a), out=a.out, device=device,
-                     source_info={"online": True, "model": a.model, "prompts": len(prompts), "seeds": sampling.seeds,
-                                  "sampling_steps": sampling.steps, "guidance": sampling.guidance_scale,
-                                  "scheduler": sampling.scheduler, "buffer_tokens": a.buffer_tokens})
+                     source_info={"online": True, "model": _name(a.model), "prompts": len(prompts),
+                                  "seeds": sampling.seeds, "sampling_steps": sampling.steps,
+                                  "guidance": sampling.guidance_scale, "scheduler": sampling.scheduler,
+                                  "buffer_tokens": a.buffer_tokens})
