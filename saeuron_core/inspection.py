@@ -174,7 +174,7 @@ class InspectRecorder:
         if not len(rows) or call.timesteps is None:
             return None
         row = int(rows[0])
-        code = self.sae.encode(call.tokens[row])  # [N, k]
+        code = self.sae.on_device(call.tokens.device).encode(call.tokens[row])  # [N, k]
         n_tokens = code.values.shape[0]
         h, w = _grid(call, n_tokens)
         mean = torch.zeros(self.sae.n_latents, device=code.values.device, dtype=torch.float32)
@@ -222,7 +222,7 @@ def inspect(pipe: Any, sae: TopKSAE, prompt: str, *, concepts: Optional[str | Se
     try:
         if scheduler:
             set_scheduler(pipe, scheduler)
-        with pipeline_hook(pipe, hook_point, record, residual=sae.config.residual):
+        with sae.kept_beside(denoiser(pipe)), pipeline_hook(pipe, hook_point, record, residual=sae.config.residual):
             out = generate(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                            height=height, width=width, output_type="pil")
     finally:

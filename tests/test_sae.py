@@ -105,3 +105,27 @@ def test_cuda_matches_cpu():
     x = torch.randn(64, 16)
     gpu = sae.to("cuda")
     torch.testing.assert_close(gpu(x.cuda()).cpu(), make_sae()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_sae_follows_the_denoiser_only_where_one_device_holds_each():
+    """``kept_beside`` moves nothing when the module is offloaded (meta weights) or the SAE is already there."""
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2))
+    before = [p for p in sae.parameters()]
+    offloaded = torch.nn.Linear(4, 4, device="meta")
+    with sae.kept_beside(offloaded) as inside:
+        assert inside is sae and {p.device.type for p in sae.parameters()} == {"cpu"}
+    with sae.kept_beside(torch.nn.Linear(4, 4)) as inside:
+        assert inside is sae
+    assert [p for p in sae.parameters()] == before and sae.on_device(torch.device("cpu")) is sae
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_sae_spread_over_two_devices_computes_where_the_activations_are():
+    """ComfyUI's lowvram may leave part of the SAE offloaded: it is streamed to the activations, not cached."""
+    sae = make_sae()
+    x = torch.randn(64, 16)
+    sae.encoder.to("cuda")  # W_dec and b_dec stay on the CPU
+    moved = sae.on_device(torch.device("cuda", torch.cuda.current_device()))
+    assert moved is not sae and {p.device.type for p in moved.parameters()} == {"cuda"}
+    assert sae.W_dec.device.type == "cpu"
+    torch.testing.assert_close(moved(x.cuda()).cpu(), make_sae()(x), atol=1e-4, rtol=1e-4)

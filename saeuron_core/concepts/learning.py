@@ -38,7 +38,7 @@ class ConceptRecorder:
             raise ConfigError(f"expected {len(self.groups)} conditional rows per UNet call, got {rows.shape[0]}")
         if rows.shape[0]:
             with torch.no_grad():
-                code = self.sae.encode(rows)
+                code = self.sae.on_device(rows.device).encode(rows)
             add = self.stats.add_groups if per_prompt else self.stats.add_to
             add(self.groups, call.timesteps[call.is_cond], code.values, code.indices)
         return None
@@ -103,7 +103,8 @@ def learn_concepts(pipe: Any, sae: TopKSAE, concepts: dict[str, tuple[Sequence[s
     bar = tqdm(total=len(work), desc=f"learn {label}", unit="gen", disable=not progress)
     scheduler_name = type(pipe.scheduler).__name__
     try:
-        with pipeline_hook(pipe, hook_point, record, residual=sae.config.residual), torch.no_grad():
+        with sae.kept_beside(denoiser(pipe)), pipeline_hook(pipe, hook_point, record, residual=sae.config.residual), \
+                torch.no_grad():
             for begin in range(0, len(work), batch_size):
                 chunk = work[begin:begin + batch_size]
                 record.groups = torch.tensor([group[p] for p, _ in chunk], dtype=torch.long)

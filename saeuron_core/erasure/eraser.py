@@ -429,6 +429,7 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Optional[Met
     layout = pipeline_cfg_layout(target) if is_pipeline else (cfg_layout or "uncond_cond")
     followers = [eraser.follower() for _ in also_at] if also_at else []
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sae.kept_beside(unet))
         stack.enter_context(BlockHook(unet, hook_point, fn, cfg_layout=layout, residual=sae.config.residual))
         for point, follower in zip(also_at, followers):
             replay = follower if mask is None else RegionEdit(follower, mask, mask_mode)  # type: ignore[arg-type]

@@ -7,9 +7,10 @@ decode: ``x_hat = sum_j z_j W_dec[idx_j] + b_dec``, computed as a sparse gather
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,11 @@ class TopK(NamedTuple):
     indices: Tensor
 
 
+def _single_device(tensors: Iterator[Tensor]) -> Optional[torch.device]:
+    devices = {t.device for t in tensors}
+    return devices.pop() if len(devices) == 1 and next(iter(devices)).type != "meta" else None
+
+
 class TopKSAE(nn.Module):
     """TopK SAE with an ``nn.Linear`` encoder and unit-norm decoder rows ``W_dec [n_latents, d_in]``."""
 
@@ -149,6 +155,24 @@ class TopKSAE(nn.Module):
         moved.load_state_dict({k: v.detach().to(device) for k, v in self.state_dict().items()}, assign=True)
         moved.concepts, moved.extra_tensors = self.concepts, self.extra_tensors
         return moved
+
+    @contextlib.contextmanager
+    def kept_beside(self, module: nn.Module) -> Iterator["TopKSAE"]:
+        """This SAE moved to ``module``'s device inside the block, and back on exit.
+
+        Nothing moves when the module's weights are not on one real device (offloaded by accelerate) or when the
+        SAE's weights are spread over several devices (a host's memory manager, e.g. ComfyUI's, placed them).
+        """
+        target = _single_device(module.parameters())
+        home = _single_device(self.parameters())
+        if target is None or home is None or target == home:
+            yield self
+            return
+        self.to(target)
+        try:
+            yield self
+        finally:
+            self.to(home)
 
     # -- core maths ----------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
