@@ -35,7 +35,11 @@ def test_object_info_lists_every_node_with_its_inputs(server):
         assert entry["category"] == "SAeUron" and entry["description"]
         for spec in entry["input"]["required"].values():
             assert spec[1].get("tooltip")
-    assert combo_choices(info["SAeUronLoadSAE"]["input"]["required"]["sae_name"]) == ["planted.safetensors"]
+    import comfy_host
+
+    demo = list(comfy_host.demo_files().DEMO_SAES)  # the pack's own, listed beside the user's
+    assert combo_choices(info["SAeUronLoadSAE"]["input"]["required"]["sae_name"]) == sorted(["planted.safetensors",
+                                                                                              *demo])
     assert info["SAeUronConceptEraser"]["output"] == ["MODEL"]
 
 
