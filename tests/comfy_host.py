@@ -334,16 +334,6 @@ def demo_files():
     return _STATE["demo_files"]
 
 
-def install_demo(models: Path) -> None:
-    """Copy the shipped demo model and SAEs into ``models`` under the names the workflows use (as a user's own
-    files of those names; the pack offers them without this)."""
-    files = demo_files()
-    for name in files.DEMO_PIPELINES:
-        shutil.copytree(files.shipped_pipeline(name), models / "diffusers" / name)
-    for name in files.DEMO_SAES:
-        shutil.copy(files.shipped_sae(name), models / "sae" / name)
-
-
 TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
              "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
              "guidance_embeds": False, "axes_dims_rope": [4, 6, 6]}

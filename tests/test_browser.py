@@ -1,15 +1,17 @@
 """ComfyUI's own page in headless Chromium against a real ComfyUI 0.3.64 server with the pack loaded.
 
 Two frontends: the one ComfyUI 0.3.64 pins (1.27.10, from PyPI) and the newest (1.58.1, served with
-``--front-end-root``). Every UI-format workflow (example_workflows/) is loaded the way a dropped file
-is (``app.loadGraphData``), checked (no missing node types, every widget holds the file's value and is
-a valid choice, every link and required input connected), and on the pinned frontend queued with the
-page's Run button and run until its output shows in the page. Screenshots of each graph and its result
-go to docs/screenshots/ from the pinned frontend (the README shows them; ``SAEURON_SCREENSHOT_DIR``
-overrides). Also, on both frontends: the concept picker opens on a real click on the canvas, ticks
-names, follows the SAE chosen in Load SAE and marks names that SAE lacks. On the pinned one: the pack's
-errors show in the page's dialogs with their message (a validation error once, naming the input), and
-every example workflow is offered in the Templates dialog and opens from it.
+``--front-end-root``), the newest in both its node designs: the classic canvas and Nodes 2.0
+(``Comfy.VueNodes.Enabled``). Every UI-format workflow (example_workflows/) is opened from the page's
+Templates dialog on a server that has only the pack (the demo model and SAEs come with it), checked (no
+missing node types, every widget holds the file's value and is a valid choice, every link and required
+input connected), queued with the page's Run button and run until its output shows in the page; the others
+load in the newest frontend. Screenshots of each graph and its result go to docs/screenshots/ from the
+pinned frontend (the README shows them; ``SAEURON_SCREENSHOT_DIR`` overrides). Also: the concept picker opens
+on a real click, ticks names, follows the SAE chosen in Load SAE and marks the names that SAE lacks as soon as
+its library loads (every frontend and design); Save SAE's status and the Feature Inspector's preview show,
+also inside a subgraph (1.58.1, both designs); every node's help page is served; the pack's errors show in
+the page with their message and input; no deprecated frontend API is used by the pack's scripts.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (scripts/setup_env.sh installs them as root);
 without them these tests are skipped, except in CI, where they fail.
@@ -46,24 +48,23 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,800"]
 VIEWPORT = (1920, 1080)  # large enough that LiteGraph draws node text at the fitted zoom
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = int(os.environ.get("SAEURON_RUN_TIMEOUT_S", "300"))
 
 
 # -- fixtures ------------------------------------------------------------------------------
 
-def _serve(tmp_path_factory, front_end_root):
-    """A ComfyUI server with the workflows' model and SAE (the shipped demo ones, ``saeuron-demo``: every
-    object and style of the demo), ``saeuron-other`` (the same SAE keeping only circle and star) and an SAE
-    of another width."""
+def _serve(tmp_path_factory, front_end_root, test_saes: bool = True):
+    """A ComfyUI server with the pack, whose demo model and SAEs (``saeuron-demo*``) it offers itself. With
+    ``test_saes``, also ``saeuron-other`` (the demo SAE keeping only circle and star) and an SAE of another width."""
     srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("browser"), front_end_root=front_end_root)
-    comfy_host.install_demo(srv.models)
-    sae = load_sae(srv.models / "sae" / "saeuron-demo.safetensors")
-    for name in concept_names(sae):
-        if name not in ("circle", "star"):
-            remove_concept(sae, name)
-    save_sae(sae, srv.models / "sae" / "saeuron-other.safetensors")
-    # An SAE of another width: it does not fit the model's block.
-    save_sae(TopKSAE(SAEConfig(d_in=48, n_latents=96, k=4, hook_point=HOOK)), srv.models / "sae" / "wide.safetensors")
+    if test_saes:
+        sae = load_sae(comfy_host.DEMO_ASSETS / "sae.safetensors")
+        for name in concept_names(sae):
+            if name not in ("circle", "star"):
+                remove_concept(sae, name)
+        save_sae(sae, srv.models / "sae" / "saeuron-other.safetensors")
+        # An SAE of another width: it does not fit the model's block.
+        save_sae(TopKSAE(SAEConfig(d_in=48, n_latents=96, k=4, hook_point=HOOK)), srv.models / "sae" / "wide.safetensors")
     with srv:
         # A returning user (no first-run Templates dialog over the canvas); no minimap over the screenshots.
         for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
@@ -75,6 +76,12 @@ def _serve(tmp_path_factory, front_end_root):
 def server(tmp_path_factory):
     """ComfyUI 0.3.64 with the frontend it pins (1.27.10)."""
     yield from _serve(tmp_path_factory, None)
+
+
+@pytest.fixture(scope="module")
+def pack_only_server(tmp_path_factory):
+    """ComfyUI 0.3.64 (frontend 1.27.10) with nothing but the pack: what a new user has."""
+    yield from _serve(tmp_path_factory, None, test_saes=False)
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +122,48 @@ return !!(window.app && app.graph && app.canvas && api?.socket?.readyState === 1
 """
 
 
-def open_page(driver, server) -> Any:
-    """ComfyUI's page, freshly loaded and connected to the server, with the pack's extensions once each."""
+# Records deprecation warnings raised while one of the pack's scripts is on the stack: LiteGraph's own
+# (``LiteGraph.onDeprecationWarning``, every time, not once per page) and the app's (``console.warn``).
+WATCH_DEPRECATIONS_JS = """
+window.saeuronDeprecations = [];
+const pack = arguments[0];
+const note = (text) => {
+  const stack = String(new Error().stack);
+  if (/deprecat/i.test(text) && stack.includes(pack)) window.saeuronDeprecations.push(text + '\\n' + stack);
+};
+if (Array.isArray(LiteGraph.onDeprecationWarning)) {
+  LiteGraph.alwaysRepeatWarnings = true;
+  LiteGraph.onDeprecationWarning.push((message) => note(String(message)));
+}
+const warn = console.warn;
+console.warn = function (...args) { note(args.map(String).join(' ')); return warn.apply(this, args); };
+"""
+
+
+def open_page(driver, server, nodes2: bool | None = None) -> Any:
+    """ComfyUI's page, freshly loaded and connected to the server, with the pack's extensions once each.
+    ``nodes2`` (newest frontend only) switches Nodes 2.0 on or off first."""
+    if nodes2 is not None:
+        assert server.post("/settings/Comfy.VueNodes.Enabled", nodes2)[0] == 200
     driver.get(server.url)
     wait_for(driver, PAGE_READY_JS, timeout=60, what="ComfyUI's page to load and connect")
     names = driver.execute_script("return app.extensions.map(e => e.name).filter(n => n.startsWith('SAeUron'))")
     assert sorted(names) == ["SAeUron.ConceptPicker", "SAeUron.InspectorPreview", "SAeUron.SaveStatus",
                              "SAeUron.ValidationErrors"], names
+    if nodes2 is not None:
+        assert driver.execute_script("return !!LiteGraph.vueNodesMode") == nodes2
     # The frontends log their own failures at start-up (routes this backend lacks, no network); only
     # the pack's must not be among them. After this, page_errors counts every script error.
     pack = [e for e in page_errors(driver) if "saeuron" in e["message"].lower()]
     assert not pack, f"the page logged errors of the pack while loading: {pack}"
+    driver.execute_script(WATCH_DEPRECATIONS_JS, f"/extensions/{comfy_host.PACK_NAME}/")
     return driver
+
+
+def assert_no_pack_deprecations(driver) -> None:
+    """No deprecated frontend API was used by the pack's scripts since the page opened."""
+    found = driver.execute_script("return window.saeuronDeprecations")
+    assert not found, f"the pack's scripts use deprecated frontend APIs: {found}"
 
 
 @pytest.fixture()
@@ -135,10 +172,14 @@ def page(server, browser):
     return open_page(browser, server)
 
 
-@pytest.fixture(params=["1.27.10", "1.58.1"])
+DESIGNS = {"1.27.10": None, "1.58.1": False, "1.58.1-nodes2": True}
+
+
+@pytest.fixture(params=list(DESIGNS))
 def any_page(request, browser):
-    """The page of each frontend: the pinned one and the newest."""
-    return open_page(browser, request.getfixturevalue("server" if request.param == "1.27.10" else "newest_server"))
+    """The page of each frontend and node design: the pinned one, the newest, the newest with Nodes 2.0."""
+    pinned = request.param == "1.27.10"
+    return open_page(browser, request.getfixturevalue("server" if pinned else "newest_server"), DESIGNS[request.param])
 
 
 # -- page helpers --------------------------------------------------------------------------
@@ -185,7 +226,7 @@ def fit_view(driver, node_ids: list[int] | None = None) -> None:
     """Zoom and pan the canvas so the nodes (all by default) fill the canvas between the page's bars."""
     driver.execute_script("""
         const ids = arguments[0];
-        const nodes = app.graph._nodes.filter(n => !ids || ids.includes(Number(n.id)));  // 1.58 ids are strings
+        const nodes = app.canvas.graph._nodes.filter(n => !ids || ids.includes(Number(n.id)));  // 1.58 ids are strings
         const title = LiteGraph.NODE_TITLE_HEIGHT, pad = 30, left = 70, top = 100;  // side bar, top menu
         const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
         const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
@@ -212,8 +253,8 @@ return {
     const required = n.constructor.nodeData?.input?.required ?? {};
     return {
       id: num(n.id), type: n.type, title: n.title, registered: n.type in LiteGraph.registered_node_types,
-      // Not the frontend's own image-preview widget ($$canvas-image-preview): it is not saved.
-      widgets: (n.widgets ?? []).filter(w => !String(w.name).startsWith('$$')).map(w => ({
+      // Not the frontend's own image-preview widget ($$canvas-image-preview) nor Save SAE's status: not saved.
+      widgets: (n.widgets ?? []).filter(w => !String(w.name).startsWith('$$') && w.serialize !== false).map(w => ({
         name: w.name, value: w.value,
         choices: Array.isArray(w.options?.values) ? w.options.values : null,
         min: w.options?.min ?? null, max: w.options?.max ?? null})),
@@ -342,16 +383,66 @@ def run_from_page(driver, timeout: float = RUN_TIMEOUT_S) -> list[dict]:
     raise AssertionError(f"outputs did not appear within {timeout} s: {driver.execute_script(OUTPUTS_JS)}")
 
 
+def nodes2(driver) -> bool:
+    """Whether the page shows Nodes 2.0 (each node a DOM element) rather than the classic canvas."""
+    return driver.execute_script("return !!LiteGraph.vueNodesMode")
+
+
+# Nodes 2.0: a widget is an element ``[data-widget-name]`` inside its node ``[data-node-id]``; one that draws
+# itself (the concept picker) has its own small canvas there.
+WIDGET_CANVAS_JS = """
+return document.querySelector(`[data-node-id="${arguments[0]}"] [data-widget-name="${arguments[1]}"] canvas`);
+"""
+
+
 def widget_point(driver, node_id: int, widget: str) -> tuple[float, float]:
-    """Viewport coordinates of the middle of a node's widget (as drawn on the canvas)."""
+    """Viewport coordinates of the middle of a node's widget (as drawn on the canvas, or its element)."""
+    if nodes2(driver):
+        canvas = driver.execute_script(WIDGET_CANVAS_JS, node_id, widget)
+        rect = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height];",
+                                     canvas)
+        return rect[0] + rect[2] / 2, rect[1] + rect[3] / 2
     return tuple(driver.execute_script("""
-        const node = app.graph.getNodeById(arguments[0]);
+        const node = app.canvas.graph.getNodeById(arguments[0]);
         const w = node.widgets.find(w => w.name === arguments[1]);
         const [x, y] = app.canvas.ds.convertOffsetToCanvas(
             [node.pos[0] + node.size[0] / 2, node.pos[1] + w.last_y + LiteGraph.NODE_WIDGET_HEIGHT / 2]);
         const r = app.canvas.canvas.getBoundingClientRect();
         return [r.left + x, r.top + y];
     """, node_id, widget))
+
+
+def red_pixels(driver, node_id: int, widget: str) -> int:
+    """How many pixels of a widget are drawn in the picker's red (names the SAE lacks): on the widget's own
+    canvas in Nodes 2.0, on the graph canvas where the widget is drawn otherwise."""
+    return driver.execute_script("""
+        const red = (d) => { let n = 0; for (let i = 0; i < d.length; i += 4)
+            n += d[i] > 200 && d[i + 1] < 140 && d[i + 2] < 140 && d[i + 3] > 0; return n; };
+        const own = arguments[2];
+        if (own) return red(own.getContext('2d').getImageData(0, 0, own.width, own.height).data);
+        app.canvas.draw(true, true);
+        const node = app.canvas.graph.getNodeById(arguments[0]);
+        const w = node.widgets.find(w => w.name === arguments[1]);
+        const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + w.last_y]);
+        const [x1, y1] = app.canvas.ds.convertOffsetToCanvas(
+            [node.pos[0] + node.size[0], node.pos[1] + w.last_y + LiteGraph.NODE_WIDGET_HEIGHT]);
+        const ctx = app.canvas.canvas.getContext('2d');
+        return red(ctx.getImageData(x0, y0, x1 - x0, y1 - y0).data);
+    """, node_id, widget, driver.execute_script(WIDGET_CANVAS_JS, node_id, widget) if nodes2(driver) else None)
+
+
+def choose(driver, node_id: int, widget: str, value: str) -> None:
+    """Choose a combo widget's value with real clicks: its menu on the canvas, or its list in Nodes 2.0."""
+    from selenium.webdriver.common.by import By
+
+    if not nodes2(driver):
+        assert value in open_widget_menu(driver, node_id, widget)
+        click_menu_entry(driver, value)
+        return
+    driver.find_element(By.CSS_SELECTOR, f'[data-node-id="{node_id}"] [data-widget-name="{widget}"] [role="combobox"]').click()
+    option = wait_for(driver, "return [...document.querySelectorAll('[role=option]')].find(e => e.innerText.trim() === arguments[0]);",
+                      value, timeout=20, what=f"{value} in the list of widget {widget}")
+    option.click()
 
 
 def click_at(driver, point: tuple[float, float]) -> None:
@@ -383,14 +474,14 @@ def click_menu_entry(driver, text: str) -> None:
 
 
 def widget_value(driver, node_id: int, widget: str) -> Any:
-    return driver.execute_script("return app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === arguments[1]).value;",
+    return driver.execute_script("return app.canvas.graph.getNodeById(arguments[0]).widgets.find(w => w.name === arguments[1]).value;",
                                  node_id, widget)
 
 
 def set_widget(driver, node_id: int, widget: str, value: Any) -> None:
     """Set a widget's value as typing it in would (value and the widget's callback)."""
     driver.execute_script("""
-        const node = app.graph.getNodeById(arguments[0]);
+        const node = app.canvas.graph.getNodeById(arguments[0]);
         const w = node.widgets.find(w => w.name === arguments[1]);
         w.value = arguments[2];
         w.callback?.(w.value, app.canvas, node);
@@ -400,11 +491,49 @@ def set_widget(driver, node_id: int, widget: str, value: Any) -> None:
 
 # -- tests ---------------------------------------------------------------------------------
 
+def open_template(driver, name: str, node_count: int) -> None:
+    """Open one of the pack's example workflows from the page's Templates dialog (a click on its card)."""
+    driver.execute_script("app.graph.clear(); app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    # Choose the pack in the dialog's side bar until its card shows (a click while the dialog still renders
+    # can be lost).
+    card = wait_for(driver, """
+        const card = document.querySelector(arguments[0]);
+        if (card) return card;
+        [...document.querySelectorAll('.p-dialog *')].find(
+            e => !e.children.length && e.innerText?.trim() === arguments[1])?.click();
+        return null;""", f"[data-testid='template-workflow-{name}']", comfy_host.PACK_NAME,
+                    timeout=30, interval=0.5, what=f"{name} under {comfy_host.PACK_NAME} in the Templates dialog")
+    card.click()
+    wait_for(driver, DIALOG_JS + "return !shown.length && app.graph._nodes.length === arguments[0];", node_count,
+             timeout=30, what=f"{name} to open from the dialog")
+    fit_view(driver)
+
+
+INSPECTOR_PREVIEW_JS = """
+// The Feature Inspector's preview: the images the classic canvas draws on the node, or the node's <img>
+// elements in Nodes 2.0; [width, height, src] of each loaded one.
+const node = app.canvas.graph._nodes.find(n => n.type === 'SAeUronFeatureInspector');
+const imgs = LiteGraph.vueNodesMode
+  ? [...(document.querySelector(`[data-node-id="${node.id}"]`)?.querySelectorAll('img') ?? [])]
+      .filter(i => i.getClientRects().length)
+  : (node.imgs ?? []);
+const loaded = imgs.filter(i => i.complete && i.naturalWidth > 0);
+return loaded.length ? loaded.map(i => [i.naturalWidth, i.naturalHeight, i.src]) : null;
+"""
+SAVE_STATUS_JS = """
+const e = document.querySelector('.saeuron-save-status');
+return e && e.getClientRects().length && getComputedStyle(e).visibility !== 'hidden' ? e.innerText.trim() : null;
+"""
+
+
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
-def test_workflow_loads_and_runs_in_the_page(page, server, path):
+def test_example_workflow_runs_from_the_templates_dialog(pack_only_server, browser, path):
+    """A new user's ComfyUI (only the pack, nothing copied into models/) opens every example workflow from the
+    Templates dialog and runs it from the Run button until its pictures show."""
+    page = open_page(browser, pack_only_server)
     workflow = json.loads(path.read_text())
-    load_workflow(page, workflow)
-    check_loaded_graph(page, workflow, path.name)
+    open_template(page, path.stem, len(workflow["nodes"]))
+    check_loaded_graph(page, workflow, f"the template {path.stem}")
     screenshot(page, f"{path.stem}-graph")
 
     shown = run_from_page(page)
@@ -421,23 +550,24 @@ def test_workflow_loads_and_runs_in_the_page(page, server, path):
             with urllib.request.urlopen(src, timeout=30) as r:  # what the page shows is the saved file
                 assert r.headers["Content-Type"] == "image/png" and len(r.read()) > 50
     if path.stem == "inspect_features":  # the heat-map overlay also shows in the inspector node itself
-        preview = wait_for(page, "const n = app.graph.getNodeById(6);"
-                                 "return n.imgs?.length ? n.imgs.map(i => [i.naturalWidth, i.naturalHeight, i.src]) : null;",
-                           timeout=30, what="the Feature Inspector's preview")
+        preview = wait_for(page, INSPECTOR_PREVIEW_JS, timeout=30, what="the Feature Inspector's preview")
         assert len(preview) == 1 and preview[0][:2] == [side, side] and "type=temp" in preview[0][2]
     if path.stem == "learn_concept":
         texts = {s["id"]: s["text"] for s in shown}
         assert texts[7] == ["saved saeuron-demo-learned.safetensors"]
+        assert wait_for(page, SAVE_STATUS_JS, timeout=10, what="Save SAE's status") == \
+            "✔ saved saeuron-demo-learned.safetensors"
     else:
         assert saves, f"{path.name} has no image output"
     check_loaded_graph(page, workflow, path.name)  # running changed no widget (seeds are fixed)
     screenshot(page, f"{path.stem}-result")
-    assert_no_page_errors(page, f"while loading and running {path.name}")
+    assert_no_page_errors(page, f"while opening and running the template {path.stem}")
+    assert_no_pack_deprecations(page)
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_workflow_loads_in_the_newest_frontend(newest_server, browser, path):
-    page = open_page(browser, newest_server)
+    page = open_page(browser, newest_server, nodes2=False)
     workflow = json.loads(path.read_text())
     load_workflow(page, workflow)
     check_loaded_graph(page, workflow, path.name)
@@ -445,12 +575,71 @@ def test_workflow_loads_in_the_newest_frontend(newest_server, browser, path):
 
 
 def test_a_workflow_runs_in_the_newest_frontend(newest_server, browser):
-    page = open_page(browser, newest_server)
+    page = open_page(browser, newest_server, nodes2=False)
     load_workflow(page, json.loads((ROOT / "example_workflows" / "erase_style.json").read_text()))
     shown = run_from_page(page)
     expected = comfy_host.expected_images(json.loads((API_DIR / "erase_style.api.json").read_text()))
     assert {str(s["id"]): len(s["images"]) for s in shown} == {k: v[0] for k, v in expected.items()}
     assert_no_page_errors(page, "while running erase_style.json in the newest frontend")
+
+
+@pytest.mark.parametrize("design", [False, True], ids=["classic", "nodes2"])
+def test_save_status_and_inspector_preview_show_in_the_newest_frontend(newest_server, browser, design):
+    """Save SAE's status and the Feature Inspector's preview, in both node designs of frontend 1.58.1; the
+    preview also for an inspector inside a subgraph (run from the root graph, shown when the subgraph is open)."""
+    page = open_page(browser, newest_server, nodes2=design)
+    name = "nodes2" if design else "classic"
+    load_workflow(page, json.loads((ROOT / "example_workflows" / "learn_concept.json").read_text()))
+    run_from_page(page)
+    assert wait_for(page, SAVE_STATUS_JS, timeout=20, what="Save SAE's status") == "✔ saved saeuron-demo-learned.safetensors"
+    if design:
+        screenshot(page, "nodes2-save-status")
+
+    inspect = json.loads((ROOT / "example_workflows" / "inspect_features.json").read_text())
+    side = inspect["nodes"][[n["type"] for n in inspect["nodes"]].index("SAeUronEmptyLatent")]["widgets_values"][0]
+    load_workflow(page, inspect)
+    queue_from_page(page)
+    preview = wait_for(page, INSPECTOR_PREVIEW_JS, timeout=RUN_TIMEOUT_S, what=f"the Feature Inspector's preview ({name})")
+    assert len(preview) == 1 and preview[0][:2] == [side, side] and "type=temp" in preview[0][2]
+
+    # The inspector alone in a subgraph: the page runs it as "<subgraph node>:<id>".
+    load_workflow(page, inspect)
+    page.execute_script("""
+        const graph = app.canvas.graph;
+        const { subgraph, node } = graph.convertToSubgraph(new Set([graph.getNodeById(6)]));
+        app.canvas.openSubgraph(subgraph, node);
+    """)
+    wait_for(page, "return !app.canvas.graph.isRootGraph && app.canvas.graph._nodes.some("
+                   "n => n.type === 'SAeUronFeatureInspector')", timeout=20, what="the subgraph to open")
+    fit_view(page)
+    assert page.execute_script(INSPECTOR_PREVIEW_JS) is None
+    # Another input (seed is promoted to the subgraph node): the server would otherwise take the result from
+    # its cache and send no preview for the new id.
+    set_widget(page, 6, "top_features", 7)
+    queue_from_page(page)
+    preview = wait_for(page, INSPECTOR_PREVIEW_JS, timeout=RUN_TIMEOUT_S,
+                       what=f"the preview of the Feature Inspector inside a subgraph ({name})")
+    assert len(preview) == 1 and preview[0][:2] == [side, side] and "type=temp" in preview[0][2]
+    if design:
+        screenshot(page, "nodes2-inspector-in-subgraph")
+    assert_no_page_errors(page, f"while running Save SAE and the Feature Inspector ({name})")
+    assert_no_pack_deprecations(page)
+
+
+def test_every_node_has_a_help_page(newest_server):
+    """The Info tab of a pack node shows ``/extensions/<pack folder>/docs/<node id>/en.md`` (what frontends 1.27
+    to 1.58 request for a node whose python_module is ``custom_nodes.<pack folder>``), served from the pack's
+    web directory."""
+    info = newest_server.get("/object_info")
+    ours = {k: v for k, v in info.items() if v["python_module"] == f"custom_nodes.{comfy_host.PACK_NAME}"}
+    assert len(ours) == 7, sorted(ours)
+    for node_id, spec in ours.items():
+        url = f"{newest_server.url}/extensions/{comfy_host.PACK_NAME}/docs/{node_id}/en.md"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200, url
+            text = r.read().decode()
+        assert text.startswith(f"# {spec['display_name']}\n"), (node_id, text[:80])
+        assert len(text) > 300 and "## Input" in text, node_id
 
 
 def _broken(kind: str) -> dict:
@@ -478,7 +667,7 @@ def test_a_broken_workflow_fails_the_check_naming_the_node(page, kind, message):
 
 def test_concept_picker_follows_the_sae_chosen_in_load_sae(any_page, request):
     page = any_page
-    pinned = request.node.callspec.params["any_page"] == "1.27.10"
+    design = request.node.callspec.params["any_page"]
     workflow = json.loads((ROOT / "example_workflows" / "erase_style.json").read_text())
     load_workflow(page, workflow)
     fit_view(page, [1, 2, 6])  # close up on Load SAE and the eraser
@@ -491,20 +680,27 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(any_page, request):
     click_menu_entry(page, "☐ noise")  # the menu stays open: several names can be chosen
     assert widget_value(page, 6, "concepts") == "noise, stripes"
     assert page.execute_script("return document.activeElement?.tagName") != "INPUT"  # no text prompt opened
-    if pinned:
+    if design == "1.27.10":
         screenshot(page, "concept-picker")
+    page.execute_script("LiteGraph.closeAllContextMenus(window);")
+    assert red_pixels(page, 6, "concepts") == 0  # the SAE knows both names
 
-    # Another SAE in Load SAE: the eraser now offers that SAE's names and flags the ones it lacks.
-    assert "saeuron-other.safetensors" in open_widget_menu(page, 2, "sae_name")
-    click_menu_entry(page, "saeuron-other.safetensors")
+    # Another SAE in Load SAE: as soon as its library is in, the eraser's widget marks the names it lacks
+    # (red outline and text), before its menu is opened again.
+    choose(page, 2, "sae_name", "saeuron-other.safetensors")
     assert widget_value(page, 2, "sae_name") == "saeuron-other.safetensors"
+    wait_for(page, "return app.canvas.graph.getNodeById(6).widgets.find(w => w.name === 'concepts')"
+                   ".saeuronLibrary?.names?.join() === 'circle,star'", timeout=20, what="the other SAE's library")
+    deadline = time.time() + 10
+    while red_pixels(page, 6, "concepts") < 20 and time.time() < deadline:
+        time.sleep(0.2)
+    assert red_pixels(page, 6, "concepts") >= 20, f"the names the SAE lacks are not marked ({design})"
+    if design == "1.58.1-nodes2":
+        screenshot(page, "nodes2-concept-picker-marks")
     entries = open_widget_menu(page, 6, "concepts")
     assert entries[:4] == ["☐ circle", "☐ star", "☑ noise (not in this SAE)", "☑ stripes (not in this SAE)"]
     assert page.execute_script("return document.querySelector('.litecontextmenu .litemenu-title').innerText") \
         == "Concepts in saeuron-other.safetensors"
-    # The widget marks the names the SAE lacks (red outline and text) on the canvas.
-    assert page.execute_script("return app.graph.getNodeById(6).widgets.find(w => w.name === 'concepts')"
-                               ".saeuronLibrary.names") == ["circle", "star"]
     click_menu_entry(page, "☐ star")
     click_menu_entry(page, "☑ noise (not in this SAE)")
     assert widget_value(page, 6, "concepts") == "star, stripes"
@@ -531,6 +727,7 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(any_page, request):
     learned = json.loads((API_DIR / "learn_concept.api.json").read_text())["6"]["inputs"]["concept_name"]
     assert {f"☐ {learned}", "☐ star", "☐ stripes"} <= set(open_widget_menu(page, eraser_id, "concepts"))
     assert_no_page_errors(page, "while picking concepts")
+    assert_no_pack_deprecations(page)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -553,34 +750,34 @@ def test_pack_errors_show_in_the_page_with_their_message(page, request, change, 
         screenshot(page, "error-unknown-concept")
 
 
+# The toasts shown: frontend 1.58's (``data-testid="toast"``) and PrimeVue's (1.27).
+TOAST_JS = """
+return [...document.querySelectorAll('[data-testid="toast"], .p-toast-message')]
+  .map(e => e.innerText.trim()).find(t => t.includes(arguments[0]));
+"""
+
+
+def test_an_unknown_concept_is_reported_naming_the_input_and_the_concept_in_the_newest_frontend(newest_server, browser):
+    """Frontend 1.58.1 reports a failed node in a toast naming only the node; the pack adds its message there."""
+    page = open_page(browser, newest_server, nodes2=False)
+    load_workflow(page, json.loads((ROOT / "example_workflows" / "erase_style.json").read_text()))
+    set_widget(page, 6, "concepts", "horse")
+    queue_from_page(page)
+    toast = wait_for(page, TOAST_JS, "horse", timeout=60, what="a toast about the unknown concept")
+    assert "Concept Eraser (SAE)" in toast and "concepts: unknown concept 'horse'; this SAE knows:" in toast, toast
+    assert_no_pack_deprecations(page)
+
+
 def offered_templates(server) -> dict[str, list[str]]:
     return server.get("/api/workflow_templates")
 
 
-def test_every_example_workflow_opens_from_the_templates_dialog(page, server):
-    """Each example workflow is offered under the pack's name and opens from the dialog (a click on its card)."""
-    assert sorted(offered_templates(server)[comfy_host.PACK_NAME]) == [p.stem for p in UI_FILES]
-    for path in UI_FILES:
-        page.execute_script("app.graph.clear(); app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        # Choose the pack in the dialog's side bar until its card shows (a click while the dialog still
-        # renders can be lost).
-        card = wait_for(page, """
-            const card = document.querySelector(arguments[0]);
-            if (card) return card;
-            [...document.querySelectorAll('.p-dialog *')].find(
-                e => !e.children.length && e.innerText?.trim() === arguments[1])?.click();
-            return null;""", f"[data-testid='template-workflow-{path.stem}']", comfy_host.PACK_NAME,
-                        timeout=30, interval=0.5, what=f"{path.stem} under {comfy_host.PACK_NAME} in the Templates dialog")
-        card.click()
-        wait_for(page, DIALOG_JS + "return !shown.length && app.graph._nodes.length === arguments[0];",
-                 len(json.loads(path.read_text())["nodes"]), timeout=30, what=f"{path.stem} to open from the dialog")
-        check_loaded_graph(page, json.loads(path.read_text()), f"the template {path.stem}")
-        assert_no_page_errors(page, f"while opening the template {path.stem}")
-
-
-def test_every_template_has_a_thumbnail(server):
-    """The Templates dialog shows ``<name>.jpg`` (or ``.webp``) next to each example workflow."""
+def test_every_template_has_a_thumbnail(pack_only_server):
+    """Each example workflow is offered under the pack's name, and the Templates dialog shows ``<name>.jpg`` (or
+    ``.webp``) next to it."""
+    server = pack_only_server
     names = offered_templates(server)[comfy_host.PACK_NAME]
+    assert sorted(names) == [p.stem for p in UI_FILES]
     missing = []
     for name in names:
         for ext in ("jpg", "webp"):

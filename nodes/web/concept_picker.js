@@ -5,6 +5,10 @@
 // Load SAE (following the `sae` link through Learn Concept and reroutes), fetched from the pack's
 // read-only route GET /saeuron/concepts?sae=<name>. Names are toggled on and off; "Edit as text…"
 // keeps free typing. Names the current SAE does not know are drawn in red.
+//
+// Works in both node designs: the classic canvas draws the widget every frame; Nodes 2.0
+// (`Comfy.VueNodes.Enabled`) draws it on its own small canvas only when asked (`widget.triggerDraw`),
+// so the widget is redrawn when its SAE's library arrives and when an upstream SAE changes.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -30,9 +34,18 @@ export async function fetchConcepts(saeName) {
 	}
 }
 
+/** The link into input `slot` (frontends 1.27 to 1.58 have `getInputLink`; older ones only `input.link`). */
+function inputLink(node, slot) {
+	if (slot < 0 || !node.graph) return null;
+	if (typeof node.getInputLink === "function") return node.getInputLink(slot);
+	const id = node.inputs[slot].link;
+	return id == null ? null : (node.graph.getLink?.(id) ?? node.graph.links[id] ?? null);
+}
+
+/** The node feeding input `inputName` (`null`: the first input), or `null`. */
 function linkedOrigin(node, inputName) {
-	const input = node.inputs?.find((i) => i.name === inputName) ?? (inputName === null ? node.inputs?.[0] : null);
-	const link = input?.link != null ? node.graph?.links?.[input.link] : null;
+	const slot = inputName === null ? 0 : (node.inputs ?? []).findIndex((i) => i.name === inputName);
+	const link = node.inputs?.length ? inputLink(node, slot) : null;
 	return link ? node.graph.getNodeById(link.origin_id) : null;
 }
 
@@ -75,11 +88,17 @@ export async function offeredConcepts(node) {
 	return { sae: source.sae, names };
 }
 
+/** Redraw a widget in either node design. */
+function redraw(widget) {
+	widget.triggerDraw?.(); // Nodes 2.0: the widget's own canvas
+	app.canvas?.setDirty(true, true); // classic canvas
+}
+
 function setValue(node, widget, value) {
 	widget.value = value;
 	widget.callback?.(value, app.canvas, node);
 	node.graph?.change?.();
-	app.graph.setDirtyCanvas(true, true);
+	redraw(widget);
 }
 
 async function openMenu(node, widget, event) {
@@ -140,8 +159,30 @@ function refreshLibrary(node, widget) {
 	offeredConcepts(node).then((offer) => {
 		if (widget.saeuronKey !== key) return;
 		widget.saeuronLibrary = offer.names ? { sae: offer.sae, names: offer.names } : null;
-		app.graph.setDirtyCanvas(true, false);
+		redraw(widget);
 	});
+}
+
+/** Have every picker of a graph check its SAE again (after an SAE, a learned name or a link changed). */
+function refreshPickers(graph) {
+	for (const node of graph?.nodes ?? []) {
+		if (!PICKER_NODES.has(node.comfyClass)) continue;
+		const widget = node.widgets?.find((w) => w.name === "concepts");
+		if (widget) {
+			refreshLibrary(node, widget);
+			redraw(widget);
+		}
+	}
+}
+
+/** Call `after` once `node[method]` has run (keeping what the node or other extensions put there). */
+function chain(object, method, after) {
+	const before = object[method];
+	object[method] = function () {
+		const result = before?.apply(this, arguments);
+		after.apply(this, arguments);
+		return result;
+	};
 }
 
 function installPicker(node, widget) {
@@ -184,9 +225,12 @@ function installPicker(node, widget) {
 const extension = {
 	name: "SAeUron.ConceptPicker",
 	nodeCreated(node) {
-		if (!PICKER_NODES.has(node.comfyClass)) return;
-		const widget = node.widgets?.find((w) => w.name === "concepts");
-		if (widget) installPicker(node, widget);
+		// What the pickers show depends on Load SAE's file, Learn Concept's name and the links between.
+		const source = { SAeUronLoadSAE: "sae_name", SAeUronLearnConcept: "concept_name" }[node.comfyClass];
+		const widget = node.widgets?.find((w) => w.name === (source ?? "concepts"));
+		if (source && widget) chain(widget, "callback", () => refreshPickers(node.graph));
+		if (source || PICKER_NODES.has(node.comfyClass)) chain(node, "onConnectionsChange", () => refreshPickers(node.graph));
+		if (PICKER_NODES.has(node.comfyClass) && widget) installPicker(node, widget);
 	},
 };
 // ComfyUI can serve this folder under two names (pyproject's `web` and WEB_DIRECTORY); the

@@ -1,7 +1,14 @@
 // Feature Inspector shows its heat-map overlay in the node itself, as Preview Image does.
 // The server sends it under `saeuron_overlay` (temp files); handing it to the page's own image
-// preview (`app.nodeOutputs[id].images`) lets the page load, size and draw it as usual.
+// preview (the node's `app.nodeOutputs` entry, as `images`) lets the page load, size and draw it,
+// in the classic canvas and in Nodes 2.0, also for a node inside a subgraph.
 import { app } from "../../scripts/app.js";
+
+/** The key of a node's entry in `app.nodeOutputs`: its id, or `<subgraph id>:<id>` inside a subgraph. */
+export function outputKey(node) {
+	const graph = node.graph;
+	return graph && graph.rootGraph && graph !== graph.rootGraph ? `${graph.id}:${node.id}` : String(node.id);
+}
 
 const extension = {
 	name: "SAeUron.InspectorPreview",
@@ -10,11 +17,11 @@ const extension = {
 		const onExecuted = node.onExecuted;
 		node.onExecuted = function (output) {
 			onExecuted?.apply(this, arguments);
-			const outputs = app.nodeOutputs[this.id + ""];
-			if (outputs && output?.saeuron_overlay?.length) {
-				outputs.images = output.saeuron_overlay;
-				app.graph.setDirtyCanvas(true, false);
-			}
+			if (!output?.saeuron_overlay?.length) return;
+			const key = outputKey(this);
+			// A new entry (not a change inside the old one): frontend 1.58 passes it on to its stores.
+			app.nodeOutputs[key] = { ...(app.nodeOutputs[key] ?? output), images: output.saeuron_overlay };
+			app.canvas?.setDirty(true, true);
 		};
 	},
 };

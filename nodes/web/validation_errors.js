@@ -7,6 +7,10 @@
 // When only some outputs of a graph fail validation, the server queues the others and answers 200
 // with `node_errors`; frontends without an errors panel (1.27) then only outline the node in red, so
 // the message is shown in a dialog there.
+//
+// Frontends with the errors panel (1.40 and later) report a failed run in a toast that names only the
+// node ("Concept Eraser (SAE) failed ... Check its inputs"); for the pack's nodes a second toast gives
+// the server's message, under the input it is about (e.g. "concepts: unknown concept 'horse'; ...").
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -59,7 +63,8 @@ export function formatPackErrors(nodeErrors) {
 	const lines = [];
 	for (const [id, entry] of Object.entries(nodeErrors ?? {})) {
 		if (!isPackNode(entry)) continue;
-		const title = app.graph?.getNodeById(Number(id))?.title ?? entry.class_type;
+		const graph = "rootGraph" in app ? app.rootGraph : app.graph; // rootGraph: frontends 1.28 and later
+		const title = graph?.getNodeById(id)?.title ?? entry.class_type;
 		lines.push(`${title} (node ${id}):`);
 		for (const error of entry.errors ?? []) {
 			lines.push(`    - ${error.details || error.message}`);
@@ -78,9 +83,25 @@ function frontendShowsNodeErrors() {
 	}
 }
 
+/** The toast text for a pack node's run-time error: the server's message under the input it names. */
+export function runtimeErrorText(message, inputs) {
+	const text = String(message ?? "").trim();
+	const input = text && inputNamedIn(text, inputs);
+	return input && !text.startsWith(`${input}:`) ? `${input}: ${text}` : text;
+}
+
 const extension = {
 	name: "SAeUron.ValidationErrors",
 	setup() {
+		api.addEventListener("execution_error", ({ detail }) => {
+			if (!String(detail?.node_type ?? "").startsWith("SAeUron") || !frontendShowsNodeErrors()) return;
+			const spec = LiteGraph.registered_node_types[detail.node_type]?.nodeData?.input ?? {};
+			const text = runtimeErrorText(detail.exception_message, Object.keys({ ...spec.required, ...spec.optional }));
+			if (!text) return;
+			const graph = "rootGraph" in app ? app.rootGraph : app.graph;
+			const title = graph?.getNodeById(detail.node_id)?.title ?? detail.node_type;
+			app.extensionManager.toast.add({ severity: "error", summary: title, detail: text, life: 15000 });
+		});
 		const queuePrompt = api.queuePrompt.bind(api);
 		api.queuePrompt = async function (...args) {
 			let reply;
