@@ -214,3 +214,37 @@ def test_a_lora_on_an_erased_flux_block_is_kept(models, tmp_path, hook_point):
     assert not torch.equal(flux_sample(erase(lora, sae, 10.0)), erased)
     assert torch.equal(flux_sample(lora), alone) and torch.equal(flux_sample(patcher), plain)
     comfy.model_management.unload_all_models()
+
+
+def test_a_lora_stack_and_a_model_merge_compose_with_an_object_patched_eraser(host, unet_loras, tmp_path):
+    """Two LoRAs on the erased block (a stack) and ModelMergeSimple with another UNet, each on either side of an
+    idle eraser: the pictures of the same graph without the eraser, bit for bit."""
+    import comfy.model_management
+    import comfy_host
+    from saeuron_core.hosts.diffusers import make_tiny_pipeline
+
+    import nodes as comfy_nodes
+
+    hook_point, residual = UNET_CASES["object patch"]
+    sae, model = sae_at(host, hook_point, residual), host["model"]
+    first, _ = unet_loras[hook_point]
+    unet = host["pipe"].unet
+    second = write_lora(tmp_path / "loras", "second.safetensors",
+                        {"lora_unet_" + f"{hook_point}.{w}".replace(".", "_"):
+                         tuple(unet.get_submodule(f"{hook_point}.{w}").weight.shape) for w in UNET_WEIGHTS[:2]}, seed=1)
+    other = comfy_host.tiny_model(make_tiny_pipeline(seed=1).unet)
+    merge = comfy_nodes.NODE_CLASS_MAPPINGS["ModelMergeSimple"]()
+    comfy.model_management.unload_all_models()
+    stack = with_lora(with_lora(model, first), second)
+    merged = merge.merge(model, other, 0.5)[0]
+    expected = {"stack": sample(host, stack), "merge": sample(host, merged)}
+    assert not torch.equal(expected["stack"], sample(host, with_lora(model, first)))
+    assert not torch.equal(expected["merge"], sample(host, model))
+    graphs = {"stack": [with_lora(with_lora(erase(model, sae, 0.0), first), second),
+                        with_lora(erase(with_lora(model, first), sae, 0.0), second),
+                        erase(stack, sae, 0.0)],
+              "merge": [merge.merge(erase(model, sae, 0.0), other, 0.5)[0], erase(merged, sae, 0.0)]}
+    for name, variants in graphs.items():
+        for variant in variants:
+            assert torch.equal(sample(host, variant), expected[name]), name
+    comfy.model_management.unload_all_models()
