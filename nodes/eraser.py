@@ -33,14 +33,13 @@ class ConceptEraser(io.ComfyNode):
                                 tooltip="Concept names from the SAE's library, separated by commas. In the page, "
                                         "click to pick them from the SAE chosen in Load SAE."),
                 io.Combo.Input("method", options=["ablate", "replace"], default="ablate",
-                               tooltip="ablate: push the concept's features negative where they fire; erases the "
-                                       "most (demo: styles 95%, objects 91%), best for styles and several concepts "
-                                       "at once. replace: the features only detect where the concept is; those "
-                                       "patches (grown by one) get the unconditional half's, keeping activations "
-                                       "in distribution and the rest of the picture (demo objects: 85% erased, 97% "
-                                       "of others kept) when the detection is also replayed at the later block that "
-                                       "draws the object again (replace_also_at; without it about a third of the "
-                                       "objects). Poor for styles."),
+                               tooltip="ablate (SAeUron): push the concept's features negative where they fire. "
+                                       "Erases the most; best for styles and for several concepts at once, though "
+                                       "the edited activations can lie far outside their usual range. replace: the "
+                                       "features only detect where the concept is, and those patches (grown by "
+                                       "one) get the unconditional half's, so activations stay in distribution and "
+                                       "the rest of the picture is kept. Suited to one object, with replace_also_at "
+                                       "naming the later block that draws it again; poor for styles."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=MAX_ABLATE_STRENGTH, step=0.05,
                                tooltip="ablate: the negative multiplier (0 = off, below 1 pushes less hard, 1 = "
                                        "SAeUron's style setting, up to 100); replace: share of replacement, 0 to 1."),

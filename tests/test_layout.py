@@ -1,7 +1,7 @@
 """The core's layout: each module imports only its own layer or the layers below it, and nothing imports in a circle.
 
-Imports are read from the source (lazy ones inside functions included, ``if TYPE_CHECKING:`` ones not), so the
-check holds for every code path, not only for what one import happens to load.
+Imports are read from the source, lazy ones inside functions and ``if TYPE_CHECKING:`` ones included, so the check
+holds for every code path and for the type annotations, not only for what one import happens to load.
 """
 
 import ast
@@ -34,19 +34,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-
-
-def imports_of(path: Path) -> set[str]:
-    """Every saeuron_core module (or package) that ``path`` imports, lazily or not."""
+def imports_of(path: Path, source: str | None = None) -> set[str]:
+    """Every saeuron_core module (or package) that ``path`` (or ``source`` read as that file) imports: at the top,
+    lazily, or for type checking only."""
     here = module_name(path).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and is_type_checking(node):
-            return
         if isinstance(node, ast.ImportFrom):
             base = (package[:len(package) - node.level + 1] if node.level else [])
             target = ".".join(base + ([node.module] if node.module else []))
@@ -59,7 +54,7 @@ def imports_of(path: Path) -> set[str]:
         for child in ast.iter_child_nodes(node):
             visit(child)
 
-    visit(ast.parse(path.read_text()))
+    visit(ast.parse(path.read_text() if source is None else source))
     found.discard(module_name(path))
     return found
 
@@ -95,6 +90,13 @@ def test_every_module_is_in_a_layer_and_imports_only_its_own_or_lower_ones():
             elif layer_of(target) > layer_of(name):
                 upward.append(f"{name} (layer {layer_of(name)}) imports {target} (layer {layer_of(target)})")
     assert not upward, "\n".join(upward)
+
+
+def test_imports_for_type_checking_count():
+    source = ("import typing\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .step import TrainStep\n"
+              "if typing.TYPE_CHECKING:\n    from ..sae.model import TopKSAE\n")
+    assert imports_of(CORE / "training" / "trainer.py", source) == {"saeuron_core.training.step",
+                                                                   "saeuron_core.sae.model"}
 
 
 def test_no_import_circle():

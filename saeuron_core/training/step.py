@@ -4,7 +4,7 @@ computed on the selected (token, latent) pairs (see :mod:`.trainer` for the loss
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,7 @@ from torch import Tensor
 from ..data import distributed
 from ..data.distributed import DistInfo
 from ..sae.model import TopKSAE
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from .trainer import TrainConfig
+from .config import TrainConfig
 
 
 def device_type(device: str | torch.device) -> str:
@@ -61,9 +59,6 @@ class _Pairs:
     def latent_sums(self, weights: Tensor, out: Tensor) -> Tensor:
         """``out [n_latents]``: for each latent, the sum of its pairs' ``weights``."""
         return out.zero_().index_add_(0, self.latents, weights.reshape(-1)[self.order])
-
-
-SELECT_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def resolve_select_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -43,53 +43,11 @@ from ..errors import ConfigError, StoreError
 from ..sae.files import save_sae
 from ..sae.model import SAEConfig, TopKSAE, auto_lr
 from ..safetensors_io import atomic_save_safetensors, load_safetensors
+from .config import TrainConfig  # defined beside the step; imported from here too
 from .sources import BatchSource, Prefetch, local_batches
-from .step import SELECT_DTYPES, TrainStep, device_type
+from .step import TrainStep, device_type
 
 CHECKPOINT_FORMAT = "1"
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters; ``steps`` wins over ``epochs`` when both are given."""
-
-    expansion_factor: int = 16
-    n_latents: Optional[int] = None
-    k: int = 32
-    batch_size: int = 4096
-    steps: Optional[int] = None
-    epochs: Optional[float] = None
-    lr: Optional[float] = None
-    warmup_steps: int = 0
-    lr_end_factor: float = 0.0
-    auxk_alpha: float = 1 / 32
-    dead_tokens_threshold: int = 10_000_000
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    geometric_median_iters: int = 100
-    #: dtype of the candidate-selection matmul ("auto": bfloat16 where the hardware has it natively;
-    #: the code values and all gradients are float32 either way, see :class:`TrainStep`)
-    select_dtype: str = "auto"
-
-    def validate(self) -> None:
-        positive = ("expansion_factor", "k", "batch_size", "checkpoint_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train: {name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is None and self.epochs is None:
-            raise ConfigError("train: give a number of steps or epochs")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"train: steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"train: epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and not (0 < self.lr < 1):
-            raise ConfigError(f"train: lr must be in (0, 1), got {self.lr}")
-        if not 0 <= self.lr_end_factor <= 1 or self.warmup_steps < 0 or self.auxk_alpha < 0 or self.grad_clip <= 0:
-            raise ConfigError("train: need 0 <= lr_end_factor <= 1, warmup_steps >= 0, auxk_alpha >= 0, grad_clip > 0")
-        if self.select_dtype not in SELECT_DTYPES:
-            raise ConfigError(f"train: select_dtype must be one of {', '.join(SELECT_DTYPES)}, got {self.select_dtype!r}")
 
 
 @dataclass
