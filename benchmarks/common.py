@@ -11,9 +11,28 @@ import signal
 import statistics
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 import torch
+
+
+_TEST_HOST: list[ModuleType] = []
+
+
+def comfy_test_host() -> ModuleType:
+    """``tests/comfy_host.py``: the real ComfyUI host the tests use (ComfyUI 0.3.64 in ``.hosts/``, set up by
+    ``scripts/setup_env.sh test``), loaded by path once (``tests/`` is not a package)."""
+    if not _TEST_HOST:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "comfy_host", Path(__file__).resolve().parents[1] / "tests" / "comfy_host.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TEST_HOST.append(module)
+    return _TEST_HOST[0]
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +32,14 @@ import torch
 
 from benchmarks.common import (NO_PAUSE, Pauser, add_common_args, best_ratio, emit, encode_flops, fmt_s, interleaved,
                                machine_line, matmul_gflops, median, paired_ratio, setup_threads, sparse_decode_flops,
-                               spread, table, timed)
+                               spread, table, comfy_test_host, timed)
 from benchmarks.models import (FEATURES_PER_CONCEPT, SD15_COMFY_CONFIG, SD15_UNET, SDXL_UNET, TINY_SDXL_UNET,
-                               build_unet, concept_data, sd_inputs)
+                               TINY_UNET_CONFIG, build_unet, concept_data, sd_inputs)
 from benchmarks.residual_blocks import flux_case, measure_block, sdxl_block_case
 from saeuron_core.erasure.eraser import ConceptEraser
 from saeuron_core.hosts.hooks import BlockCall, BlockHook
 from saeuron_core.sae.library import add_concept
 from saeuron_core.sae.model import SAEConfig, TopKSAE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 GATED = "ablate, 1 concept, gated"
@@ -169,10 +166,8 @@ def measure_diffusers(case: Case, reps: int, gflops: float, pauser: Pauser, log:
 # -- ComfyUI path -------------------------------------------------------------------------------
 
 def start_comfy(tmp: Path) -> Any:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import comfy_host
-
-    return comfy_host.start(tmp)
+    """The ComfyUI host the tests use (ComfyUI 0.3.64 in ``.hosts/``) with the pack loaded; see ``comfy_test_host``."""
+    return comfy_test_host().start(tmp)
 
 
 def comfy_model(diffusers_unet: Any, unet_config: dict[str, Any]) -> Any:
@@ -203,9 +198,7 @@ def measure_comfy(pack: Any, patcher: Any, sae: TopKSAE, latent: int, text_dim: 
     negative = [[torch.randn(1, 77, text_dim, generator=g), {}]]
     noise = torch.randn(1, 4, latent, latent, generator=g)
     empty = torch.zeros(1, 4, latent, latent)
-    from comfy_host import node_class
-
-    node = node_class("SAeUronConceptEraser")  # a V3 node (comfy_api.latest): execute() returns a NodeOutput
+    node = comfy_test_host().node_class("SAeUronConceptEraser")  # a V3 node (comfy_api.latest): execute() returns a NodeOutput
 
     def erase(*args: Any, **kwargs: Any) -> Any:
         return node.execute(patcher, sae, *args, **kwargs).args[0]
@@ -256,6 +249,45 @@ def measure_comfy(pack: Any, patcher: Any, sae: TopKSAE, latent: int, text_dim: 
 
 # -- main ---------------------------------------------------------------------------------------
 
+def sd15_sections(args: argparse.Namespace, only: set[str], reps: int, gflops: float, pauser: Pauser,
+                  tmp: Path) -> list[str]:
+    """The SD1.5 sections: the diffusers UNet (``sd15``) and the same model through ComfyUI (``comfy``)."""
+    out = []
+    if args.quick:
+        from saeuron_core.hosts.diffusers import make_tiny_pipeline
+
+        unet = make_tiny_pipeline(seed=0).unet.eval().requires_grad_(False)
+        case = Case("tiny SD1.5-layout UNet (quick)", unet, "up_blocks.1.attentions.1",
+                    sd_inputs({}, 8, 32, sdxl=False), d_in=32, n_latents=256, k=8)
+    else:
+        unet = build_unet(SD15_UNET)
+        case = Case("SD1.5-size UNet (diffusers, random weights), 64x64 latent", unet,
+                    "up_blocks.1.attentions.1", sd_inputs(SD15_UNET, 64, 768, sdxl=False),
+                    d_in=1280, n_latents=20480, k=32)
+    if "sd15" in only:
+        with pauser:
+            text = measure_diffusers(case, reps, gflops, pauser, args.log)
+        out.append(text)
+        emit(text)
+    if "comfy" in only:
+        pack = start_comfy(tmp)
+        if args.quick:
+            comfy_cfg, label, latent, text_dim = TINY_UNET_CONFIG, "tiny SD1.5-layout model (quick)", 8, 32
+        else:
+            comfy_cfg, label, latent, text_dim = SD15_COMFY_CONFIG, "SD1.5-size, 64x64 latent", 64, 768
+        patcher = comfy_model(case.unet, comfy_cfg)
+        with pauser:
+            sae = make_sae(case, capture(case))
+            text = measure_comfy(pack, patcher, sae, latent, text_dim, args.comfy_steps or 3,
+                                 args.comfy_reps or (reps if args.quick else 2), label, pauser, args.log)
+        out.append(text)
+        emit(text)
+        del patcher, sae
+    del case, unet
+    gc.collect()
+    return out
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--only", default="sd15,comfy,sdxl,flux,sdxl_block",
@@ -285,39 +317,7 @@ def main(argv: list[str] | None = None) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="saeuron-bench-"))
     try:
         if only & {"sd15", "comfy"}:
-            if args.quick:
-                from saeuron_core.hosts.diffusers import make_tiny_pipeline
-
-                unet = make_tiny_pipeline(seed=0).unet.eval().requires_grad_(False)
-                case = Case("tiny SD1.5-layout UNet (quick)", unet, "up_blocks.1.attentions.1",
-                            sd_inputs({}, 8, 32, sdxl=False), d_in=32, n_latents=256, k=8)
-            else:
-                unet = build_unet(SD15_UNET)
-                case = Case("SD1.5-size UNet (diffusers, random weights), 64x64 latent", unet,
-                            "up_blocks.1.attentions.1", sd_inputs(SD15_UNET, 64, 768, sdxl=False),
-                            d_in=1280, n_latents=20480, k=32)
-            if "sd15" in only:
-                with pauser:
-                    text = measure_diffusers(case, reps, gflops, pauser, args.log)
-                out.append(text)
-                emit(text)
-            if "comfy" in only:
-                pack = start_comfy(tmp)
-                if args.quick:
-                    from comfy_host import TINY_UNET_CONFIG
-                    comfy_cfg, label, latent, text_dim = TINY_UNET_CONFIG, "tiny SD1.5-layout model (quick)", 8, 32
-                else:
-                    comfy_cfg, label, latent, text_dim = SD15_COMFY_CONFIG, "SD1.5-size, 64x64 latent", 64, 768
-                patcher = comfy_model(case.unet, comfy_cfg)
-                with pauser:
-                    sae = make_sae(case, capture(case))
-                    text = measure_comfy(pack, patcher, sae, latent, text_dim, args.comfy_steps or 3,
-                                         args.comfy_reps or (reps if args.quick else 2), label, pauser, args.log)
-                out.append(text)
-                emit(text)
-                del patcher, sae
-            del case, unet
-            gc.collect()
+            out += sd15_sections(args, only, reps, gflops, pauser, tmp)
         if "sdxl" in only:
             if args.quick:
                 case = Case("tiny SDXL-layout UNet (quick)", build_unet(TINY_SDXL_UNET), "up_blocks.0.attentions.1",

@@ -33,6 +33,14 @@ SD15_COMFY_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+# ComfyUI's description of the tiny pipeline's UNet (quick mode).
+TINY_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 8, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2],
+    "transformer_depth": [1, 1, 0, 0], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 32, "transformer_depth_output": [1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
 # Quick mode: the same code paths on tiny models.
 TINY_SDXL_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from saeuron_core.assignments import parse_assignments
 from saeuron_core.errors import ConfigError
+from saeuron_core.sae.files import sae_folder_format
 from saeuron_core.sae.model import TopKSAE
 
 from .comfy_layout import ComfyBlockPatch, ComfyTarget, comfy_dit_target, comfy_target
@@ -47,14 +48,13 @@ def sae_save_folder() -> str:
 
 
 def list_saes() -> list[str]:
-    """Native ``.safetensors`` files, sparsify/SAELens folders (``cfg.json`` + weights) and SDLens/sdxl-unbox
-    folders (``config.json`` + ``state_dict.pth``) under the sae folders, and the pack's demo SAEs."""
+    """Native ``.safetensors`` files and imported SAE folders (sparsify, SAELens, SDLens/sdxl-unbox: see
+    ``sae_folder_format``) under the sae folders, and the pack's demo SAEs."""
     found: set[str] = set()
     for root in sae_dirs():
         for here, dirs, files in os.walk(root, followlinks=True):
             rel = os.path.relpath(here, root)
-            if ("cfg.json" in files and ("sae.safetensors" in files or "sae_weights.safetensors" in files)) or \
-                    ("config.json" in files and "state_dict.pth" in files):
+            if sae_folder_format(here):
                 found.add(rel.replace(os.sep, "/"))
                 dirs[:] = []
                 continue

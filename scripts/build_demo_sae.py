@@ -21,10 +21,9 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts
 
-from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args() -> argparse.Namespace:

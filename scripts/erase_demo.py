@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
+import numpy as np
+import torch
+
+from saeuron_core.demo import assets
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from saeuron_core.demo import assets  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -3,13 +3,13 @@ and API format (``*.api.json``, for ``/prompt``) in docs/api-workflows/.
 
 The graphs are defined here once; the UI files are generated from them with the nodes' own input
 specifications, read from the real ComfyUI host (ComfyUI 0.3.64 in .hosts/, as in the tests).
-Run: .venv/bin/python scripts/make_workflows.py
+Run from the repository root: .venv/bin/python -m scripts.make_workflows
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -198,12 +198,21 @@ WORKFLOWS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def comfy_test_host():
+    """``tests/comfy_host.py``: the real ComfyUI host the tests use, loaded by path once (``tests/`` is not a
+    package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comfy_host", ROOT / "tests" / "comfy_host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def object_info() -> dict:
     """The ``/object_info`` entries (inputs, outputs) of ComfyUI's nodes and this pack's, from the real host."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import comfy_host
-
-    comfy_host.start(Path(tempfile.mkdtemp()))
+    comfy_test_host().start(Path(tempfile.mkdtemp()))
     import nodes  # ComfyUI's registry, the pack's nodes included
 
     info = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES),
@@ -213,9 +222,8 @@ def object_info() -> dict:
 
 
 def main() -> None:
-    from workflow_format import api_to_ui  # beside this script
-
     info = object_info()
+    api_to_ui = comfy_test_host().plain_pack_module("workflow_format").api_to_ui  # the pack's nodes/workflow_format.py
     ui_dir, api_dir = ROOT / "example_workflows", ROOT / "docs" / "api-workflows"
     ui_dir.mkdir(exist_ok=True)
     api_dir.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import sys
 from typing import Iterable
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parse_args() -> argparse.Namespace:

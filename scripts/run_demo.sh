@@ -4,7 +4,7 @@
 # (feature ablation and detect-and-replace), the style with the shipped style SAE and the object with the object
 # SAE (each on the block where its kind enters the UNet), and write a before/after grid with the shipped
 # classifier's reading of every image. A few minutes on a 2-core CPU.
-# Extra arguments go to scripts/erase_demo.py (e.g. --style noise --object heart --seed 3).
+# Extra arguments go to the demo script, python -m scripts.erase_demo (e.g. --style noise --object heart --seed 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh core
@@ -14,4 +14,4 @@ mkdir -p "$OUT"
 for sae in demo_assets/sae-objects.safetensors demo_assets/sae-styles.safetensors; do
   "$VENV/bin/saeuron" info "$sae" | sed -n "1p;7p"
 done
-"$VENV/bin/python" scripts/erase_demo.py --out "$OUT/erase-grid.png" "$@"
+"$VENV/bin/python" -m scripts.erase_demo --out "$OUT/erase-grid.png" "$@"

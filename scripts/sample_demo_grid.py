@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextModel  # noqa: E402
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
 
-from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts, make_grid  # noqa: E402
-from saeuron_core.demo.model import sample  # noqa: E402
-from saeuron_core.demo.textenc import load_tokenizer  # noqa: E402
+from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts, make_grid
+from saeuron_core.demo.model import sample
+from saeuron_core.demo.textenc import load_tokenizer
 
 
 def parse_args() -> argparse.Namespace:

@@ -19,12 +19,10 @@ import os
 import sys
 import time
 
+from saeuron_core.cli import add_gate_args, gate_args, parse_seeds
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 ASSETS = os.path.join(ROOT, "demo_assets")
-
-from saeuron_core.cli import add_gate_args, gate_args, parse_seeds  # noqa: E402  (after the sys.path line above)
 
 DOWN, MID, UP0 = "down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0"
 # name -> (label, method, replace options, {later block: detecting block}, oracle blocks)
@@ -52,8 +50,7 @@ def diagnose(a: argparse.Namespace) -> None:
     from saeuron_core.hosts.diffusers import load_pipeline
     from saeuron_core.sae.files import load_sae
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from diagnose_replace_lib import Variant, format_diagnosis, run_diagnosis
+    from saeuron_core.demo.evaluation.diagnostics import Variant, format_diagnosis, run_diagnosis
 
     names = [n.strip() for n in a.diagnose_replace.split(",") if n.strip()]
     unknown = [n for n in names if n not in DIAGNOSIS_VARIANTS]

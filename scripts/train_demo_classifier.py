@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from saeuron_core.demo.classifier import (  # noqa: E402
+from saeuron_core.demo.classifier import (
     DEFAULT_CONFIG,
     DemoClassifier,
     augment,
     predict,
     save_classifier,
 )
-from saeuron_core.demo.dataset import generate, to_model_range  # noqa: E402
+from saeuron_core.demo.dataset import generate, to_model_range
 
 
 def parse_args() -> argparse.Namespace:

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from saeuron_core.demo.dataset import STYLES, OBJECTS, generate, make_prompt, to_model_range  # noqa: E402
-from saeuron_core.demo.model import PREDICTION_TYPE, UNET_CONFIG, build_unet, count_params, sample_scheduler, train_scheduler  # noqa: E402
-from saeuron_core.demo.pipeline import write_model_index  # noqa: E402
-from saeuron_core.demo.textenc import build_text_encoder, build_tokenizer, tokenize, write_tokenizer  # noqa: E402
+from saeuron_core.demo.dataset import STYLES, OBJECTS, generate, make_prompt, to_model_range
+from saeuron_core.demo.model import PREDICTION_TYPE, UNET_CONFIG, build_unet, count_params, sample_scheduler, train_scheduler
+from saeuron_core.demo.pipeline import write_model_index
+from saeuron_core.demo.schedule import lr_at, step_seed
+from saeuron_core.demo.textenc import build_text_encoder, build_tokenizer, tokenize, write_tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,20 +66,6 @@ def parse_args() -> argparse.Namespace:
         help="file holding a thread count (0 pauses), re-read before every step (lets a long run yield cores to other jobs)",
     )
     return p.parse_args()
-
-
-def lr_at(step: int, a: argparse.Namespace) -> float:
-    """Linear warm-up, then cosine decay to min_lr_frac * lr at total_steps (from --restart-at)."""
-    step -= a.restart_at
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    prog = min(1.0, (step - a.warmup) / max(1, a.total_steps - a.restart_at - a.warmup))
-    return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Per-step data/noise seed, independent of any RNG state (so resuming is exact)."""
-    return (seed * 1_000_003 + step * 7919 + 12345) % (2**63)
 
 
 class Trainer:

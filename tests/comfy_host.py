@@ -3,8 +3,10 @@
 ``scripts/setup_env.sh test`` puts it in ``.hosts/ComfyUI`` (with the host installer in ``$SAEURON_COMFY_HOSTS`` or
 ``../shared/hosts``, else cloned from upstream). ``start()`` copies that tree to a temp dir, imports it with
 ``--cpu`` and loads this repo as a custom-node pack the way ComfyUI does (``nodes.load_custom_node``).
-``tiny_model()`` builds a small SD1.5-layout UNet through ComfyUI's own classes with the weights of the tiny
-diffusers UNet. ``ComfyServer`` runs ``main.py`` of a fresh copy as a real server.
+``tiny_model()`` and ``tiny_clip()`` load the tiny diffusers pipeline's UNet and text encoder through the pack's own
+loader (``nodes/loader.py``, as Load Diffusers Model does). ``ComfyServer`` runs ``main.py`` of a fresh copy as a
+real server. The pack's ComfyUI-free modules (``nodes/workflow_format.py``, ``nodes/demo_files.py``) are loaded by
+path (``plain_pack_module``): the pack's ``nodes`` package is not importable by name beside ComfyUI's own ``nodes``.
 """
 
 from __future__ import annotations
@@ -21,14 +23,6 @@ HOSTS = Path(os.environ.get("SAEURON_HOSTS_DIR", ROOT / ".hosts"))
 NEWEST_FRONTEND = "1.58.1"  # scripts/setup_env.sh installs it beside the pinned one
 PACK_NAME = "comfyui-saeuron"
 _STATE: dict = {}
-
-TINY_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 8, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2],
-    "transformer_depth": [1, 1, 0, 0], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 32, "transformer_depth_output": [1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
 
 
 def comfy_source() -> Path:
@@ -98,74 +92,45 @@ def node_class(node_id: str):
     return nodes.NODE_CLASS_MAPPINGS[node_id]
 
 
+def _loader():
+    return pack_module("nodes.loader")
+
+
+# SD 1.x's noise schedule and latent scale, as the tiny pipeline's scheduler and VAE have them.
+SD_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+SD_LATENT_SCALE = 0.18215
+
+
 def tiny_model(diffusers_unet):
-    """A ComfyUI ModelPatcher around an SD1.5-layout UNet with the diffusers UNet's weights."""
-    import comfy.latent_formats
-    import comfy.model_patcher
-    import comfy.supported_models_base
-    import comfy.utils
+    """A ComfyUI ModelPatcher with the diffusers UNet's weights, loaded by the pack's ``load_unet`` (after ``start``)
+    from a diffusers folder: the UNet, SD 1.x's scheduler and latent scale."""
+    import json
+    import tempfile
 
-    class TinySD15(comfy.supported_models_base.BASE):
-        unet_config = {"context_dim": 32, "model_channels": 32, "use_linear_in_transformer": False,
-                       "adm_in_channels": None, "use_temporal_attention": False}
-        unet_extra_config = {"num_heads": 4, "num_head_channels": -1}
-        latent_format = comfy.latent_formats.SD15
-
-    config = dict(TINY_UNET_CONFIG, dtype=torch.float32)
-    model = TinySD15(dict(config)).get_model({}, device="cpu")
-    mapping = comfy.utils.unet_to_diffusers(dict(config))
-    source = diffusers_unet.state_dict()
-    converted = {"diffusion_model." + mapping[k]: v for k, v in source.items() if k in mapping}
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    missing = [k for k in missing if k.startswith("diffusion_model.")]
-    assert not missing and not unexpected, (missing[:5], unexpected[:5])
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    folder = Path(tempfile.mkdtemp(prefix="tiny-unet-", dir=_STATE["models"].parent))
+    diffusers_unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    for part, config in (("scheduler/scheduler_config.json", SD_SCHEDULER),
+                         ("vae/config.json", {"scaling_factor": SD_LATENT_SCALE})):
+        (folder / part).parent.mkdir()
+        (folder / part).write_text(json.dumps(config))
+    return _loader().load_unet(folder)
 
 
 def tiny_clip(pipe, folder: Path):
-    """A ComfyUI ``CLIP`` (its own SD1 tokenizer and text-model classes) with the tiny pipeline's text encoder."""
-    import functools
-    import json
+    """A ComfyUI ``CLIP`` (its own SD1 tokenizer and text-model classes) with the tiny pipeline's text encoder, loaded
+    by the pack's ``load_clip`` (after ``start``) from ``folder``.
 
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-
+    A diffusers ``CLIPTextModel`` has no text projection: it is set to the identity, so the pooled output is the
+    text model's own (which a FLUX test reads).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     pipe.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    cfg = pipe.text_encoder.config
-    (folder / "clip_config.json").write_text(json.dumps({
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
-        "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
-        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
-        "projection_dim": cfg.hidden_size, "layer_norm_eps": cfg.layer_norm_eps,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}))
-    tok = pipe.tokenizer
-    special = {"start": tok.bos_token_id, "end": tok.eos_token_id, "pad": tok.eos_token_id}
-    sd_tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(folder / "tokenizer"),
-                                     embedding_size=cfg.hidden_size)
-
-    def tokenizer_cls(embedding_directory=None, tokenizer_data=None):
-        return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {},
-                                           tokenizer=sd_tokenizer)
-
-    clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=str(folder / "clip_config.json"),
-                                   special_tokens=special, return_projected_pooled=False)
-    clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
-    with torch.no_grad():  # ComfyUI builds models under inference mode; its CLIP init writes to parameters
-        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls))
-    # Newer transformers name the keys without the "text_model." level that ComfyUI's CLIP has.
-    state = {(k if k.startswith('text_model.') else 'text_model.' + k): v
-             for k, v in pipe.text_encoder.state_dict().items()}
-    emb_key = "text_model.embeddings.token_embedding.weight"
-    target_rows = clip.cond_stage_model.state_dict()[f"clip_l.transformer.{emb_key}"].shape[0]
-    if state[emb_key].shape[0] < target_rows:  # older ComfyUI fixes CLIP's vocabulary size at 49408
-        pad = torch.zeros(target_rows - state[emb_key].shape[0], state[emb_key].shape[1])
-        state[emb_key] = torch.cat([state[emb_key], pad])
-    result = clip.load_sd(state)
-    missing = [k for k in result.missing_keys if "text_projection" not in k and "logit_scale" not in k]
-    assert not missing and not result.unexpected_keys, (missing[:4], result.unexpected_keys[:4])
+    pipe.text_encoder.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+    clip = _loader().load_clip(folder)
+    projection = clip.cond_stage_model.clip_l.transformer.text_projection.weight
+    with torch.no_grad():
+        projection.copy_(torch.eye(*projection.shape, dtype=projection.dtype))
     return clip
 
 
@@ -321,17 +286,29 @@ def expected_images(api: dict) -> dict[str, tuple[int, int]]:
 DEMO_ASSETS = ROOT / "demo_assets"
 
 
-def demo_files():
-    """The pack's ``nodes/demo_files.py`` (the names under which it offers its demo model and SAEs), loaded by
-    path: it imports nothing from ComfyUI."""
+def plain_pack_module(name: str):
+    """The pack's ``nodes/<name>.py`` loaded by path, for modules that import nothing from ComfyUI (usable before
+    ``start`` and without it)."""
     import importlib.util
 
-    if "demo_files" not in _STATE:
-        spec = importlib.util.spec_from_file_location("saeuron_pack_demo_files", ROOT / "nodes" / "demo_files.py")
+    key = f"plain:{name}"
+    if key not in _STATE:
+        spec = importlib.util.spec_from_file_location(f"saeuron_pack_{name}", ROOT / "nodes" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        _STATE["demo_files"] = module
-    return _STATE["demo_files"]
+        _STATE[key] = module
+    return _STATE[key]
+
+
+def demo_files():
+    """The pack's ``nodes/demo_files.py`` (the names under which it offers its demo model and SAEs)."""
+    return plain_pack_module("demo_files")
+
+
+# The workflow-file helpers of nodes/workflow_format.py (UI <-> API format, combo choices), for the tests.
+combo_choices = plain_pack_module("workflow_format").combo_choices
+is_widget = plain_pack_module("workflow_format").is_widget
+ui_to_api = plain_pack_module("workflow_format").ui_to_api
 
 
 TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,

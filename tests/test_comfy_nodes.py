@@ -15,7 +15,7 @@ from saeuron_core.hosts.hooks import BlockHook
 from saeuron_core.sae.files import load_sae, save_sae
 from saeuron_core.sae.library import concept_names, get_concept
 from saeuron_core.sae.model import SAEConfig, TopKSAE
-from scripts.workflow_format import combo_choices
+from comfy_host import combo_choices
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from planted import concept
 from saeuron_core.sae.files import load_sae, save_sae
 from saeuron_core.sae.library import add_concept, concept_names
 from saeuron_core.sae.model import SAEConfig, TopKSAE
-from scripts.workflow_format import combo_choices
+from comfy_host import combo_choices
 
 pytestmark = pytest.mark.slow
 

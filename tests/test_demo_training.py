@@ -1,4 +1,4 @@
-"""scripts/train_demo_model.py: resumable training, the v-prediction fine-tune and its warm restart."""
+"""python -m scripts.train_demo_model: resumable training, the v-prediction fine-tune and its warm restart."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "train_demo_model.py"
 
 
 def train(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--batch", "2", "--ckpt-every", "1",
-                           "--log-every", "1", "--warmup", "1", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "scripts.train_demo_model", "--out", str(out), "--batch", "2",
+                           "--ckpt-every", "1", "--log-every", "1", "--warmup", "1", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
 def exported(out: Path) -> tuple[dict, dict]:
@@ -86,14 +85,11 @@ def test_new_cycle_starts_from_an_exported_model(tmp_path):
 
 
 def test_lr_schedule_restarts_at_the_given_step():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_demo_model as tdm
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from saeuron_core.demo.schedule import lr_at
+
     a = argparse.Namespace(lr=1e-3, warmup=10, total_steps=110, restart_at=0, min_lr_frac=0.1)
-    assert tdm.lr_at(0, a) == pytest.approx(1e-4) and tdm.lr_at(10, a) == pytest.approx(1e-3)
-    assert tdm.lr_at(110, a) == pytest.approx(1e-4)
+    assert lr_at(0, a) == pytest.approx(1e-4) and lr_at(10, a) == pytest.approx(1e-3)
+    assert lr_at(110, a) == pytest.approx(1e-4)
     b = argparse.Namespace(lr=1e-3, warmup=10, total_steps=210, restart_at=100, min_lr_frac=0.1)
     for step in (0, 5, 10, 60, 110):
-        assert tdm.lr_at(step + 100, b) == pytest.approx(tdm.lr_at(step, a))
+        assert lr_at(step + 100, b) == pytest.approx(lr_at(step, a))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from saeuron_core.sae.files import load_sae
 from saeuron_core.sae.library import concept_names, get_concept
-from scripts.workflow_format import combo_choices, is_widget, ui_to_api
+from comfy_host import combo_choices, is_widget, ui_to_api
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

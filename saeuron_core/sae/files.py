@@ -24,12 +24,16 @@ from torch import Tensor
 
 from ..errors import ConfigError, SAEFormatError
 from ..safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_header, refuse_pickle
-from .imported import checked_hook, load_saelens, load_sdlens, load_sparsify, sdlens_folder
+from .imported import (FOLDER_FORMATS, checked_hook, load_saelens, load_sdlens, load_sparsify, sae_folder_format,
+                       sdlens_folder)
 from .library import check_concept_name, check_library
 from .model import SAEConfig, TopKSAE
 from .tensors import CORE_TENSORS, build_sae, check_tensors
 
 FORMAT_VERSION = "1"
+_CFG_FORMATS = ("sparsify", "saelens")  # the folder formats with a cfg.json
+_CFG = FOLDER_FORMATS["sparsify"][0]
+_CFG_WEIGHTS = tuple(FOLDER_FORMATS[fmt][1] for fmt in _CFG_FORMATS)
 
 
 def _json_field(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
@@ -114,19 +118,18 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise SAEFormatError(f"{path}: expected a .safetensors file (or a sparsify/SAELens folder)")
-        if (path.parent / "cfg.json").is_file() and path.name in ("sae.safetensors", "sae_weights.safetensors"):
+        if path.name in _CFG_WEIGHTS and sae_folder_format(path.parent) in _CFG_FORMATS:
             return detect_format(path.parent)
         return "native", path
-    if (path / "cfg.json").is_file():
-        if (path / "sae.safetensors").is_file():
-            return "sparsify", path
-        if (path / "sae_weights.safetensors").is_file():
-            return "saelens", path
+    fmt = sae_folder_format(path)
+    if fmt in _CFG_FORMATS:
+        return fmt, path
+    if (path / _CFG).is_file():
         raise SAEFormatError(f"{path}: has cfg.json but neither sae.safetensors (sparsify) nor sae_weights.safetensors (SAELens)")
     sdlens = sdlens_folder(path)
     if sdlens:
         return "sdlens", sdlens
-    candidates = sorted(p for p in path.iterdir() if p.is_dir() and ((p / "cfg.json").is_file() or sdlens_folder(p)))
+    candidates = sorted(p for p in path.iterdir() if p.is_dir() and ((p / _CFG).is_file() or sdlens_folder(p)))
     if len(candidates) == 1:
         return detect_format(candidates[0])
     if candidates:

@@ -32,6 +32,9 @@ from .model import SAEConfig, TopKSAE
 from .tensors import CORE_TENSORS, build_sae, check_tensors
 
 CONFIG, WEIGHTS = "config.json", "state_dict.pth"
+# Each imported folder format: the config file and the weights file that sit together in the SAE's folder.
+FOLDER_FORMATS = {"sparsify": ("cfg.json", "sae.safetensors"), "saelens": ("cfg.json", "sae_weights.safetensors"),
+                  "sdlens": (CONFIG, WEIGHTS)}
 _BUFFERS = ("stats_last_nonzero",)  # training statistics saved with the weights; shape [n], ignored
 _HOOK_KEYS = ("hook_point", "hook_name", "block", "position")
 _BLOCK = re.compile(r"^(down_blocks|up_blocks|mid_block|transformer_blocks|single_transformer_blocks)(\.\d+|\.[a-z_]+)*$")
@@ -126,11 +129,26 @@ def checked_hook(folder: Path, hook_point: str) -> str:
                              f"diffusers block path such as up_blocks.1.attentions.1 or transformer_blocks.18")
     return hook
 
+
+# -- which format a folder holds ------------------------------------------------------------------------
+
+def holds_format(folder: Path, fmt: str) -> bool:
+    """Whether ``folder`` itself holds the files of the imported format ``fmt`` (see ``FOLDER_FORMATS``)."""
+    return all((Path(folder) / name).is_file() for name in FOLDER_FORMATS[fmt])
+
+
+def sae_folder_format(folder: str | Path) -> Optional[str]:
+    """The imported format whose files ``folder`` itself holds: ``sparsify`` (``cfg.json`` + ``sae.safetensors``),
+    ``saelens`` (``cfg.json`` + ``sae_weights.safetensors``) or ``sdlens`` (``config.json`` + ``state_dict.pth``),
+    in that order; ``None`` for any other folder."""
+    return next((fmt for fmt in FOLDER_FORMATS if holds_format(Path(folder), fmt)), None)
+
+
 # -- SDLens / sdxl-unbox ----------------------------------------------------------------------------------
 
 def is_sdlens_folder(folder: Path) -> bool:
     """Whether ``folder`` holds an SDLens SAE (``config.json`` next to ``state_dict.pth``)."""
-    return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
+    return holds_format(folder, "sdlens")
 
 
 def sdlens_folder(path: Path) -> Optional[Path]:
