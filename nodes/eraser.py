@@ -8,7 +8,6 @@ from comfy_api.latest import io
 
 from saeuron_core.erasure.eraser import ConceptEraser as Eraser
 from saeuron_core.erasure.options import MAX_ABLATE_STRENGTH, EraseOptions
-from saeuron_core.erasure.regions import RegionEdit
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.library import concept_names
 
@@ -104,10 +103,9 @@ class ConceptEraser(io.ComfyNode):
             raise ConfigError(f"no concept chosen; this SAE knows: {known}")
         eraser = Eraser(sae, names, options=cls.options(method, strength, start_percent, end_percent, cfg_half,
                                                         min_coverage, detect_with))
-        followers = [(point, eraser.follower()) for point in parse_concepts(replace_also_at)]
-        region = (lambda f: f) if mask is None else (lambda f: RegionEdit(f, mask, mask_mode))
-        patched = patch_block(model, sae, region(eraser), target)
-        for point, follower in followers:  # after the detecting block in each model call: they replay its mask
-            patched = patch_block(patched, sae, region(follower), block_target(model, sae, point, check_width=False),
-                                  residual=False)
+        patched = model
+        # the SAE's block first, then the later blocks that replay its detection after it in each model call
+        for i, (point, fn, residual) in enumerate(eraser.mounts(parse_concepts(replace_also_at), mask, mask_mode)):
+            at = target if i == 0 else block_target(model, sae, point, check_width=False)
+            patched = patch_block(patched, sae, fn, at, residual=residual)
         return io.NodeOutput(patched)

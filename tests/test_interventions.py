@@ -1,3 +1,7 @@
+import dataclasses
+import pathlib
+import re
+
 import pytest
 import torch
 from conftest import HOOK
@@ -6,6 +10,7 @@ from planted import D, sae_with_concepts
 from saeuron_core.concepts.learning import learn_concept
 from saeuron_core.erasure.eraser import ConceptEraser, erase
 from saeuron_core.erasure.options import EraseOptions
+from saeuron_core.erasure.regions import RegionEdit
 from saeuron_core.errors import ConfigError, HookError
 from saeuron_core.hosts.diffusers import generate
 from saeuron_core.hosts.hooks import BlockCall
@@ -243,6 +248,49 @@ def test_a_follower_replaces_what_was_detected_at_a_later_block():
     assert follow(call_for(later, [300.0, 300.0], is_cond, spatial=(16, 16))) is None
     with pytest.raises(ConfigError, match="only method 'replace'"):
         ConceptEraser(sae, ["cat"], "ablate").follower()
+
+
+def test_mounts_are_the_eraser_at_its_block_then_its_followers():
+    sae = sae_with_concepts()
+    x = background(2)
+    x[1, :3, 3] = 1.5
+    is_cond = torch.tensor([False, True])
+    eraser = ConceptEraser(sae, ["cat"], "replace", source="uncond", dilation=0)
+    (point, fn, residual), *later = eraser.mounts(["down_blocks.2.attentions.1", "mid_block.attentions.0"])
+    assert (point, fn, residual) == (sae.config.hook_point, eraser, False)
+    assert [(m.point, m.residual) for m in later] == [("down_blocks.2.attentions.1", False),
+                                                      ("mid_block.attentions.0", False)]
+    call = call_for(x, [500.0, 500.0], is_cond)
+    assert torch.equal(fn(call), ConceptEraser(sae, ["cat"], "replace", source="uncond", dilation=0)(call))
+    tokens = torch.randn(2, 16 * 16, 5)
+    replayed = later[0].fn(call_for(tokens, [500.0, 500.0], is_cond, spatial=(16, 16)))
+    assert replayed is not None and not torch.equal(replayed, tokens)
+    # the detection, read without editing: where the features fire, on every row
+    assert torch.equal(eraser.detection_mask(call)[1, :3], torch.ones(3, dtype=torch.bool))
+    assert not eraser.detection_mask(call)[:, 3:].any() and not eraser.detection_mask(call)[0].any()
+    # another point; with a mask, every function is a region edit of it
+    mask = torch.zeros(8, 8)
+    mask[:4] = 1.0
+    mounts = eraser.mounts(["mid_block.attentions.0"], mask, "outside", hook_point="mid_block.attentions.1")
+    assert [m.point for m in mounts] == ["mid_block.attentions.1", "mid_block.attentions.0"]
+    assert all(isinstance(m.fn, RegionEdit) and m.fn.mode == "outside" for m in mounts)
+    assert mounts[0].fn.fn is eraser and mounts[1].fn.fn.eraser is eraser
+    assert eraser.mounts() == [(sae.config.hook_point, eraser, False)]
+    with pytest.raises(ConfigError, match="only method 'replace'"):
+        ConceptEraser(sae, ["cat"], "ablate").mounts(["mid_block.attentions.0"])
+    residual = sae_with_concepts()
+    residual.config = dataclasses.replace(residual.config, residual=True)
+    assert [m.residual for m in ConceptEraser(residual, ["cat"], "replace").mounts(["mid_block.attentions.0"])] == [
+        True, False]
+
+
+def test_nothing_outside_the_erasure_package_reaches_into_an_eraser():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    private = re.compile(r"\.(_detect|_replacement|_blend|_ablate|_gate|_tables|_last_mask|_build_tables)\b")
+    erasure = root / "saeuron_core" / "erasure"
+    for path in [*(root / "saeuron_core").rglob("*.py"), *(root / "nodes").rglob("*.py"), *(root / "scripts").rglob("*.py")]:
+        if erasure not in path.parents:
+            assert not private.search(path.read_text()), f"{path.relative_to(root)} calls an eraser's private method"
 
 
 def test_fp16_tokens_with_fp32_sae():

@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..hosts.hooks import BlockCall, BlockHook, CfgLayout, check_sae_fits, denoiser, pipeline_cfg_layout
+from ..hosts.hooks import BlockCall, BlockHook, CfgLayout, HookFn, check_sae_fits, denoiser, pipeline_cfg_layout
 from ..sae.library import ConceptData, bucket_of, get_concept
 from ..sae.model import TopKSAE
 from ..seeds import derived_seed
 from .options import ConceptsArg, EraseOptions, Method, check_strength, normalize_concepts
-from .regions import RegionEdit
+from .regions import Mount, RegionEdit
 
 
 def _selected_cells(c: ConceptData) -> tuple[Tensor, Tensor, Tensor]:
@@ -329,6 +329,22 @@ class ConceptEraser:
             raise ConfigError("only method 'replace' can replay its detection at other blocks")
         return ReplaceFollower(self)
 
+    def mounts(self, also_at: Sequence[str] = (), mask: Optional[Tensor] = None, mask_mode: str = "inside",
+               hook_point: Optional[str] = None) -> list[Mount]:
+        """What to hook where, in this order: this eraser at the SAE's block (or ``hook_point``) with the SAE's
+        ``residual``, then a :meth:`follower` at each block of ``also_at``; with ``mask``, each as a
+        :class:`RegionEdit` (only inside the painted region, or only outside it)."""
+        def region(fn: HookFn) -> HookFn:
+            return fn if mask is None else RegionEdit(fn, mask, mask_mode)  # type: ignore[arg-type]
+        first = Mount(hook_point or self.sae.config.hook_point, region(self), bool(self.sae.config.residual))
+        return [first] + [Mount(point, region(self.follower()), False) for point in also_at]
+
+    def detection_mask(self, call: BlockCall) -> Tensor:
+        """``[rows, tokens]`` bool: where the selected features fire in ``call`` (every row, no gate); edits nothing."""
+        with torch.no_grad():
+            sae = self.sae.on_device(call.tokens.device)
+            return self._detect(sae, call.tokens, self.buckets(call.timesteps, call.tokens.shape[0]))[0]
+
     def _replacement(self, call: BlockCall, row_idx: Tensor, x: Tensor, mask: Tensor) -> Tensor:
         out = x.clone()
         if self.source == "uncond":
@@ -415,8 +431,8 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Optional[Met
     How it erases: ``options`` (an :class:`EraseOptions`) and/or its fields by name (``strength``, ``start``,
     ``end``, ``cfg``, ``threshold_scale``, ``dilation``, ``source``, ``neighbors``, ``seed``, ``record_masks``,
     ``min_coverage``, ``detect_with``). ``also_at``: later blocks where a replace eraser also replaces what it
-    detected (:meth:`ConceptEraser.follower`). ``mask`` (``[H, W]`` or ``[M, H, W]``, 0..1): erase only inside
-    the painted region (``mask_mode="outside"``: only outside it).
+    detected; ``mask`` (``[H, W]`` or ``[M, H, W]``, 0..1): erase only inside the painted region
+    (``mask_mode="outside"``: only outside it); see :meth:`ConceptEraser.mounts`.
     """
     is_pipeline = not isinstance(target, torch.nn.Module)
     unet = denoiser(target) if is_pipeline else target
@@ -425,13 +441,10 @@ def erase(target: Any, sae: TopKSAE, concepts: ConceptsArg, method: Optional[Met
         raise ConfigError("the SAE does not say where it hooks; pass hook_point (e.g. 'up_blocks.1.attentions.1')")
     check_sae_fits(unet, hook_point, sae)
     eraser = ConceptEraser(sae, concepts, method, options=options, **changes)
-    fn = eraser if mask is None else RegionEdit(eraser, mask, mask_mode)  # type: ignore[arg-type]
+    mounts = eraser.mounts(also_at, mask, mask_mode, hook_point)
     layout = pipeline_cfg_layout(target) if is_pipeline else (cfg_layout or "uncond_cond")
-    followers = [eraser.follower() for _ in also_at] if also_at else []
     with contextlib.ExitStack() as stack:
         stack.enter_context(sae.kept_beside(unet))
-        stack.enter_context(BlockHook(unet, hook_point, fn, cfg_layout=layout, residual=sae.config.residual))
-        for point, follower in zip(also_at, followers):
-            replay = follower if mask is None else RegionEdit(follower, mask, mask_mode)  # type: ignore[arg-type]
-            stack.enter_context(BlockHook(unet, point, replay, cfg_layout=layout))
+        for point, fn, residual in mounts:
+            stack.enter_context(BlockHook(unet, point, fn, cfg_layout=layout, residual=residual))
         yield eraser

@@ -9,7 +9,7 @@ mask of their picture.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,15 @@ from ..errors import ConfigError
 from ..hosts.hooks import BlockCall, HookFn
 
 MaskMode = Literal["inside", "outside"]
+
+
+class Mount(NamedTuple):
+    """A block function and where it goes: the block's diffusers name, and whether it edits the block's update
+    (``residual``) rather than its output."""
+
+    point: str
+    fn: HookFn
+    residual: bool
 
 
 def check_mask(mask: Tensor, mode: str = "inside") -> Tensor:

@@ -113,11 +113,13 @@ class _Work:
         return self.grid.object_names
 
 
-def _erasers(v: Variant, w: _Work, strengths: dict) -> dict:
-    """block -> object -> the variant's eraser of that object (ablate or replace; none for the other methods)."""
+def _erasers(v: Variant, w: _Work, strengths: dict) -> tuple[dict, dict]:
+    """block -> object -> the variant's eraser of that object (ablate or replace; none for the other methods), and
+    (block of ``v.follow``, object) -> the function that replays there what that object's replace eraser detected."""
     from ...erasure.eraser import ConceptEraser
 
     erasers: dict[str, dict[str, ConceptEraser]] = {}
+    followers: dict[tuple[str, str], Callable] = {}
     if v.method in ("replace", "ablate"):
         for hp, sae in w.saes.items():
             if v.method == "ablate":
@@ -125,14 +127,20 @@ def _erasers(v: Variant, w: _Work, strengths: dict) -> dict:
             else:
                 erasers[hp] = {c: ConceptEraser(sae, [c], "replace", record_masks=True, **v.options)
                                for c in w.objects}
-    return erasers
+            also_at = [point for point, src in v.follow.items() if src == hp] if v.method == "replace" else []
+            for c, e in erasers[hp].items():
+                (_, own, _), *later = e.mounts(also_at, hook_point=hp)
+                assert own is e  # no mask: the block's function is the eraser itself, called by _erase
+                followers.update({(point, c): fn for point, fn, _ in later})
+    return erasers, followers
 
 
 class _VariantRun:
     """One variant's hooks and what they measure, per block and step."""
 
-    def __init__(self, v: Variant, w: _Work, erasers: dict, ref: dict) -> None:
-        self.v, self.w, self.erasers, self.ref = v, w, erasers, ref
+    def __init__(self, v: Variant, w: _Work, erasers: tuple[dict, dict], ref: dict) -> None:
+        self.v, self.w, self.ref = v, w, ref
+        self.erasers, self.followers = erasers
         self.cover, self.spill, self.present, self.step_of = Acc(), Acc(), Acc(), {}
         self.before: dict[str, Moments] = {}
         self.after: dict[str, Moments] = {}
@@ -163,8 +171,9 @@ class _VariantRun:
                 continue
             sub = BlockCall(tokens[rows], call.spatial, call.timesteps[rows], cond[rows], call.call_index)
             self._presence(hp, step, name, sub, cond[rows])
-            if follower_of is not None:
-                new = self._follow(follower_of, name, sub, t, call.spatial)
+            if follower_of is not None:  # replaces where the eraser of follower_of detected the object at this step
+                follower = self.followers.get((hp, name))
+                new = follower(sub) if follower is not None else None
             elif hp in self.erasers:
                 new = self._erase(hp, step, name, sub, rows, cond[rows], call.spatial)
             else:
@@ -182,24 +191,8 @@ class _VariantRun:
             d = self.w.detectors[hp][name]
         else:
             return
-        sae = d.sae.on_device(sub.tokens.device)
-        m, *_ = d._detect(sae, sub.tokens, d.buckets(sub.timesteps, len(sub.tokens)))
+        m = d.detection_mask(sub)
         self.present.add((hp, step), float(m[crow].float().sum()), float(m[crow].numel()))
-
-    def _follow(self, follower_of: str, name: str, sub: Any, t: float, spatial: tuple) -> Optional[Tensor]:
-        """Replace at this block where the eraser of ``follower_of`` detected the object at this step."""
-        h, w = spatial
-        n = len(sub.tokens)
-        e = self.erasers[follower_of][name]
-        rec = e.masks[-1] if e.masks else None
-        if rec is None or float(rec.timesteps[0]) != t:
-            return None
-        mk = rec.mask.reshape(n, -1).float()
-        sh, sw = rec.mask.shape[-2:] if rec.mask.dim() == 3 else (h, w)
-        mk = F.interpolate(mk.reshape(-1, 1, sh, sw), size=(h, w), mode="nearest")
-        mk = (mk.reshape(n, -1) > 0).to(sub.tokens.device)
-        rep = e._replacement(sub, torch.arange(n), sub.tokens, mk)
-        return torch.where(mk[..., None], rep.to(sub.tokens.dtype), sub.tokens)
 
     def _erase(self, hp: str, step: int, name: str, sub: Any, rows: Tensor, crow: Tensor,
                spatial: tuple) -> Optional[Tensor]:

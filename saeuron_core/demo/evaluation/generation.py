@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ...erasure.eraser import ConceptEraser
-from ...hosts.hooks import BlockCall, pipeline_hook
+from ...hosts.hooks import BlockCall, HookFn, pipeline_hook
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ActivationStats:
         return self.sum / n, self.sq / n
 
 
-def observer(eraser: Optional[ConceptEraser], stats: ActivationStats) -> Callable[[BlockCall], Optional[Tensor]]:
+def observer(eraser: Optional[HookFn], stats: ActivationStats) -> Callable[[BlockCall], Optional[Tensor]]:
     """Block hook: ``eraser``'s edit (if any), then the conditional rows of what the block passes on recorded."""
 
     def observe(call: BlockCall) -> Optional[Tensor]:
@@ -72,12 +72,15 @@ def hooked(pipe: Any, stats: Mapping[str, ActivationStats], erasers: Mapping[str
            follow: Mapping[str, Sequence[str]]) -> Iterator[None]:
     """Every hook point of ``stats`` observed (and erased where ``erasers`` has one); what the eraser of a
     detecting block in ``follow`` detects is replaced too at the later blocks it lists."""
+    mounts = {hp: e.mounts(follow.get(hp, ()), hook_point=hp) for hp, e in erasers.items()}
     with ExitStack() as hooks:
         for hp, st in stats.items():
-            hooks.enter_context(pipeline_hook(pipe, hp, observer(erasers.get(hp), st)))
-        for hp, points in follow.items():
-            for point in points if hp in erasers else ():
-                hooks.enter_context(pipeline_hook(pipe, point, erasers[hp].follower()))
+            own = mounts[hp][0] if hp in mounts else None
+            hooks.enter_context(pipeline_hook(pipe, hp, observer(own.fn if own else None, st),
+                                              residual=own.residual if own else False))
+        for hp in follow:
+            for point, fn, residual in mounts.get(hp, [])[1:]:
+                hooks.enter_context(pipeline_hook(pipe, point, fn, residual=residual))
         yield
 
 
