@@ -9,10 +9,9 @@ import pytest
 import torch
 from conftest import HOOK
 from safetensors.torch import save_file
-from test_comfy_nodes import host, run, sample  # noqa: F401  (host is a fixture)
+from test_comfy_nodes import host, run, sae_at, sample  # noqa: F401  (host is a fixture)
 from test_dit import dit_sae, models  # noqa: F401  (models is a fixture)
 
-from saeuron_core.sae.model import SAEConfig, TopKSAE
 
 # (hook point, residual SAE) -> what the eraser does there on the tiny SD UNet
 UNET_CASES = {
@@ -76,14 +75,6 @@ class WeightProbe:
     def last(self) -> torch.Tensor:
         assert self.seen, "the probed module never ran"
         return self.seen[-1]
-
-
-def sae_at(host, hook_point: str, residual: bool) -> TopKSAE:
-    """The host's SAE (concepts cat and dog) placed at another block of the same width."""
-    sae = TopKSAE(SAEConfig(**{**host["sae"].config.to_dict(), "hook_point": hook_point, "residual": residual}))
-    sae.load_state_dict(host["sae"].state_dict())
-    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
-    return sae
 
 
 @pytest.fixture(scope="module")

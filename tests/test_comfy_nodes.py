@@ -42,6 +42,14 @@ def node(host, name):
     return comfy_host.node_class(name)
 
 
+def sae_at(host, hook_point: str, residual: bool = False) -> TopKSAE:
+    """The host's SAE (weights and the concepts cat and dog) placed at another block of the same width."""
+    sae = TopKSAE(SAEConfig(**{**host["sae"].config.to_dict(), "hook_point": hook_point, "residual": residual}))
+    sae.load_state_dict(host["sae"].state_dict())
+    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    return sae
+
+
 def run(host, name, *args, **kwargs):
     """``execute`` of a node; its outputs as a tuple (and the NodeOutput's ``ui``)."""
     out = node(host, name).execute(*args, **kwargs)
@@ -180,11 +188,7 @@ def test_comfyui_and_diffusers_paths_agree(host, method):
 def test_a_residual_sae_erases_the_same_in_both_hosts(host, method):
     """An SAE reading the block's update (output - input): an object patch (it sees the block's input) even where
     an output patch would do, and the same erasure as the diffusers residual hook."""
-    from saeuron_core.sae.model import SAEConfig as Config
-
-    sae = TopKSAE(Config(**{**host["sae"].config.to_dict(), "residual": True}))
-    sae.load_state_dict(host["sae"].state_dict())
-    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    sae = sae_at(host, HOOK, residual=True)
     patched = run(host, "SAeUronConceptEraser", host["model"], sae, "cat", method, 10.0 if method == "ablate" else 1.0,
                   0.0, 1.0, "both")[0]
     assert list(patched.object_patches) == ["diffusion_model.output_blocks.4.1"]
@@ -197,9 +201,7 @@ def test_a_residual_sae_erases_the_same_in_both_hosts(host, method):
 @pytest.mark.parametrize("method", ["ablate", "replace"])
 @pytest.mark.parametrize("hook_point", [HOOK, "up_blocks.1.attentions.2"])  # an output patch, an object patch
 def test_a_painted_mask_limits_the_erasure_the_same_in_both_hosts(host, method, hook_point):
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point=hook_point))
-    sae.load_state_dict(host["sae"].state_dict())
-    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    sae = sae_at(host, hook_point)
     left = torch.zeros(1, 16, 16)
     left[..., :8] = 1.0
     whole = raw_outputs(host, hook_point, sae, method)
@@ -528,9 +530,7 @@ def test_replace_also_at_later_blocks_agrees_with_the_library(host):
     """The node's replace_also_at replays the detection at a later block as erase(also_at=...) does in diffusers."""
     from saeuron_core.erasure.eraser import erase
 
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="down_blocks.0.attentions.1"))
-    sae.load_state_dict(host["sae"].state_dict())
-    sae.concepts, sae.extra_tensors = host["sae"].concepts, host["sae"].extra_tensors
+    sae = sae_at(host, "down_blocks.0.attentions.1")
     model, unet = host["model"], host["pipe"].unet
     torch.manual_seed(6)
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)

@@ -99,8 +99,12 @@ class TopK(NamedTuple):
 
 
 def _single_device(tensors: Iterator[Tensor]) -> Optional[torch.device]:
+    """The one real device all ``tensors`` are on, else ``None`` (several devices, or meta tensors)."""
     devices = {t.device for t in tensors}
-    return devices.pop() if len(devices) == 1 and next(iter(devices)).type != "meta" else None
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    return None if device.type == "meta" else device
 
 
 class TopKSAE(nn.Module):
