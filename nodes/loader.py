@@ -125,14 +125,17 @@ def load_clip(path: Path) -> Any:
         return comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {},
                                            tokenizer=sd_tokenizer)
 
-    clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config_path),
-                                   special_tokens=special)
-    clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
-    with torch.no_grad():  # ComfyUI's CLIP init writes to parameters
-        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls))
     # Newer transformers drop the "text_model." level in key names; ComfyUI's CLIP keeps it.
     state = {(k if k.startswith("text_model.") else "text_model." + k): v
              for k, v in _weights(path / "text_encoder").items()}
+    # A plain CLIPTextModel has no text projection: its pooled output is then the text model's own, not one through
+    # a projection left uninitialised.
+    projected = any(k.endswith("text_projection.weight") for k in state)
+    clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config_path),
+                                   special_tokens=special, return_projected_pooled=projected)
+    clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
+    with torch.no_grad():  # ComfyUI's CLIP init writes to parameters
+        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls))
     key = "text_model.embeddings.token_embedding.weight"
     rows = clip.cond_stage_model.state_dict()[f"clip_l.transformer.{key}"].shape[0]
     if key in state and state[key].shape[0] < rows:  # some ComfyUI versions fix CLIP's vocabulary at 49408

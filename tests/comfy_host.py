@@ -119,19 +119,11 @@ def tiny_model(diffusers_unet):
 
 def tiny_clip(pipe, folder: Path):
     """A ComfyUI ``CLIP`` (its own SD1 tokenizer and text-model classes) with the tiny pipeline's text encoder, loaded
-    by the pack's ``load_clip`` (after ``start``) from ``folder``.
-
-    A diffusers ``CLIPTextModel`` has no text projection: it is set to the identity, so the pooled output is the
-    text model's own (which a FLUX test reads).
-    """
+    by the pack's ``load_clip`` (after ``start``) from ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     pipe.tokenizer.save_pretrained(str(folder / "tokenizer"))
     pipe.text_encoder.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
-    clip = _loader().load_clip(folder)
-    projection = clip.cond_stage_model.clip_l.transformer.text_projection.weight
-    with torch.no_grad():
-        projection.copy_(torch.eye(*projection.shape, dtype=projection.dtype))
-    return clip
+    return _loader().load_clip(folder)
 
 
 class ComfyServer:
