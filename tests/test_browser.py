@@ -398,10 +398,17 @@ return document.querySelector(`[data-node-id="${arguments[0]}"] [data-widget-nam
 def widget_point(driver, node_id: int, widget: str) -> tuple[float, float]:
     """Viewport coordinates of the middle of a node's widget (as drawn on the canvas, or its element)."""
     if nodes2(driver):
-        canvas = driver.execute_script(WIDGET_CANVAS_JS, node_id, widget)
-        rect = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height];",
-                                     canvas)
-        return rect[0] + rect[2] / 2, rect[1] + rect[3] / 2
+        # The node elements follow a pan or zoom a frame or more later (longer on a busy machine): wait until
+        # the widget's canvas is the element under its own middle and stays put across two frames.
+        return tuple(wait_for(driver, WIDGET_CANVAS_JS.replace("return ", "const canvas = ", 1) + """
+            const middle = () => { const r = canvas?.getBoundingClientRect();
+                                   return r && r.width > 0 ? [r.left + r.width / 2, r.top + r.height / 2] : null; };
+            const frame = () => new Promise((done) => requestAnimationFrame(() => done()));
+            const before = middle();
+            return frame().then(frame).then(() => { const after = middle();
+                return before && after && before[0] === after[0] && before[1] === after[1]
+                    && document.elementFromPoint(...after) === canvas ? after : null; });
+        """, node_id, widget, timeout=20, what=f"widget {widget} of node {node_id} to settle"))
     return tuple(driver.execute_script("""
         const node = app.canvas.graph.getNodeById(arguments[0]);
         const w = node.widgets.find(w => w.name === arguments[1]);
@@ -456,11 +463,16 @@ def click_at(driver, point: tuple[float, float]) -> None:
 def open_widget_menu(driver, node_id: int, widget: str) -> list[str]:
     """Click a widget on the canvas (pointer down and up where it is drawn) and return the entries of the
     menu it opens."""
-    driver.execute_script("LiteGraph.closeAllContextMenus(window);")
-    click_at(driver, widget_point(driver, node_id, widget))
-    return wait_for(driver, "const m = document.querySelector('.litecontextmenu');"
-                            "return m ? [...m.querySelectorAll('.litemenu-entry')].map(e => e.innerText.trim()) : null;",
-                    timeout=20, what=f"the menu of widget {widget} on node {node_id}")
+    menu = ("const m = document.querySelector('.litecontextmenu');"
+            "return m ? [...m.querySelectorAll('.litemenu-entry')].map(e => e.innerText.trim()) : null;")
+    for attempt in range(3):  # a click the page was too busy to take is clicked again, as a user would
+        driver.execute_script("LiteGraph.closeAllContextMenus(window);")
+        click_at(driver, widget_point(driver, node_id, widget))
+        try:
+            return wait_for(driver, menu, timeout=10, what=f"the menu of widget {widget} on node {node_id}")
+        except AssertionError:
+            if attempt == 2:
+                raise
 
 
 def click_menu_entry(driver, text: str) -> None:
