@@ -26,7 +26,8 @@ import torch
 from benchmarks.common import (NO_PAUSE, Pauser, add_common_args, emit, fmt_s, interleaved, machine_line, median,
                                paired_ratio, setup_threads, spread, table)
 from saeuron_core.data.collection import CollectConfig, collect_activations
-from saeuron_core.hosts.diffusers import generate, make_tiny_pipeline, set_scheduler
+from saeuron_core.hosts.diffusers import generate, set_scheduler
+from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
 from saeuron_core.hosts.hooks import pipeline_hook
 
 HOOK = "up_blocks.1.attentions.1"

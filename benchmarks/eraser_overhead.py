@@ -254,7 +254,7 @@ def sd15_sections(args: argparse.Namespace, only: set[str], reps: int, gflops: f
     """The SD1.5 sections: the diffusers UNet (``sd15``) and the same model through ComfyUI (``comfy``)."""
     out = []
     if args.quick:
-        from saeuron_core.hosts.diffusers import make_tiny_pipeline
+        from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
 
         unet = make_tiny_pipeline(seed=0).unet.eval().requires_grad_(False)
         case = Case("tiny SD1.5-layout UNet (quick)", unet, "up_blocks.1.attentions.1",

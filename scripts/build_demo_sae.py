@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts
+from saeuron_demo.dataset import OBJECTS, STYLES, all_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +68,7 @@ def library(kinds: str = "all") -> dict[str, dict[str, list[str]]]:
 
 
 def run(*args: str) -> None:
-    cmd = [sys.executable, "-m", "saeuron_core.cli", *args]
+    cmd = [sys.executable, "-m", "saeuron_cli", *args]
     print("+ saeuron " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 

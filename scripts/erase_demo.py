@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from saeuron_core.demo import assets
+from saeuron_demo import assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,10 +48,10 @@ def main() -> None:
     a = parse_args()
     from PIL import Image
 
-    from saeuron_core.demo.classifier import load_classifier, predict
-    from saeuron_core.demo.dataset import OBJECTS, STYLES
-    from saeuron_core.demo.evaluation import EvalSettings, concept_owners
-    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_demo.classifier import load_classifier, predict
+    from saeuron_demo.dataset import OBJECTS, STYLES
+    from saeuron_demo.evaluation import EvalSettings, concept_owners
+    from saeuron_demo.pipeline import load_demo_pipeline
     from saeuron_core.inspection import compare_erasure, image_grid, save_png
     from saeuron_core.sae.files import load_sae
 
@@ -62,7 +62,7 @@ def main() -> None:
     for c, found in saes.items():
         if not found:
             raise SystemExit(f"no SAE's concept library has {c!r}; they have: {', '.join(sorted(owners))}")
-    pipe = load_pipeline(a.model)
+    pipe = load_demo_pipeline(a.model)
     clf = load_classifier(a.classifier)
     # Each concept's own strength where the validation sweep chose one, else that of its first SAE's block.
     at, of = assets.shipped_strengths()

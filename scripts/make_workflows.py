@@ -28,7 +28,7 @@ STYLE_METHOD = "ablate"                # the better style method on the validati
 
 def ablate_strength(concept: str) -> float:
     """The ablation strength the validation sweep chose for a shipped concept (EVALUATION.md)."""
-    from saeuron_core.demo import assets
+    from saeuron_demo import assets
 
     return assets.concept_strengths()[concept]
 

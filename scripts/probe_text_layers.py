@@ -15,7 +15,7 @@ from typing import Iterable
 
 
 def parse_args() -> argparse.Namespace:
-    from saeuron_core.demo.assets import ASSETS
+    from saeuron_demo.assets import ASSETS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ASSETS / "model"))
@@ -35,12 +35,13 @@ def main() -> None:
     a = parse_args()
     import torch
 
-    from saeuron_core.demo.classifier import load_classifier, predict
-    from saeuron_core.demo.dataset import OBJECTS, STYLES, from_model_range
-    from saeuron_core.demo.evaluation import demo_grid
-    from saeuron_core.hosts.diffusers import generate, load_pipeline
+    from saeuron_demo.classifier import load_classifier, predict
+    from saeuron_demo.dataset import OBJECTS, STYLES, from_model_range
+    from saeuron_demo.evaluation import demo_grid
+    from saeuron_core.hosts.diffusers import generate
+    from saeuron_demo.pipeline import load_demo_pipeline
 
-    pipe, clf, grid = load_pipeline(a.model), load_classifier(a.classifier), demo_grid()
+    pipe, clf, grid = load_demo_pipeline(a.model), load_classifier(a.classifier), demo_grid()
     layers = [n.removesuffix(".transformer_blocks.0.attn2") for n, _ in pipe.unet.named_modules()
               if n.endswith("attn2")]
     blank: set[str] = set()

@@ -16,9 +16,9 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts, make_grid
-from saeuron_core.demo.model import sample
-from saeuron_core.demo.textenc import load_tokenizer
+from saeuron_demo.dataset import OBJECTS, STYLES, all_prompts, make_grid
+from saeuron_demo.model import sample
+from saeuron_demo.textenc import load_tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,7 +60,7 @@ def main() -> None:
     print("rows: " + ", ".join(OBJECTS) + " | columns: " + ", ".join(STYLES))
 
     if os.path.exists(os.path.join(a.classifier, "classifier.safetensors")):
-        from saeuron_core.demo.classifier import load_classifier, predict
+        from saeuron_demo.classifier import load_classifier, predict
 
         clf = load_classifier(a.classifier)
         po, ps = predict(clf, imgs)

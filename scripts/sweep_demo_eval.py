@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from saeuron_core.cli import add_gate_args, gate_args, parse_seeds
+from saeuron_cli import add_gate_args, gate_args, parse_seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "demo_assets")
@@ -45,12 +45,12 @@ DIAGNOSIS_VARIANTS = {
 
 
 def diagnose(a: argparse.Namespace) -> None:
-    from saeuron_core.demo.assets import ALL_CONCEPTS_SAE, OBJECT_MID_SAE, OBJECT_SAE, concept_strengths
-    from saeuron_core.demo.classifier import load_classifier
-    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_demo.assets import ALL_CONCEPTS_SAE, OBJECT_MID_SAE, OBJECT_SAE, concept_strengths
+    from saeuron_demo.classifier import load_classifier
+    from saeuron_demo.pipeline import load_demo_pipeline
     from saeuron_core.sae.files import load_sae
 
-    from saeuron_core.demo.evaluation.diagnostics import Variant, format_diagnosis, run_diagnosis
+    from saeuron_demo.evaluation.diagnostics import Variant, format_diagnosis, run_diagnosis
 
     names = [n.strip() for n in a.diagnose_replace.split(",") if n.strip()]
     unknown = [n for n in names if n not in DIAGNOSIS_VARIANTS]
@@ -61,7 +61,7 @@ def diagnose(a: argparse.Namespace) -> None:
         label, method, options, follow, oracle = DIAGNOSIS_VARIANTS[n]
         variants.append(Variant(label, method, options, follow, oracle))
     saes = {DOWN: load_sae(os.path.join(ASSETS, OBJECT_SAE)), MID: load_sae(os.path.join(ASSETS, OBJECT_MID_SAE))}
-    results = run_diagnosis(load_pipeline(a.model), load_classifier(a.classifier), saes,
+    results = run_diagnosis(load_demo_pipeline(a.model), load_classifier(a.classifier), saes,
                             load_sae(os.path.join(ASSETS, ALL_CONCEPTS_SAE)), variants, a.seeds, concept_strengths(),
                             steps=a.steps)
     print(format_diagnosis(results))
@@ -102,23 +102,23 @@ def main() -> None:
     a = parse_args()
     if a.diagnose_replace:
         return diagnose(a)
-    from saeuron_core.demo.classifier import load_classifier
-    from saeuron_core.demo.evaluation import (METRIC_KEYS, EvalSettings, Evaluator, best_strengths,
+    from saeuron_demo.classifier import load_classifier
+    from saeuron_demo.evaluation import (METRIC_KEYS, EvalSettings, Evaluator, best_strengths,
                                               load_concept_strengths, mean_metrics)
-    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_demo.pipeline import load_demo_pipeline
     from saeuron_core.sae.files import load_sae
 
     t0 = time.time()
     coverage_of, detect_with = gate_args(a)
-    from saeuron_core.cli import replace_also_at_arg as _replace_also_at
+    from saeuron_cli import replace_also_at_arg as _replace_also_at
 
     base = EvalSettings(seeds=a.seeds, steps=a.steps, end=a.end, min_coverage=a.min_coverage,
                         min_coverage_of=coverage_of, detect_with=detect_with, neighbors=a.neighbors,
                         replace_also_at=_replace_also_at(a.replace_also_at, False))
-    from saeuron_core.demo.assets import SAES
+    from saeuron_demo.assets import SAES
 
     saes = [load_sae(p) for p in (a.sae or [os.path.join(ASSETS, name) for name in SAES])]
-    ev = Evaluator(load_pipeline(a.model), saes, load_classifier(a.classifier), base)
+    ev = Evaluator(load_demo_pipeline(a.model), saes, load_classifier(a.classifier), base)
     concepts = [c.strip() for c in a.concepts.split(",")]
     clean = ev.run("none")
     variants = [("ablate", f"strength {s}", {"ablate_strength": float(s)}) for s in a.strengths.split(",") if s.strip()]

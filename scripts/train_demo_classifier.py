@@ -11,14 +11,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from saeuron_core.demo.classifier import (
+from saeuron_demo.classifier import (
     DEFAULT_CONFIG,
     DemoClassifier,
     augment,
     predict,
     save_classifier,
 )
-from saeuron_core.demo.dataset import generate, to_model_range
+from saeuron_demo.dataset import generate, to_model_range
 
 
 def parse_args() -> argparse.Namespace:

@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from saeuron_core.demo.dataset import STYLES, OBJECTS, generate, make_prompt, to_model_range
-from saeuron_core.demo.model import PREDICTION_TYPE, UNET_CONFIG, build_unet, count_params, sample_scheduler, train_scheduler
-from saeuron_core.demo.pipeline import write_model_index
-from saeuron_core.demo.schedule import lr_at, step_seed
-from saeuron_core.demo.textenc import build_text_encoder, build_tokenizer, tokenize, write_tokenizer
+from saeuron_demo.dataset import STYLES, OBJECTS, generate, make_prompt, to_model_range
+from saeuron_demo.model import PREDICTION_TYPE, UNET_CONFIG, build_unet, count_params, sample_scheduler, train_scheduler
+from saeuron_demo.pipeline import write_model_index
+from saeuron_demo.schedule import lr_at, step_seed
+from saeuron_demo.textenc import build_text_encoder, build_tokenizer, tokenize, write_tokenizer
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,6 +1,14 @@
 """Calling the CLI in-process and checking its user-error contract."""
 
-from saeuron_core.cli import main
+import atexit
+import contextlib
+import functools
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+from saeuron_cli import main
 
 
 def run_cli(capsys, *argv):
@@ -17,3 +25,15 @@ def assert_user_error(code, err, pattern):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     assert pattern in lines[0], lines[0]
+
+
+@functools.cache
+def tiny_model() -> str:
+    """A folder holding the tiny random pipeline (seed 0) for ``--model``, written once per test session."""
+    from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
+
+    folder = Path(tempfile.mkdtemp(prefix="saeuron-tiny-model-"))
+    atexit.register(shutil.rmtree, folder, True)
+    with contextlib.redirect_stderr(io.StringIO()):  # the savers' progress bars, which tests read stderr beside
+        make_tiny_pipeline(0).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

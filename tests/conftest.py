@@ -11,14 +11,14 @@ HOOK = "up_blocks.1.attentions.1"
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from saeuron_core.hosts.diffusers import make_tiny_pipeline
+    from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
 
     return make_tiny_pipeline(seed=0)
 
 
 @pytest.fixture()
 def fresh_tiny_pipe():
-    from saeuron_core.hosts.diffusers import make_tiny_pipeline
+    from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
 
     return make_tiny_pipeline(seed=0)
 

@@ -814,7 +814,7 @@ def test_concept_route_over_http(server):
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    from saeuron_core.demo.dataset import OBJECTS, STYLES
+    from saeuron_demo.dataset import OBJECTS, STYLES
 
     assert get("?sae=saeuron-demo.safetensors") == (200, {"sae": "saeuron-demo.safetensors",
                                                            "concepts": sorted(OBJECTS + STYLES)})

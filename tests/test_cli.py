@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_user_error, run_cli
+from cli_helpers import assert_user_error, run_cli, tiny_model
 from planted import concept
 from safetensors.torch import save_file
 
@@ -59,12 +59,12 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, sae_file):
     assert_user_error(*run_cli(capsys, "train", "--store", str(tmp_path))[::2], "required: --out")
     assert_user_error(*run_cli(capsys, "train", "--store", str(tmp_path), "--out", "x.safetensors", "--steps", "2")[::2],
                       "not an activation store")
-    assert_user_error(*run_cli(capsys, "collect", "--model", "tiny", "--prompts", str(tmp_path / "none.txt"),
+    assert_user_error(*run_cli(capsys, "collect", "--model", tiny_model(), "--prompts", str(tmp_path / "none.txt"),
                                "--out", str(tmp_path / "o"))[::2], "cannot read prompts")
     (tmp_path / "p.txt").write_text("a cat\n")
     assert_user_error(*run_cli(capsys, "collect", "--model", str(tmp_path), "--prompts", str(tmp_path / "p.txt"),
                                "--out", str(tmp_path / "o"))[::2], "model_index.json")
-    assert_user_error(*run_cli(capsys, "collect", "--model", "tiny", "--prompts", "p", "--out", "o",
+    assert_user_error(*run_cli(capsys, "collect", "--model", tiny_model(), "--prompts", "p", "--out", "o",
                                "--seeds", "a,b")[::2], "expected seeds")
     assert_user_error(*run_cli(capsys, "bogus")[::2], "invalid choice")
 
@@ -122,7 +122,7 @@ def test_sigkill_during_collection_then_resume_gives_the_same_store(tmp_path, sh
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"a {c} {o}" for c in ("red", "blue", "green") for o in ("cat", "dog", "tree")))
-    args = ["collect", "--model", "tiny", "--prompts", str(prompts), "--steps", "6", "--seeds", "0-3",
+    args = ["collect", "--model", tiny_model(), "--prompts", str(prompts), "--steps", "6", "--seeds", "0-3",
             "--batch-size", "2", "--rows-per-shard", "12"]
     p = _saeuron(*args, "--out", str(tmp_path / "full"))
     assert p.wait() == 0
@@ -145,7 +145,7 @@ def test_sigkill_during_collection_then_resume_gives_the_same_store(tmp_path, sh
 
 
 def test_parse_seeds_takes_lists_and_inclusive_ranges():
-    from saeuron_core.cli import parse_seeds
+    from saeuron_cli import parse_seeds
     assert parse_seeds("500-503") == [500, 501, 502, 503]
     assert parse_seeds("500,501") == [500, 501]
     assert parse_seeds("7") == [7]
@@ -159,7 +159,7 @@ def test_collect_and_train_a_residual_sae(capsys, tmp_path):
     prompts.write_text("a cat\na dog\n")
     stores = {}
     for name, extra in (("out", []), ("res", ["--residual"])):
-        code, _, err = run_cli(capsys, "collect", "--model", "tiny", "--prompts", str(prompts), "--out",
+        code, _, err = run_cli(capsys, "collect", "--model", tiny_model(), "--prompts", str(prompts), "--out",
                                str(tmp_path / name), "--steps", "2", "--batch-size", "2", *extra)
         assert code == 0, err
         stores[name] = ActivationStore(tmp_path / name)
@@ -180,8 +180,8 @@ def test_fields_make_options_from_a_dataclass_and_build_it_back():
     from dataclasses import dataclass, field
     from typing import Literal, Optional
 
-    from saeuron_core.cli import parse_seeds
-    from saeuron_core.cli.fields import Fields
+    from saeuron_cli import parse_seeds
+    from saeuron_cli.fields import Fields
 
     @dataclass
     class Cfg:
@@ -214,7 +214,7 @@ def test_fields_make_options_from_a_dataclass_and_build_it_back():
 
 def test_train_online_takes_collects_sampling_options():
     """The options both commands make from CollectConfig: the same defaults; two of them renamed for train."""
-    from saeuron_core.cli import build_parser
+    from saeuron_cli import build_parser
 
     subs = next(a for a in build_parser()._actions if a.dest == "command").choices
     collect = {a.dest: a.default for a in subs["collect"]._actions}

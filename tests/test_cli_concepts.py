@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_user_error, run_cli
+from cli_helpers import assert_user_error, run_cli, tiny_model
 from conftest import HOOK
 from PIL import Image
 from safetensors.torch import save_file
 
 from saeuron_core.errors import ConfigError
-from saeuron_core.hosts.diffusers import load_pipeline, make_tiny_pipeline
+from saeuron_core.hosts.diffusers import load_pipeline
+from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
 from saeuron_core.sae.files import load_sae, save_sae
 from saeuron_core.sae.library import ConceptData, add_concept, concept_names, get_concept
 from saeuron_core.sae.model import SAEConfig, TopKSAE
@@ -55,7 +56,7 @@ def files(tmp_path):
 
 def learn(capsys, files, name="cat", *extra):
     return run_cli(capsys, "learn-concept", files / "s.safetensors", "--concept", name, "--positive", files / "pos.txt",
-                   "--negative", files / "neg.txt", "--model", "tiny", "--steps", STEPS, *extra)
+                   "--negative", files / "neg.txt", "--model", tiny_model(), "--steps", STEPS, *extra)
 
 
 @pytest.fixture()
@@ -108,7 +109,7 @@ def test_learn_concept_on_a_sparsify_folder(capsys, files):
     save_file({k: v.contiguous() for k, v in random_sae().tensors().items()}, str(folder / "sae.safetensors"))
     (folder / "cfg.json").write_text(json.dumps({"d_in": 32, "num_latents": 128, "k": 8}))
     args = ["learn-concept", folder, "--concept", "cat", "--positive", files / "pos.txt", "--negative",
-            files / "neg.txt", "--model", "tiny", "--steps", STEPS]
+            files / "neg.txt", "--model", tiny_model(), "--steps", STEPS]
     assert_user_error(*run_cli(capsys, *args)[::2], "is a sparsify folder, which is never modified; pass --out")
     assert_user_error(*run_cli(capsys, *args, "--out", files / "n.st")[::2], "ending in .safetensors")
     code, _, err = run_cli(capsys, *args, "--out", files / "n.safetensors")
@@ -134,7 +135,7 @@ def test_remove_concept(capsys, learned):
 
 
 def erase_args(files, *extra, prompts=("a cat", "a red cat")):
-    args = ["erase", "--model", "tiny", "--sae", files / "s.safetensors", "--concept", "cat", "--steps", STEPS,
+    args = ["erase", "--model", tiny_model(), "--sae", files / "s.safetensors", "--concept", "cat", "--steps", STEPS,
             "--seed", "1", "--out", files / "grid.png"]
     for p in prompts:
         args += ["--prompt", p]
@@ -160,7 +161,7 @@ def test_erase_strength_zero_changes_nothing(capsys, learned):
 
 
 def test_inspect_command(capsys, learned):
-    code, out, err = run_cli(capsys, "inspect", "--model", "tiny", "--sae", learned / "s.safetensors", "--prompt",
+    code, out, err = run_cli(capsys, "inspect", "--model", tiny_model(), "--sae", learned / "s.safetensors", "--prompt",
                              "a red cat", "--concept", "cat", "--steps", STEPS, "--top", "3", "--out",
                              learned / "o.png")
     assert code == 0, err
@@ -168,7 +169,7 @@ def test_inspect_command(capsys, learned):
     assert len(steps) == 4 and all("cat:" in s for s in steps)
     assert "wrote heat map of 'cat'" in out
     assert px(learned / "o.png").shape == (16, 16, 3)
-    code, out, err = run_cli(capsys, "inspect", "--model", "tiny", "--sae", learned / "s.safetensors", "--prompt",
+    code, out, err = run_cli(capsys, "inspect", "--model", tiny_model(), "--sae", learned / "s.safetensors", "--prompt",
                              "a red cat", "--steps", "2", "--out", learned / "plain.png")
     assert code == 0, err
     assert "image (no concept given)" in out and len(out.splitlines()) == 3
@@ -186,32 +187,32 @@ def test_user_errors_exit_2_with_one_line(capsys, learned):
     assert_user_error(*run_cli(capsys, *erase_args(f, "--min-coverage", "0.1", "--detect-with", "cat=cat (d)"))[::2],
                       "unknown concept 'cat (d)'; this SAE knows: 'cat'")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--detect-with", "cat"))[::2], "--detect-with takes CONCEPT=ENTRY")
-    assert_user_error(*run_cli(capsys, "inspect", "--model", "tiny", "--sae", f / "s.safetensors", "--prompt", "a cat",
+    assert_user_error(*run_cli(capsys, "inspect", "--model", tiny_model(), "--sae", f / "s.safetensors", "--prompt", "a cat",
                                "--concept", "dog", "--out", f / "o.png")[::2], "unknown concept 'dog'")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--out", f / "grid.jpg"))[::2], "ending in .png")
-    assert_user_error(*run_cli(capsys, "erase", "--model", "tiny", "--sae", f / "s.safetensors", "--concept", "cat",
+    assert_user_error(*run_cli(capsys, "erase", "--model", tiny_model(), "--sae", f / "s.safetensors", "--concept", "cat",
                                "--out", f / "g.png")[::2], "required: --prompt")
     assert_user_error(*run_cli(capsys, *erase_args(f, "--method", "zap"))[::2], "invalid choice")
     assert_user_error(*run_cli(capsys, "learn-concept", f / "s.safetensors", "--concept", "x", "--positive", f / "pos.txt",
-                               "--negative", f / "neg.txt", "--model", "tiny", "--top-n", "2", "--quantile", "0.9")[::2],
+                               "--negative", f / "neg.txt", "--model", tiny_model(), "--top-n", "2", "--quantile", "0.9")[::2],
                       "not allowed with argument")
     for bad in (["--top-n", "0"], ["--quantile", "1.5"], ["--min-specificity", "1"], ["--peak-specificity", "-0.5"]):
         assert_user_error(*run_cli(capsys, "learn-concept", f / "s.safetensors", "--concept", "x", "--positive",
-                                   f / "pos.txt", "--negative", f / "neg.txt", "--model", "tiny", *bad)[::2],
+                                   f / "pos.txt", "--negative", f / "neg.txt", "--model", tiny_model(), *bad)[::2],
                           "must be")
     assert_user_error(*run_cli(capsys, "learn-concept", f / "s.safetensors", "--concept", "x", "--positive",
-                               f / "none.txt", "--negative", f / "neg.txt", "--model", "tiny")[::2], "cannot read prompts")
+                               f / "none.txt", "--negative", f / "neg.txt", "--model", tiny_model())[::2], "cannot read prompts")
     # An SAE for a 16-channel block on the 32-channel tiny model.
     wide = random_sae(d_in=16)
     add_concept(wide, fake_concept("cat"))
     save_sae(wide, f / "wide.safetensors")
     mismatch = "the SAE expects 16 channels but 'up_blocks.1.attentions.1' of this model has 32"
-    assert_user_error(*run_cli(capsys, "erase", "--model", "tiny", "--sae", f / "wide.safetensors", "--concept", "cat",
+    assert_user_error(*run_cli(capsys, "erase", "--model", tiny_model(), "--sae", f / "wide.safetensors", "--concept", "cat",
                                "--prompt", "a cat", "--out", f / "g.png")[::2], mismatch)
-    assert_user_error(*run_cli(capsys, "inspect", "--model", "tiny", "--sae", f / "wide.safetensors", "--prompt", "a cat",
+    assert_user_error(*run_cli(capsys, "inspect", "--model", tiny_model(), "--sae", f / "wide.safetensors", "--prompt", "a cat",
                                "--out", f / "g.png")[::2], mismatch)
     assert_user_error(*run_cli(capsys, "learn-concept", f / "wide.safetensors", "--concept", "x", "--positive",
-                               f / "pos.txt", "--negative", f / "neg.txt", "--model", "tiny")[::2], mismatch)
+                               f / "pos.txt", "--negative", f / "neg.txt", "--model", tiny_model())[::2], mismatch)
     assert not (f / "g.png").exists() and not (f / "grid.png").exists()
 
 
@@ -327,7 +328,7 @@ def test_installed_script(files):
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "saeuron_core"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([*cmd, "learn-concept", str(files / "s.safetensors"), "--concept", "cat", "--positive",
-                        str(files / "pos.txt"), "--negative", str(files / "neg.txt"), "--model", "tiny", "--steps", "3",
+                        str(files / "pos.txt"), "--negative", str(files / "neg.txt"), "--model", tiny_model(), "--steps", "3",
                         "--min-specificity", "0"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -344,7 +345,7 @@ def test_learn_concept_library_learns_several_from_one_file(capsys, files):
             "dog": {"positive": ["a dog"], "negative": ["a cat", "a green tree"]}}
     (files / "lib.json").write_text(json.dumps(spec))
     code, out, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--library", files / "lib.json",
-                             "--model", "tiny", "--steps", STEPS)
+                             "--model", tiny_model(), "--steps", STEPS)
     assert code == 0, err
     assert "learned concept 'cat'" in out and "learned concept 'dog'" in out
     sae = load_sae(files / "s.safetensors")
@@ -352,7 +353,7 @@ def test_learn_concept_library_learns_several_from_one_file(capsys, files):
     assert get_concept(sae, "dog").info["positive"] == ["a dog"]
     # Specificity against each negative prompt as well: recorded with the concept.
     code, out, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--library", files / "lib.json",
-                             "--model", "tiny", "--steps", STEPS, "--min-specificity", "0", "--peak-specificity", "0")
+                             "--model", tiny_model(), "--steps", STEPS, "--min-specificity", "0", "--peak-specificity", "0")
     assert code == 0, err
     assert get_concept(load_sae(files / "s.safetensors"), "cat").info["selection"]["peak_specificity"] == 0.0
 
@@ -366,10 +367,10 @@ def test_learn_concept_library_learns_several_from_one_file(capsys, files):
 def test_learn_concept_library_errors(capsys, files, content, extra, message):
     (files / "lib.json").write_text(content)
     code, _, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--library", files / "lib.json",
-                           "--model", "tiny", "--steps", STEPS, *extra)
+                           "--model", tiny_model(), "--steps", STEPS, *extra)
     assert_user_error(code, err, message)
 
 
 def test_learn_concept_needs_a_concept_or_a_library(capsys, files):
-    code, _, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--model", "tiny")
+    code, _, err = run_cli(capsys, "learn-concept", files / "s.safetensors", "--model", tiny_model())
     assert_user_error(code, err, "give --concept, --positive and --negative")

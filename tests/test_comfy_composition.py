@@ -212,7 +212,7 @@ def test_a_lora_stack_and_a_model_merge_compose_with_an_object_patched_eraser(ho
     idle eraser: the pictures of the same graph without the eraser, bit for bit."""
     import comfy.model_management
     import comfy_host
-    from saeuron_core.hosts.diffusers import make_tiny_pipeline
+    from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
 
     import nodes as comfy_nodes
 

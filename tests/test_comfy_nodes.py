@@ -415,12 +415,12 @@ def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
     from test_demo_pipeline import _save_random_demo
 
     import nodes as comfy_nodes
-    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_demo.pipeline import load_demo_pipeline
 
     root = host["models"] / "diffusers"
     _save_random_demo(root / "pixel-demo")
     folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
-    pipe = load_pipeline(str(root / "pixel-demo"))
+    pipe = load_demo_pipeline(root / "pixel-demo")
     model, clip, vae = run(host, "SAeUronLoadDiffusersModel", "pixel-demo")
     torch.manual_seed(0)
     x, ctx, t = torch.randn(2, 3, 32, 32), torch.randn(2, 77, 64), torch.tensor([300.0, 700.0])
@@ -452,7 +452,7 @@ def test_pixel_space_demo_model_loads_and_samples_with_stock_nodes(host):
 def test_cosine_schedule_matches_diffusers(host):
     import comfy.model_sampling
 
-    from saeuron_core.demo.model import train_scheduler
+    from saeuron_demo.model import train_scheduler
 
     sched = train_scheduler()
     settings = comfy_host.pack_module("nodes.comfy_layout").sampling_settings_from_scheduler(dict(sched.config))
@@ -473,14 +473,14 @@ def test_shipped_demo_erasure_agrees_between_comfyui_and_diffusers(host, method)
     import folder_paths
     from comfy_host import DEMO_ASSETS
 
-    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_demo.pipeline import load_demo_pipeline
 
     root = host["models"] / "diffusers"
     if not (root / "shipped-demo").exists():
         shutil.copytree(DEMO_ASSETS / "model", root / "shipped-demo")
     folder_paths.folder_names_and_paths["diffusers"] = ([str(root)], ["folder"])
     model = run(host, "SAeUronLoadDiffusersModel", "shipped-demo")[0]
-    pipe = load_pipeline(str(DEMO_ASSETS / "model"))
+    pipe = load_demo_pipeline(DEMO_ASSETS / "model")
     sae = load_sae(DEMO_ASSETS / "sae.safetensors")
     ids = pipe.tokenizer(["", "a star in stripes style"], padding="max_length", max_length=77,
                          return_tensors="pt").input_ids

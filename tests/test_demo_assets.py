@@ -9,8 +9,8 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from saeuron_core.demo.classifier import load_classifier, predict
-from saeuron_core.demo.dataset import OBJECTS, STYLES, generate
+from saeuron_demo.classifier import load_classifier, predict
+from saeuron_demo.dataset import OBJECTS, STYLES, generate
 from saeuron_core.sae.files import load_sae
 from saeuron_core.sae.library import concept_names
 
@@ -32,8 +32,8 @@ def test_shipped_sae_has_every_object_and_style_and_fits_the_model():
     ("sae-styles-extra.safetensors", "up_blocks.1.attentions.1", ["gradient", "outline"]),
 ])
 def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, names):
-    from saeuron_core.demo.assets import shipped_gates
-    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_demo.assets import shipped_gates
+    from saeuron_demo.pipeline import load_demo_pipeline
     from saeuron_core.hosts.hooks import check_sae_fits
 
     sae = load_sae(ASSETS / name)
@@ -41,12 +41,12 @@ def test_shipped_per_kind_saes_hook_where_their_kind_enters(name, hook_point, na
     # besides its concepts, a library holds the detector entries of the gated concepts it erases
     wanted = sorted([*names, *(detectors[c] for c in names if c in detectors)])
     assert sae.config.hook_point == hook_point and sorted(concept_names(sae)) == wanted
-    check_sae_fits(load_pipeline(str(ASSETS / "model")).unet, hook_point, sae)
+    check_sae_fits(load_demo_pipeline(str(ASSETS / "model")).unet, hook_point, sae)
 
 
 def test_shipped_gates_name_detectors_learned_with_peak_specificity():
-    from saeuron_core.demo.assets import shipped_gates
-    from saeuron_core.demo.evaluation import EvalSettings
+    from saeuron_demo.assets import shipped_gates
+    from saeuron_demo.evaluation import EvalSettings
     from saeuron_core.sae.library import get_concept
 
     coverage, detectors = shipped_gates()
@@ -94,7 +94,7 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
     concepts = [r["concept"] for r in report["per_concept"]["none"]]
     assert concepts == ["star", "stripes"]
     # Each concept is erased by the shipped SAE of its kind, at the strength chosen for that block.
-    from saeuron_core.demo.assets import ABLATE_STRENGTH
+    from saeuron_demo.assets import ABLATE_STRENGTH
 
     assert [(e["hook_point"], e["concepts"], e["ablate_strength"]) for e in report["saes"]] == [
         (hp, c, ABLATE_STRENGTH[hp]) for hp, c in (("down_blocks.2.attentions.1", ["star"]),
@@ -175,7 +175,7 @@ def test_eval_refuses_bad_concept_strength_files(capsys, tmp_path):
 
 @pytest.mark.parametrize("name", ["eval-report.json", "eval-generalization.json"])
 def test_shipped_reports_were_measured_with_the_shipped_strengths_and_gates(name):
-    from saeuron_core.demo.assets import shipped_gates, shipped_strengths
+    from saeuron_demo.assets import shipped_gates, shipped_strengths
 
     settings = json.loads((Path(__file__).resolve().parents[1] / "docs" / name).read_text())["settings"]
     (at, of), (coverage, detectors) = shipped_strengths(), shipped_gates()
@@ -184,7 +184,7 @@ def test_shipped_reports_were_measured_with_the_shipped_strengths_and_gates(name
 
 
 def test_shipped_concept_strengths_cover_every_concept():
-    from saeuron_core.demo.assets import concept_strengths
+    from saeuron_demo.assets import concept_strengths
 
     chosen = concept_strengths()
     assert sorted(chosen) == sorted(OBJECTS + STYLES) and all(0 < v <= 100 for v in chosen.values())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from saeuron_core.demo.dataset import OBJECTS, STYLES, all_prompts, generate, make_prompt, to_model_range
-from saeuron_core.demo.textenc import (MAX_LENGTH, build_text_encoder, build_tokenizer, encode, load_tokenizer,
+from saeuron_demo.dataset import OBJECTS, STYLES, all_prompts, generate, make_prompt, to_model_range
+from saeuron_demo.textenc import (MAX_LENGTH, build_text_encoder, build_tokenizer, encode, load_tokenizer,
                                        vocabulary_words, write_tokenizer)
 
 
@@ -61,7 +61,7 @@ def test_tokenizer_one_token_per_word(tmp_path) -> None:
 
 
 def test_text_encoder_and_unet_forward() -> None:
-    from saeuron_core.demo.model import build_unet, count_params
+    from saeuron_demo.model import build_unet, count_params
 
     tok = build_tokenizer()
     te = build_text_encoder(tok)

@@ -85,7 +85,7 @@ def test_new_cycle_starts_from_an_exported_model(tmp_path):
 
 
 def test_lr_schedule_restarts_at_the_given_step():
-    from saeuron_core.demo.schedule import lr_at
+    from saeuron_demo.schedule import lr_at
 
     a = argparse.Namespace(lr=1e-3, warmup=10, total_steps=110, restart_at=0, min_lr_frac=0.1)
     assert lr_at(0, a) == pytest.approx(1e-4) and lr_at(10, a) == pytest.approx(1e-3)

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import tiny_model
+
 from saeuron_core.data.store import STORE_FORMAT, ActivationStore, ShardWriter
 from saeuron_core.training.sources import StoreSource
 from saeuron_core.training.trainer import TrainConfig, train_sae
@@ -329,11 +331,11 @@ def test_single_process_store_resumed_by_two_ranks(tiny_pipe, one_rank_store, tm
 
 def test_cli_collect_as_independent_jobs(capsys, tmp_path, one_rank_store):
     """`saeuron collect --rank R --world-size W`: jobs that never talk to each other (e.g. a SLURM array)."""
-    from saeuron_core.cli import main
+    from saeuron_cli import main
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    args = ["collect", "--model", "tiny", "--prompts", str(prompts), "--out", str(tmp_path / "s"), "--steps", "3",
+    args = ["collect", "--model", tiny_model(), "--prompts", str(prompts), "--out", str(tmp_path / "s"), "--steps", "3",
             "--guidance", "5", "--seeds", "0-2", "--batch-size", "2", "--rows-per-shard", "4", "--dtype", "float32"]
     assert main([*args, "--rank", "1", "--world-size", "2"]) == 0
     assert "rank 1 of 2 done; store 4 of 9 items so far" in capsys.readouterr().out
@@ -363,11 +365,11 @@ def test_online_training_writes_only_checkpoints(tiny_pipe, tmp_path):
 
 
 def test_cli_train_needs_store_or_online(capsys, tmp_path):
-    from saeuron_core.cli import main
+    from saeuron_cli import main
 
     assert main(["train", "--out", str(tmp_path / "a.safetensors"), "--steps", "2"]) == 2
     assert "--store STORE, or --online" in capsys.readouterr().err
-    assert main(["train", "--online", "--model", "tiny", "--out", str(tmp_path / "a.safetensors"), "--steps", "2"]) == 2
+    assert main(["train", "--online", "--model", tiny_model(), "--out", str(tmp_path / "a.safetensors"), "--steps", "2"]) == 2
     assert "--model and --prompts are required" in capsys.readouterr().err
 
 
@@ -375,11 +377,11 @@ def test_cli_train_needs_store_or_online(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_cli_collect_train_and_online(tmp_path, one_rank_store):
-    """`torchrun -m saeuron_core.cli collect/train` with 2 ranks: same rows as 1 rank, one report line."""
+    """`torchrun -m saeuron_cli collect/train` with 2 ranks: same rows as 1 rank, one report line."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    common = ["--model", "tiny", "--prompts", str(prompts)]
-    proc = torchrun("-m", "saeuron_core.cli", "collect", *common, "--out", str(tmp_path / "s"), "--steps", "3",
+    common = ["--model", tiny_model(), "--prompts", str(prompts)]
+    proc = torchrun("-m", "saeuron_cli", "collect", *common, "--out", str(tmp_path / "s"), "--steps", "3",
                     "--guidance", "5", "--seeds", "0-2", "--batch-size", "2", "--rows-per-shard", "4",
                     "--dtype", "float32", "--hook-point", "up_blocks.1.attentions.1")
     assert proc.stdout.count("collected 27 maps") == 1, proc.stdout
@@ -387,12 +389,12 @@ def test_torchrun_cli_collect_train_and_online(tmp_path, one_rank_store):
     assert store.complete
     assert_same_rows(store, one_rank_store)
 
-    proc = torchrun("-m", "saeuron_core.cli", "train", "--store", str(tmp_path / "s"), "--out",
+    proc = torchrun("-m", "saeuron_cli", "train", "--store", str(tmp_path / "s"), "--out",
                     str(tmp_path / "sae.safetensors"), "--n-latents", "64", "--k", "4", "--batch-size", "64",
                     "--steps", "20", "--lr", "1e-3", "--log-every", "10")
     assert proc.stdout.count("trained 64 latents") == 1 and "on 2 ranks" in proc.stdout, proc.stdout
 
-    proc = torchrun("-m", "saeuron_core.cli", "train", "--online", *common, "--out", str(tmp_path / "on.safetensors"),
+    proc = torchrun("-m", "saeuron_cli", "train", "--online", *common, "--out", str(tmp_path / "on.safetensors"),
                     "--sampling-steps", "3", "--seeds", "0-2", "--gen-batch-size", "2", "--buffer-tokens", "256",
                     "--n-latents", "64", "--k", "4", "--batch-size", "64", "--steps", "10", "--log-every", "5")
     assert proc.stdout.count("trained 64 latents") == 1, proc.stdout

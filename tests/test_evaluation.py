@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from saeuron_core.demo.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
+from saeuron_demo.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
                                           format_report, mean_metrics)
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.model import SAEConfig, TopKSAE
@@ -288,19 +288,19 @@ def test_the_shipped_assets_read_their_files_without_the_evaluation() -> None:
     import subprocess
     import sys
 
-    from saeuron_core.demo import asset_files, evaluation
+    from saeuron_demo import asset_files, evaluation
 
     # one loader of each file form, which the evaluation (and the CLI through it) shares
     assert evaluation.load_gates is asset_files.load_gates
     assert evaluation.load_concept_strengths is asset_files.load_concept_strengths
-    code = ("import sys; from saeuron_core.demo import assets; assets.shipped_gates(); assets.shipped_strengths(); "
+    code = ("import sys; from saeuron_demo import assets; assets.shipped_gates(); assets.shipped_strengths(); "
             "print(sorted(m for m in sys.modules if 'evaluation' in m))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_gates_file_is_read_and_checked(tmp_path) -> None:
-    from saeuron_core.demo.asset_files import load_gates
+    from saeuron_demo.asset_files import load_gates
 
     good = tmp_path / "gates.json"
     good.write_text('{"solid": {"min_coverage": 0.05, "detect_with": "solid (detector)"}, "noise": {"min_coverage": 0.1}}')
@@ -354,7 +354,7 @@ def _row(concept: str, kind: str, ua: float) -> dict:
 
 
 def test_update_report_replaces_rows_and_recomputes_the_summary() -> None:
-    from saeuron_core.demo.evaluation import update_report
+    from saeuron_demo.evaluation import update_report
 
     old = _report({"ablate": [_row("star", "object", 1.0), _row("noise", "style", 0.5), _row("outline", "style", 0.25)]})
     new = _report({"ablate": [_row("outline", "style", 0.75)]}, seconds=3.0)
@@ -368,7 +368,7 @@ def test_update_report_replaces_rows_and_recomputes_the_summary() -> None:
 
 
 def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
-    from saeuron_core.demo.evaluation import check_updatable, update_report
+    from saeuron_demo.evaluation import check_updatable, update_report
 
     old = _report({"ablate": [_row("noise", "style", 0.5), _row("outline", "style", 0.25)]})
     old["settings"].update(ablate_strength_of={"noise": 1.0, "outline": 5.0}, min_coverage_of={"outline": 0.2},
@@ -399,7 +399,7 @@ def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
     (lambda r: r.update(per_concept={"replace": []}), "no replace rows"),
 ])
 def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
-    from saeuron_core.demo.evaluation import update_report
+    from saeuron_demo.evaluation import update_report
 
     old = _report({"ablate": [_row("outline", "style", 0.25)]})
     new = _report({"ablate": [_row("outline", "style", 0.75)]})
@@ -409,7 +409,7 @@ def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
 
 
 def test_an_update_may_replace_every_replace_row_with_its_own_settings_and_sets() -> None:
-    from saeuron_core.demo.evaluation import check_updatable, update_report
+    from saeuron_demo.evaluation import check_updatable, update_report
 
     old = _report({"ablate": [_row("circle", "object", 0.5), _row("outline", "style", 0.25)],
                    "replace": [_row("circle", "object", 0.1), _row("outline", "style", 0.2)]})
@@ -440,7 +440,7 @@ def test_an_update_may_replace_every_replace_row_with_its_own_settings_and_sets(
 
 
 def test_update_report_refuses_to_leave_runs_over_the_updated_concept_stale() -> None:
-    from saeuron_core.demo.evaluation import update_report
+    from saeuron_demo.evaluation import update_report
 
     old = _report({"ablate": [_row("circle", "object", 0.5), _row("outline", "style", 0.25)]})
     old["multi"] = {"ablate": [{"n": 2, "concepts": ["circle", "solid"], "UA": 0.5}]}

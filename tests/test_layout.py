@@ -1,4 +1,5 @@
-"""The core's layout: each module imports only its own layer or the layers below it, and nothing imports in a circle.
+"""The project's layout: the core below, the demo and the ComfyUI nodes above it side by side, the ``saeuron``
+command on top; each module imports only its own layer or the layers below, and nothing imports in a circle.
 
 Imports are read from the source, lazy ones inside functions and ``if TYPE_CHECKING:`` ones included, so the check
 holds for every code path and for the type annotations, not only for what one import happens to load.
@@ -11,20 +12,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "saeuron_core"
+PACKAGES = ("saeuron_core", "saeuron_demo", "nodes", "saeuron_cli")
 MAX_LINES = 450
 
 # Bottom to top, by module or package (the longest prefix names a module's layer); a module may import its own
-# layer (without a circle) and anything below. The demo model itself is plain torch, as low as the SAE (diffusers
-# pipelines load it by its class name); its evaluation uses everything and sits at the top with the CLI.
+# layer (without a circle) and anything below. The demo and the nodes share a layer: neither imports the other.
 LAYERS = [
-    {"errors", "seeds", "safetensors_io", "assignments"},
-    {"sae", "demo", "demo.dataset", "demo.textenc", "demo.model", "demo.pipeline", "demo.classifier", "demo.assets"},
-    {"hosts"},
-    {"concepts", "data"},
-    {"training", "erasure"},
-    {"inspection"},
-    {"demo.evaluation", "cli", "__init__", "__main__"},
+    {"saeuron_core.errors", "saeuron_core.seeds", "saeuron_core.safetensors_io", "saeuron_core.assignments"},
+    {"saeuron_core.sae"},
+    {"saeuron_core.hosts"},
+    {"saeuron_core.concepts", "saeuron_core.data"},
+    {"saeuron_core.training", "saeuron_core.erasure"},
+    {"saeuron_core.inspection", "saeuron_core"},
+    {"saeuron_demo", "nodes"},
+    {"saeuron_demo.evaluation"},
+    {"saeuron_cli"},
 ]
+#: packages on one layer that must not import each other
+TENANTS = {"saeuron_demo": "nodes", "nodes": "saeuron_demo"}
 
 
 def module_name(path: Path) -> str:
@@ -35,8 +40,8 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path, source: str | None = None) -> set[str]:
-    """Every saeuron_core module (or package) that ``path`` (or ``source`` read as that file) imports: at the top,
-    lazily, or for type checking only."""
+    """Every module (or package) of the project's packages that ``path`` (or ``source`` read as that file) imports: at
+    the top, lazily, or for type checking only."""
     here = module_name(path).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     found: set[str] = set()
@@ -45,12 +50,13 @@ def imports_of(path: Path, source: str | None = None) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = (package[:len(package) - node.level + 1] if node.level else [])
             target = ".".join(base + ([node.module] if node.module else []))
-            if target.split(".")[0] == "saeuron_core":
+            if target.split(".")[0] in PACKAGES and (node.level or target.split(".")[0] != "nodes"):
                 for alias in node.names:  # `from . import x` may name a submodule
                     sub = f"{target}.{alias.name}"
                     found.add(sub if module_file(sub) else target)
         elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "saeuron_core")
+            # an absolute ``nodes`` is ComfyUI's module; the pack's own nodes are imported relatively
+            found.update(a.name for a in node.names if a.name.split(".")[0] in PACKAGES and a.name != "nodes")
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -68,7 +74,7 @@ def module_file(name: str) -> Path | None:
 
 
 def layer_of(name: str) -> int:
-    parts = name.split(".")[1:] or ["__init__"]
+    parts = name.split(".")
     for n in range(len(parts), 0, -1):
         prefix = ".".join(parts[:n])
         for i, layer in enumerate(LAYERS):
@@ -77,7 +83,7 @@ def layer_of(name: str) -> int:
     raise AssertionError(f"{name} is in no layer of tests/test_layout.py; add it")
 
 
-MODULES = sorted(CORE.rglob("*.py"))
+MODULES = sorted(path for package in PACKAGES for path in (ROOT / package).rglob("*.py"))
 GRAPH = {module_name(p): imports_of(p) for p in MODULES}
 
 
@@ -89,6 +95,8 @@ def test_every_module_is_in_a_layer_and_imports_only_its_own_or_lower_ones():
                 upward.append(f"{name} imports {target}, which does not exist")
             elif layer_of(target) > layer_of(name):
                 upward.append(f"{name} (layer {layer_of(name)}) imports {target} (layer {layer_of(target)})")
+            elif TENANTS.get(name.split(".")[0]) == target.split(".")[0]:
+                upward.append(f"{name} imports {target}: the demo and the nodes stand side by side")
     assert not upward, "\n".join(upward)
 
 
@@ -122,9 +130,9 @@ def test_no_import_circle():
             walk(name)
 
 
-def test_the_core_never_imports_a_host():
+def test_the_core_and_the_demo_never_import_a_host():
     hosts = ("comfy", "comfy_api", "nodes", "folder_paths", "server")
-    for path in MODULES:
+    for path in [p for p in MODULES if p.relative_to(ROOT).parts[0] in ("saeuron_core", "saeuron_demo")]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -132,7 +140,7 @@ def test_the_core_never_imports_a_host():
             assert not any(n.split(".")[0] in hosts for n in names), f"{path}: imports {names}"
 
 
-@pytest.mark.parametrize("path", MODULES + sorted((ROOT / "nodes").glob("*.py")),
+@pytest.mark.parametrize("path", MODULES,
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_modules_stay_small(path):
     lines = len(path.read_text().splitlines())

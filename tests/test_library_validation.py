@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_user_error, run_cli
+from cli_helpers import assert_user_error, run_cli, tiny_model
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from planted import concept, planted_sae
@@ -160,7 +160,7 @@ def test_the_cli_refuses_hostile_files_with_one_line(capsys, tmp_path):
     tensors, metadata = shipped()
     HOSTILE["threshold NaN"][1](tensors, metadata)
     path = write(tmp_path / "s.safetensors", tensors, metadata)
-    for args in (["info", path], ["erase", "--model", "tiny", "--sae", path, "--concept", NAME, "--prompt", "a star",
+    for args in (["info", path], ["erase", "--model", tiny_model(), "--sae", path, "--concept", NAME, "--prompt", "a star",
                                   "--out", tmp_path / "g.png"]):
         assert_user_error(*run_cli(capsys, *args)[::2], f"{path}: concept 'star', field 'threshold': must be finite")
 

@@ -22,7 +22,7 @@ def test_pyproject_metadata():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = meta["project"]
     assert project["name"] == "comfyui-saeuron"
-    assert project["scripts"]["saeuron"] == "saeuron_core.cli:main"
+    assert project["scripts"]["saeuron"] == "saeuron_cli:main"
     deps = requirement_names(project["dependencies"])
     assert deps["torch"] == "torch>=2.1"  # permissive: ComfyUI users bring their own torch
     extras = project["optional-dependencies"]
@@ -304,14 +304,14 @@ def test_no_machine_paths_in_files_or_safetensors_metadata():
 
 def test_trained_sae_records_names_of_its_store_and_model(capsys, tmp_path):
     """``saeuron train`` writes the store's and the model's folder names into the SAE, not their paths."""
-    from cli_helpers import run_cli
+    from cli_helpers import run_cli, tiny_model
 
     from saeuron_core.sae.files import load_sae
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")
     store = tmp_path / "data" / "acts"
-    code, _, err = run_cli(capsys, "collect", "--model", "tiny", "--prompts", prompts, "--out", store, "--steps", "2",
+    code, _, err = run_cli(capsys, "collect", "--model", tiny_model(), "--prompts", prompts, "--out", store, "--steps", "2",
                            "--batch-size", "2")
     assert code == 0, err
     manifest = json.loads((store / "manifest.json").read_text())

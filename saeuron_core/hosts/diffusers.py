@@ -1,16 +1,16 @@
-"""Loading diffusers pipelines and schedulers by name, and a tiny random pipeline for tries and tests.
+"""Loading diffusers pipelines and schedulers by name.
 
-Nothing here downloads: ``load_pipeline`` takes a local folder (``save_pretrained`` layout), a
-single-file ``.safetensors`` checkpoint (with a local config folder) or ``tiny`` / ``tiny:SEED`` for a
-randomly initialised SD-layout pipeline built in memory.
+Nothing here downloads: ``load_pipeline`` takes a local folder (``save_pretrained`` layout) or a single-file
+``.safetensors`` checkpoint (with a local config folder).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
-import string
-import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,118 +52,80 @@ def generate(pipe: Any, prompts: list[str], seeds: list[int], *, steps: int, gui
                 generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds])
 
 
-def _write_char_tokenizer(folder: Path) -> None:
-    """A valid CLIP BPE tokenizer whose tokens are single characters (plus a few merges)."""
-    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = [("t", "h"), ("th", "e</w>"), ("i", "n</w>"), ("a", "n</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-                                       encoding="utf-8")
+def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  config: str | os.PathLike | None = None,
+                  pipeline_classes: Mapping[str, type] | None = None) -> Any:
+    """A local diffusers pipeline folder or a single-file ``.safetensors`` checkpoint, never downloaded.
 
-
-def make_tiny_pipeline(seed: int = 0, *, hidden: int = 32, cross_dim: int = 32) -> Any:
-    """A randomly initialised ``StableDiffusionPipeline`` with SD 1.x's block layout, small enough for CPU tests.
-
-    ``up_blocks.1`` is a cross-attention up block with three attention layers, so
-    ``up_blocks.1.attentions.1`` exists as in SD 1.x (here 32 channels on an 8x8 latent, 16x16 px).
+    A folder's ``model_index.json`` names its pipeline class: one of diffusers' own or, for a pipeline defined
+    elsewhere, one of ``pipeline_classes`` (class name to class). A single-file checkpoint needs its component
+    configs: ``config`` is a local diffusers pipeline folder of the same model family (without it only configs
+    already in the Hugging Face cache can be used).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(hidden, hidden * 2), norm_num_groups=min(32, hidden),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_dim, attention_head_dim=4,
-    )
-    # 32 GroupNorm groups like SD's VAE, so ComfyUI's VAE class can load it too.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, sample_size=16,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_char_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                                  model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cross_dim, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  config: str | os.PathLike | None = None) -> Any:
-    """``tiny``/``tiny:SEED``, a local diffusers pipeline folder or a single-file ``.safetensors`` checkpoint.
-
-    Never downloads. A single-file checkpoint needs its component configs: ``config`` is a local
-    diffusers pipeline folder of the same model family (without it only configs already in the
-    Hugging Face cache can be used).
-    """
-    if model == "tiny" or model.startswith("tiny:"):
-        seed = model.partition(":")[2] or "0"
-        if not seed.isdigit():
-            raise ConfigError(f"model {model!r}: expected 'tiny' or 'tiny:SEED' with an integer seed")
-        pipe = make_tiny_pipeline(int(seed))
+    path = Path(model)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ConfigError(
+            f"model {str(model)!r}: '{path.suffix}' checkpoints are pickle-based and are never loaded (unpickling "
+            f"runs arbitrary code); use the .safetensors version of the checkpoint or a diffusers folder"
+        )
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        pipe = _load_single_file(path, config)
+    elif not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"model {str(model)!r}: expected a local diffusers pipeline folder containing model_index.json or a "
+            f"single-file .safetensors checkpoint; nothing is downloaded"
+        )
     else:
-        path = Path(model)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ConfigError(
-                f"model {model!r}: '{path.suffix}' checkpoints are pickle-based and are never loaded (unpickling "
-                f"runs arbitrary code); use the .safetensors version of the checkpoint or a diffusers folder"
-            )
-        if path.is_file() and path.suffix.lower() == ".safetensors":
-            pipe = _load_single_file(path, config)
-        elif not (path / "model_index.json").is_file():
-            raise ConfigError(
-                f"model {model!r}: expected a local diffusers pipeline folder containing model_index.json, a "
-                f"single-file .safetensors checkpoint (or 'tiny' for a random test pipeline); nothing is downloaded"
-            )
-        elif _pipeline_class_name(path) == "PixelDiffusionPipeline":
-            from ..demo.pipeline import PixelDiffusionPipeline
-
-            pipe = PixelDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                                          low_cpu_mem_usage=False)
-        else:
-            from diffusers import DiffusionPipeline
-
-            pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                                     low_cpu_mem_usage=False,
-                                                     safety_checker=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        cls = _pipeline_class(path, pipeline_classes or {})
+        accepts = inspect.signature(cls.__init__).parameters
+        no_checker = {"safety_checker": None, "requires_safety_checker": False} \
+            if "requires_safety_checker" in accepts else {}
+        with quiet_loading():
+            pipe = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                       low_cpu_mem_usage=False, **no_checker)
+    pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe
 
 
-def _pipeline_class_name(folder: Path) -> str:
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence diffusers' and transformers' loading warnings and progress bars (a command's output stays its own)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    logs = (diffusers_logging, transformers_logging)
+    saved = [(log, log.get_verbosity(), log.is_progress_bar_enabled()) for log in logs]
     try:
-        return str(json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", ""))
+        for log, _, _ in saved:
+            log.set_verbosity_error()
+            log.disable_progress_bar()
+        yield
+    finally:
+        for log, verbosity, bars_on in saved:
+            log.set_verbosity(verbosity)
+            if bars_on:
+                log.enable_progress_bar()
+
+
+def _pipeline_class(folder: Path, pipeline_classes: Mapping[str, type]) -> type:
+    """The class ``folder``'s model_index.json names, from ``pipeline_classes`` or diffusers."""
+    import diffusers
+
+    try:
+        name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"model {str(folder)!r}: cannot read model_index.json ({exc})") from None
+    cls = pipeline_classes.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str) and name.isidentifier():
+        cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        known = f" or one of {sorted(pipeline_classes)}" if pipeline_classes else ""
+        raise ConfigError(f"model {str(folder)!r}: its model_index.json names the pipeline class {name!r}, which "
+                          f"is not a diffusers pipeline{known}")
+    return cls
 
 
 def _single_file_class(config: Path | None) -> Any:
@@ -186,7 +148,6 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Any:
     from unittest import mock
 
     from diffusers.loaders.single_file_utils import SingleFileComponentError
-    from diffusers.utils import logging as diffusers_logging
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -199,13 +160,10 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Any:
     cls = _single_file_class(config_dir)
     hint = ("pass --config with a local diffusers pipeline folder of the same model family (e.g. an SD 1.5 folder "
             "for an SD 1.x checkpoint); nothing is downloaded")
-    verbosity, bars_on = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
     try:
         # Offline mode for the hub client: without it diffusers retries a failed local config lookup online.
-        # Its warnings and progress bars are silenced: on failure the error below says what to do.
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        with mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True):
+        # Its warnings are silenced too: on failure the error below says what to do.
+        with quiet_loading(), mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True):
             return cls.from_single_file(str(path), config=str(config_dir) if config_dir else None,
                                         local_files_only=True, safety_checker=None, requires_safety_checker=False)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as exc:
@@ -216,7 +174,3 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Any:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model {str(path)!r}: could not load this single-file checkpoint{where} ({detail}); "
                           f"check that it is a Stable Diffusion checkpoint and {hint}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-        if bars_on:
-            diffusers_logging.enable_progress_bar()

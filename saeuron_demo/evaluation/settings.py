@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ...erasure.options import EraseOptions
+from saeuron_core.erasure.options import EraseOptions
 
 METHODS = ("none", "negative_prompt", "ablate", "replace")
 SAE_METHODS = ("ablate", "replace")  # the methods that erase with the SAEs' concept libraries

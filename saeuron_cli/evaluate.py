@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..errors import ConfigError
-from .common import add_gate_args, gate_args, parse_seeds
+from saeuron_core.errors import ConfigError
+
+from .common import add_gate_args, gate_args, load_model, parse_seeds
 from .fields import Fields
 
 if TYPE_CHECKING:
-    from ..demo.evaluation import EvalSettings
-    from ..erasure.options import EraseOptions
+    from saeuron_demo.evaluation import EvalSettings
+    from saeuron_core.erasure.options import EraseOptions
 
 NAME = "eval"
 
@@ -69,8 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def replace_fields() -> Fields[EraseOptions]:
     """The replace eraser's :class:`EraseOptions` options (``--replace-strength``, ``--replace-source``, ...)."""
-    from ..demo.evaluation import REPLACE_OPTIONS
-    from ..erasure.options import EraseOptions
+    from saeuron_demo.evaluation import REPLACE_OPTIONS
+    from saeuron_core.erasure.options import EraseOptions
 
     return Fields(EraseOptions, tuple(REPLACE_OPTIONS), flags={"strength": "--replace-strength",
                                                               "source": "--replace-source"},
@@ -80,8 +81,8 @@ def replace_fields() -> Fields[EraseOptions]:
 
 def replace_also_at_arg(items: Optional[list[str]], shipped: bool) -> dict[str, list[str]]:
     """``--replace-also-at`` values as ``{detecting hook point: [later blocks]}`` (the shipped setting by default)."""
-    from ..assignments import parse_assignments
-    from ..demo.evaluation import DEMO_REPLACE_ALSO_AT
+    from saeuron_core.assignments import parse_assignments
+    from saeuron_demo.evaluation import DEMO_REPLACE_ALSO_AT
 
     if items is None:
         return {k: list(v) for k, v in DEMO_REPLACE_ALSO_AT.items()} if shipped else {}
@@ -91,11 +92,11 @@ def replace_also_at_arg(items: Optional[list[str]], shipped: bool) -> dict[str, 
 
 def run(a: argparse.Namespace) -> int:
     """Evaluate, print the tables and write the ``--json``/``--update`` report and ``--markdown`` tables."""
-    from ..demo import assets
-    from ..demo.classifier import load_classifier
-    from ..demo.evaluation import check_updatable, evaluate, format_report, load_report, save_report, update_report
-    from ..hosts.diffusers import load_pipeline, set_scheduler
-    from ..sae.files import load_sae
+    from saeuron_demo import assets
+    from saeuron_demo.classifier import load_classifier
+    from saeuron_demo.evaluation import check_updatable, evaluate, format_report, load_report, save_report, update_report
+    from saeuron_core.hosts.diffusers import set_scheduler
+    from saeuron_core.sae.files import load_sae
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else None
@@ -120,7 +121,7 @@ def run(a: argparse.Namespace) -> int:
                         concepts=concepts or grid.get("objects", []) + grid.get("styles", []))
     saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
-    pipe = load_pipeline(_demo_asset(a.model, "model"))
+    pipe = load_model(_demo_asset(a.model, "model"))
     set_scheduler(pipe, settings.scheduler)  # unknown names fail before anything is generated
     if gen:
         set_scheduler(pipe, gen[0])
@@ -140,9 +141,9 @@ def run(a: argparse.Namespace) -> int:
 
 def _settings(a: argparse.Namespace, start: float, end: float) -> EvalSettings:
     """The :class:`EvalSettings` the options give (the shipped strengths and gates with the shipped SAEs)."""
-    from ..assignments import parse_assignments
-    from ..demo import assets
-    from ..demo.evaluation import REPLACE_OPTIONS, EvalSettings
+    from saeuron_core.assignments import parse_assignments
+    from saeuron_demo import assets
+    from saeuron_demo.evaluation import REPLACE_OPTIONS, EvalSettings
 
     at = parse_assignments(a.ablate_strength_at, "--ablate-strength-at", "HOOK_POINT=STRENGTH", float)
     (gate_of, detector_of), (own_of, own_detectors) = _gates(a.gates, shipped=not a.sae), gate_args(a)
@@ -165,7 +166,7 @@ def _settings(a: argparse.Namespace, start: float, end: float) -> EvalSettings:
 def _demo_asset(given: Optional[str], name: str) -> str:
     if given:
         return given
-    from ..demo.assets import ASSETS
+    from saeuron_demo.assets import ASSETS
 
     path = ASSETS / name
     if not path.exists():
@@ -177,7 +178,7 @@ def _concept_strengths(path: str) -> dict[str, float]:
     """``--ablate-strengths``: a JSON file ``{concept: strength}`` ('' for none)."""
     if not path:
         return {}
-    from ..demo.evaluation import load_concept_strengths
+    from saeuron_demo.evaluation import load_concept_strengths
 
     try:
         return load_concept_strengths(path)
@@ -187,8 +188,8 @@ def _concept_strengths(path: str) -> dict[str, float]:
 
 def _gates(path: Optional[str], *, shipped: bool) -> tuple[dict[str, float], dict[str, str]]:
     """``--gates``: a JSON file of gates ('' for none; unset: the shipped gates with the shipped SAEs)."""
-    from ..demo import assets
-    from ..demo.evaluation import load_gates
+    from saeuron_demo import assets
+    from saeuron_demo.evaluation import load_gates
 
     if path is None:
         return assets.shipped_gates() if shipped else ({}, {})

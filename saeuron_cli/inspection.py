@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import OWN_HOOK_HELP, add_generation_args, add_model_args, check_concepts, png_out
+from .common import OWN_HOOK_HELP, add_generation_args, add_model_args, check_concepts, load_model, png_out
 
 NAME = "inspect"
 
@@ -24,14 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Print the features of each step and write the image with the first concept's heat map."""
-    from ..hosts.diffusers import load_pipeline
-    from ..inspection import inspect
-    from ..sae.files import load_sae
+    from saeuron_core.inspection import inspect
+    from saeuron_core.sae.files import load_sae
 
     out = png_out(a.out)
     sae = load_sae(a.sae, device=a.device)
     check_concepts(sae, a.concept)
-    pipe = load_pipeline(a.model, device=a.device, config=a.config)
+    pipe = load_model(a.model, device=a.device, config=a.config)
     result = inspect(pipe, sae, a.prompt, concepts=a.concept, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
                      scheduler=a.scheduler, hook_point=a.hook_point, top=a.top, height=a.height, width=a.width)
     concept = a.concept[0] if a.concept else None

@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ...errors import ConfigError
-from ...sae.library import concept_names
-from ...sae.model import TopKSAE
+from saeuron_core.errors import ConfigError
+from saeuron_core.sae.library import concept_names
+from saeuron_core.sae.model import TopKSAE
 
 
 @dataclass

@@ -7,8 +7,9 @@ import argparse
 import json
 import sys
 
-from ..errors import ConfigError
-from .common import OWN_HOOK_HELP, SEEDS_HELP, add_model_args, concept_output, parse_seeds
+from saeuron_core.errors import ConfigError
+
+from .common import OWN_HOOK_HELP, SEEDS_HELP, add_model_args, concept_output, load_model, parse_seeds
 
 NAME = "learn-concept"
 
@@ -49,8 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:
     """``{name: (positive, negative)}`` from --library, or from --concept/--positive/--negative."""
-    from ..data.collection import read_prompts
-    from ..sae.library import check_concept_name
+    from saeuron_core.data.collection import read_prompts
+    from saeuron_core.sae.library import check_concept_name
 
     single = (a.concept, a.positive, a.negative)
     if a.library is None:
@@ -78,11 +79,10 @@ def library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]
 
 def run(a: argparse.Namespace) -> int:
     """Learn the concepts and write the SAE (to ``--out``, or in place)."""
-    from ..concepts.learning import learn_concepts
-    from ..concepts.stats import DEFAULT_MIN_SPECIFICITY, check_selection
-    from ..hosts.diffusers import load_pipeline
-    from ..inspection import format_concept
-    from ..sae.files import load_sae, save_sae
+    from saeuron_core.concepts.learning import learn_concepts
+    from saeuron_core.concepts.stats import DEFAULT_MIN_SPECIFICITY, check_selection
+    from saeuron_core.inspection import format_concept
+    from saeuron_core.sae.files import load_sae, save_sae
 
     spec = library_spec(a)
     out = concept_output(a.sae, a.out)
@@ -90,7 +90,7 @@ def run(a: argparse.Namespace) -> int:
     # Fail before loading the model and the (long) generation.
     check_selection(a.top_n, a.quantile, min_specificity=min_specificity, peak_specificity=a.peak_specificity)
     sae = load_sae(a.sae, device=a.device)
-    pipe = load_pipeline(a.model, device=a.device, config=a.config)
+    pipe = load_model(a.model, device=a.device, config=a.config)
     learned = learn_concepts(pipe, sae, spec, hook_point=a.hook_point, steps=a.steps, guidance_scale=a.guidance,
                              scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
                              quantile=a.quantile, min_specificity=min_specificity, bucket_width=a.bucket_width,

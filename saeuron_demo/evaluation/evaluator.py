@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ...erasure.eraser import ConceptEraser
-from ...erasure.options import ConceptsArg
-from ...errors import ConfigError
-from ...sae.model import TopKSAE
+from saeuron_core.erasure.eraser import ConceptEraser
+from saeuron_core.erasure.options import ConceptsArg
+from saeuron_core.errors import ConfigError
+from saeuron_core.sae.model import TopKSAE
+
 from . import misread, scoring
 from .generation import ActivationStats, RunOutput, classify, generate_images, hooked, scheduler_set
 from .grid import Grid, concept_owners, demo_grid

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .asset_files import load_concept_strengths, load_gates
 
-ASSETS = Path(__file__).resolve().parents[2] / "demo_assets"
+ASSETS = Path(__file__).resolve().parents[1] / "demo_assets"
 OBJECT_SAE = "sae-objects.safetensors"          # down_blocks.2.attentions.1: where the object enters the UNet
 OBJECT_MID_SAE = "sae-objects-mid.safetensors"  # mid_block.attentions.0: where more of it enters
 STYLE_SAE = "sae-styles.safetensors"            # up_blocks.1.attentions.2: where the style enters

@@ -7,7 +7,7 @@ of a config dataclass are made from it (:mod:`.fields`). A user error exits with
 ``error: ...``.
 
 ``collect`` and ``train`` also run under ``torchrun`` (``torchrun --nproc_per_node N -m
-saeuron_core.cli train ...`` or ``torchrun --no-python ... saeuron train ...``): they join the
+saeuron_cli train ...`` or ``torchrun --no-python ... saeuron train ...``): they join the
 process group torchrun describes and split the work; only rank 0 prints.
 """
 
@@ -17,7 +17,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..errors import SaeuronError
+from saeuron_core.errors import SaeuronError
+
 from . import collect, convert, erase, evaluate, info, inspection, learn_concept, remove_concept, tiny_pipeline, train
 from .common import Parser, add_gate_args, detect_with_arg, fail, gate_args, parse_seeds
 from .evaluate import replace_also_at_arg

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Write the native file."""
-    from ..sae.files import convert
+    from saeuron_core.sae.files import convert
 
     out = convert(a.src, a.dst, hook_point=a.hook_point)
     print(f"wrote {out}")

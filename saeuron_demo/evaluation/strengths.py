@@ -1,14 +1,14 @@
 """Choosing each concept's ablation strength from a validation sweep (``scripts/sweep_demo_eval.py``).
 
 The chosen strengths are kept as ``{concept: strength}`` JSON, read by
-:func:`saeuron_core.demo.asset_files.load_concept_strengths`.
+:func:`saeuron_demo.asset_files.load_concept_strengths`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ...errors import ConfigError
+from saeuron_core.errors import ConfigError
 
 
 def best_strengths(by_strength: dict[float, Sequence[dict[str, Any]]], min_retained: float = 0.0) -> dict[str, float]:

@@ -20,14 +20,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Print the description, as text or ``--json``."""
-    from ..sae.files import describe
+    from saeuron_core.sae.files import describe
 
     info = describe(a.path, hook_point=a.hook_point)
     details: dict[str, str] = {}
     if info["concepts"]:
-        from ..inspection import describe_concept, format_concept
-        from ..sae.files import load_sae
-        from ..sae.library import get_concept
+        from saeuron_core.inspection import describe_concept, format_concept
+        from saeuron_core.sae.files import load_sae
+        from saeuron_core.sae.library import get_concept
 
         sae = load_sae(a.path, hook_point=a.hook_point)
         info["concept_details"] = {}

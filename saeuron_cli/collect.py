@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Mapping, Optional
 
-from ..errors import ConfigError
-from .common import SEEDS_HELP, parse_seeds
+from saeuron_core.errors import ConfigError
+
+from .common import SEEDS_HELP, load_model, parse_seeds
 from .fields import Fields
 
 if TYPE_CHECKING:
-    from ..data.collection import CollectConfig
+    from saeuron_core.data.collection import CollectConfig
 
 NAME = "collect"
 DEFAULT_HOOK_POINT = "up_blocks.1.attentions.1"
@@ -32,7 +33,7 @@ def sampling_fields(names: tuple[str, ...] = SAMPLING, *, flags: Optional[Mappin
                     help: Optional[Mapping[str, Optional[str]]] = None) -> Fields[CollectConfig]:
     """The sampling options (:data:`SAMPLING`, or ``names``) of :class:`CollectConfig`, with the ``flags`` and
     ``help`` of the command that takes them."""
-    from ..data.collection import CollectConfig
+    from saeuron_core.data.collection import CollectConfig
 
     return Fields(CollectConfig, names, flags={"guidance_scale": "--guidance", **(flags or {})},
                   help={"seeds": SEEDS_HELP, **(help or {})}, types={"seeds": parse_seeds},
@@ -48,7 +49,7 @@ def collect_fields() -> Fields[CollectConfig]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``collect`` and its options."""
     c = sub.add_parser(NAME, help="record a block's activations while a pipeline samples prompts")
-    c.add_argument("--model", required=True, help="local diffusers pipeline folder, or 'tiny[:SEED]' for a random test pipeline")
+    c.add_argument("--model", required=True, help="local diffusers pipeline folder")
     c.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSON list")
     c.add_argument("--out", required=True, help="output folder for shards and manifest.json (resumes if present)")
     collect_fields().add_to(c)
@@ -63,9 +64,8 @@ def run(a: argparse.Namespace) -> int:
     or under torchrun."""
     import os
 
-    from ..data import distributed
-    from ..data.collection import collect_activations, read_prompts
-    from ..hosts.diffusers import load_pipeline
+    from saeuron_core.data import distributed
+    from saeuron_core.data.collection import collect_activations, read_prompts
 
     config = collect_fields().build(a, model=a.model)
     config.validate()
@@ -78,7 +78,7 @@ def run(a: argparse.Namespace) -> int:
     info, device = distributed.init_from_env(
         a.device, backend="gloo", timeout_minutes=float(os.environ.get(distributed.TIMEOUT_ENV, 24 * 60)))
     try:
-        pipe = load_pipeline(a.model, device=device)
+        pipe = load_model(a.model, device=device)
         store = collect_activations(pipe, prompts, a.out, config, rank=a.rank, world_size=a.world_size)
         if a.rank is not None:
             total = len(prompts) * len(config.seeds)

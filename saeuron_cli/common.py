@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from ..errors import ConfigError
+from saeuron_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..sae.model import TopKSAE
+    from saeuron_core.sae.model import TopKSAE
 
 SEEDS_HELP = "'0,1,2' or '0-9'"
 IMPORT_HOOK_HELP = "block of an imported folder that does not name it (e.g. transformer_blocks.18)"
@@ -44,11 +44,19 @@ def parse_seeds(text: str) -> list[int]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--config`` (for a single-file checkpoint) and ``--device``."""
-    p.add_argument("--model", required=True, help="local diffusers pipeline folder, single-file .safetensors "
-                                                  "checkpoint (with --config), or 'tiny[:SEED]' (random test pipeline)")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (the demo model's "
+                                                  "included) or single-file .safetensors checkpoint (with --config)")
     p.add_argument("--config", default=None, help="for a single-file checkpoint: a local diffusers pipeline folder "
                                                   "of the same model family giving the component configs")
     p.add_argument("--device", default="cpu")
+
+
+def load_model(model: str, **options: Any) -> Any:
+    """``load_pipeline`` that also knows the demo's pipeline class, so every command opens the demo model too."""
+    from saeuron_core.hosts.diffusers import load_pipeline
+    from saeuron_demo.pipeline import PIPELINE_CLASSES
+
+    return load_pipeline(model, pipeline_classes=PIPELINE_CLASSES, **options)
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -75,14 +83,14 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 
 def gate_args(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
     """``(min_coverage_of, detect_with)`` from the options :func:`add_gate_args` adds."""
-    from ..assignments import parse_assignments
+    from saeuron_core.assignments import parse_assignments
 
     return parse_assignments(a.min_coverage_of, "--min-coverage-of", "CONCEPT=SHARE", float), detect_with_arg(a)
 
 
 def detect_with_arg(a: argparse.Namespace) -> dict[str, str]:
     """``--detect-with CONCEPT=ENTRY`` (repeatable) as ``{concept: entry}``."""
-    from ..assignments import parse_assignments
+    from saeuron_core.assignments import parse_assignments
 
     return parse_assignments(a.detect_with, "--detect-with", "CONCEPT=ENTRY")
 
@@ -96,7 +104,7 @@ def png_out(out: str) -> Path:
 
 def concept_output(sae_path: str, out: Optional[str]) -> Path:
     """Where learn-/remove-concept write: ``out``, or the SAE itself when it is a native file."""
-    from ..sae.files import detect_format
+    from saeuron_core.sae.files import detect_format
 
     fmt, resolved = detect_format(sae_path)
     if out is None:
@@ -111,7 +119,7 @@ def concept_output(sae_path: str, out: Optional[str]) -> Path:
 
 def check_concepts(sae: "TopKSAE", names: Iterable[str]) -> None:
     """Unknown (or broken) library entries fail here, before the model loads."""
-    from ..sae.library import get_concept
+    from saeuron_core.sae.library import get_concept
 
     for name in names:
         get_concept(sae, name)

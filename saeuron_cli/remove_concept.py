@@ -19,8 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Write the SAE without the concept (to ``--out``, or in place)."""
-    from ..sae.files import load_sae, save_sae
-    from ..sae.library import concept_names, remove_concept
+    from saeuron_core.sae.files import load_sae, save_sae
+    from saeuron_core.sae.library import concept_names, remove_concept
 
     out = concept_output(a.sae, a.out)
     sae = load_sae(a.sae)

@@ -59,7 +59,7 @@ def save_misread_sheet(tiles: list[dict[str, Any]], images: Tensor, path: str, s
     ``true -> read``) and ``path`` + ``.json`` (the tiles). With no tiles only the JSON (an empty list)."""
     from PIL import Image
 
-    from ...inspection import image_grid
+    from saeuron_core.inspection import image_grid
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".json", "w", encoding="utf-8") as f:

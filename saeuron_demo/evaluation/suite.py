@@ -8,7 +8,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable, Optional, Sequence
 
-from ...errors import ConfigError
+from saeuron_core.errors import ConfigError
+
 from .evaluator import SAEs, Evaluator
 from .generation import RunOutput
 from .scoring import summary_by_kind

@@ -26,7 +26,7 @@ images and block statistics), :mod:`.misread` and :mod:`.scoring` (what the clas
 :mod:`.evaluator` (:class:`Evaluator`), :mod:`.suite` (:func:`evaluate`: the whole report),
 :mod:`.report` (JSON save, load and update), :mod:`.markdown` (:func:`format_report`), :mod:`.strengths`
 (choosing strengths on validation) and :mod:`.diagnostics` (where replace detects, per block and step). The JSON
-files of chosen strengths and gates are read by :mod:`saeuron_core.demo.asset_files`, which the shipped assets use too.
+files of chosen strengths and gates are read by :mod:`saeuron_demo.asset_files`, which the shipped assets use too.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import ConfigError
+from saeuron_core.errors import ConfigError
 
 
 def read_json(path: str) -> Any:

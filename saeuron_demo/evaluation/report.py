@@ -9,7 +9,8 @@ import os
 from dataclasses import asdict
 from typing import Any, Collection, Sequence
 
-from ...errors import ConfigError
+from saeuron_core.errors import ConfigError
+
 from ..asset_files import read_json
 from .scoring import summary_by_kind
 from .settings import REPLACE_OPTIONS, EvalSettings

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Save the pipeline folder."""
-    from ..hosts.diffusers import make_tiny_pipeline
+    from saeuron_core.hosts.tiny_pipeline import make_tiny_pipeline
 
     out = Path(a.out)
     make_tiny_pipeline(a.seed).save_pretrained(str(out), safe_serialization=True)

@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ...erasure.eraser import ConceptEraser
-from ...hosts.hooks import BlockCall, HookFn, pipeline_hook
+from saeuron_core.erasure.eraser import ConceptEraser
+from saeuron_core.hosts.hooks import BlockCall, HookFn, pipeline_hook
 
 
 @dataclass
@@ -87,7 +87,7 @@ def hooked(pipe: Any, stats: Mapping[str, ActivationStats], erasers: Mapping[str
 @contextmanager
 def scheduler_set(pipe: Any, name: str) -> Iterator[None]:
     """``pipe`` with the scheduler ``name``, its own one back afterwards."""
-    from ...hosts.diffusers import set_scheduler
+    from saeuron_core.hosts.diffusers import set_scheduler
 
     old = pipe.scheduler
     set_scheduler(pipe, name)
@@ -101,7 +101,8 @@ def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], sta
                     steps: int, guidance: float, batch_size: int, negative: Optional[str] = None) -> Tensor:
     """Every prompt once per seed (prompt-major, seeds inner), ``batch_size`` images at a time: uint8
     ``[P * S, 3, H, W]``. Tells ``stats`` which prompt each row of a batch comes from."""
-    from ...hosts.diffusers import generate
+    from saeuron_core.hosts.diffusers import generate
+
     from ..dataset import from_model_range
 
     work = [(i, seed) for i in range(len(prompts)) for seed in seeds]

@@ -116,7 +116,7 @@ class _Work:
 def _erasers(v: Variant, w: _Work, strengths: dict) -> tuple[dict, dict]:
     """block -> object -> the variant's eraser of that object (ablate or replace; none for the other methods), and
     (block of ``v.follow``, object) -> the function that replays there what that object's replace eraser detected."""
-    from ...erasure.eraser import ConceptEraser
+    from saeuron_core.erasure.eraser import ConceptEraser
 
     erasers: dict[str, dict[str, ConceptEraser]] = {}
     followers: dict[tuple[str, str], Callable] = {}
@@ -150,7 +150,7 @@ class _VariantRun:
         return lambda call: self._call(hp, follower_of, call)
 
     def _call(self, hp: str, follower_of: Optional[str], call: Any) -> Optional[Tensor]:
-        from ...hosts.hooks import BlockCall
+        from saeuron_core.hosts.hooks import BlockCall
 
         t = float(call.timesteps[0])
         step = self.step_of.setdefault(t, len(self.step_of))
@@ -221,8 +221,9 @@ class _VariantRun:
 
     def generate(self, clean_fp: Optional[Tensor]) -> Tensor:
         """Every (prompt, seed) of the work list, 64 at a time, with the variant's hooks on; the images."""
-        from ...hosts.diffusers import generate
-        from ...hosts.hooks import pipeline_hook
+        from saeuron_core.hosts.diffusers import generate
+        from saeuron_core.hosts.hooks import pipeline_hook
+
         from ..dataset import from_model_range
 
         w, v = self.w, self.v
@@ -288,8 +289,9 @@ def run_diagnosis(pipe: Any, classifier: Any, saes: dict, watch_sae: Any, varian
                   strengths: dict, steps: int = 20, guidance: float = 3.0,
                   log: Callable[[str], None] = print) -> list[dict]:
     """One row per variant (see the module's description); the ``none`` variant, run first, is the reference."""
-    from ...erasure.eraser import ConceptEraser
-    from ...hosts.diffusers import set_scheduler
+    from saeuron_core.erasure.eraser import ConceptEraser
+    from saeuron_core.hosts.diffusers import set_scheduler
+
     from .grid import demo_grid
 
     grid = demo_grid()

@@ -10,13 +10,15 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from saeuron_core.errors import ConfigError
+
 from .collect import sampling_fields
+from .common import load_model
 from .fields import Fields
 
 if TYPE_CHECKING:
-    from ..data.collection import CollectConfig
-    from ..training.trainer import TrainConfig, TrainResult
+    from saeuron_core.data.collection import CollectConfig
+    from saeuron_core.training.trainer import TrainConfig, TrainResult
 
 NAME = "train"
 TRAIN = ("expansion_factor", "n_latents", "k", "batch_size", "steps", "epochs", "lr", "warmup_steps", "lr_end_factor",
@@ -32,7 +34,7 @@ ONLINE_HELP = {"steps": "denoising steps per generation",
 
 def train_fields() -> Fields[TrainConfig]:
     """train's :class:`TrainConfig` options."""
-    from ..training.trainer import TrainConfig
+    from saeuron_core.training.trainer import TrainConfig
 
     return Fields(TrainConfig, TRAIN, help=HELP)
 
@@ -53,8 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="cpu", help="under torchrun, 'cuda' means cuda:LOCAL_RANK")
     o = t.add_argument_group("online mode (--online: sample with the pipeline and train, no activation store)")
     o.add_argument("--online", action="store_true", help="generate activations while training instead of reading a store")
-    o.add_argument("--model", default=None, help="local diffusers pipeline folder, single-file .safetensors checkpoint "
-                                                 "(with --config) or 'tiny[:SEED]'")
+    o.add_argument("--model", default=None, help="local diffusers pipeline folder or single-file .safetensors "
+                                                 "checkpoint (with --config)")
     o.add_argument("--config", default=None, help="for a single-file checkpoint: a local diffusers pipeline folder")
     o.add_argument("--prompts", default=None, help="text file (one prompt per line) or JSON list")
     online_fields().add_to(o)
@@ -63,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Train the SAE ``--out`` (resuming from its checkpoint), alone or under torchrun."""
-    from ..data import distributed
+    from saeuron_core.data import distributed
 
     if a.online == (a.store is not None):
         raise ConfigError("train: give --store STORE, or --online with --model and --prompts")
@@ -97,9 +99,9 @@ def _checkpoint(a: argparse.Namespace) -> str:
 
 
 def _train_store(a: argparse.Namespace, config: TrainConfig, device: Any) -> TrainResult:
-    from ..data.store import ActivationStore
-    from ..training.sources import StoreSource
-    from ..training.trainer import train_sae
+    from saeuron_core.data.store import ActivationStore
+    from saeuron_core.training.sources import StoreSource
+    from saeuron_core.training.trainer import train_sae
 
     store = ActivationStore(a.store)
     collect_cfg = store.manifest.get("config", {})
@@ -111,15 +113,14 @@ def _train_store(a: argparse.Namespace, config: TrainConfig, device: Any) -> Tra
 
 
 def _train_online(a: argparse.Namespace, config: TrainConfig, device: Any) -> TrainResult:
-    from ..data.collection import read_prompts
-    from ..data.online import OnlineSource
-    from ..hosts.diffusers import load_pipeline
-    from ..training.trainer import train_sae
+    from saeuron_core.data.collection import read_prompts
+    from saeuron_core.data.online import OnlineSource
+    from saeuron_core.training.trainer import train_sae
 
     sampling = online_fields().build(a, model=a.model)
     sampling.validate()
     prompts = read_prompts(a.prompts)
-    pipe = load_pipeline(a.model, device=device, config=a.config)
+    pipe = load_model(a.model, device=device, config=a.config)
     source = OnlineSource(pipe, prompts, sampling, buffer_tokens=a.buffer_tokens)
     return train_sae(source, config, hook_point=sampling.hook_point, model_family=sampling.model_family,
                      residual=sampling.residual, checkpoint=_checkpoint(a), out=a.out, device=device,

@@ -8,6 +8,7 @@ eraser treat it exactly like an SD pipeline.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -97,6 +98,17 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
+#: the demo's pipeline classes by the name a model_index.json gives (``load_pipeline(..., pipeline_classes=)``)
+PIPELINE_CLASSES: dict[str, type] = {PIPELINE_CLASS: PixelDiffusionPipeline}
+
+
+def load_demo_pipeline(folder: str | os.PathLike, **options: Any) -> Any:
+    """A demo model folder (or any diffusers pipeline folder) through the core's one loading path."""
+    from saeuron_core.hosts.diffusers import load_pipeline
+
+    return load_pipeline(folder, pipeline_classes=PIPELINE_CLASSES, **options)
+
+
 def _step_params(scheduler: Any) -> set[str]:
     import inspect
 
@@ -106,7 +118,6 @@ def _step_params(scheduler: Any) -> set[str]:
 def write_model_index(folder: str) -> None:
     """Write the ``model_index.json`` that makes a demo model folder loadable as a diffusers pipeline."""
     import json
-    import os
 
     import diffusers
 

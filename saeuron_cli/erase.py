@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import OWN_HOOK_HELP, add_generation_args, add_model_args, check_concepts, detect_with_arg, png_out
+from .common import (OWN_HOOK_HELP, add_generation_args, add_model_args, check_concepts, detect_with_arg, load_model,
+                     png_out)
 from .fields import Fields
 
 if TYPE_CHECKING:
-    from ..erasure.options import EraseOptions
+    from saeuron_core.erasure.options import EraseOptions
 
 NAME = "erase"
 OPTIONS = ("method", "strength", "start", "end", "cfg", "min_coverage")
@@ -23,7 +24,7 @@ HELP = {"min_coverage": "touch a concept only in images where its features fire 
 
 def erase_fields() -> Fields[EraseOptions]:
     """erase's :class:`EraseOptions` options (``--detect-with`` is read apart: see :func:`detect_with_arg`)."""
-    from ..erasure.options import EraseOptions
+    from saeuron_core.erasure.options import EraseOptions
 
     return Fields(EraseOptions, OPTIONS, help=HELP)
 
@@ -46,9 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Write the grid: one row per prompt, the image before and after erasing."""
-    from ..hosts.diffusers import load_pipeline
-    from ..inspection import compare_erasure, erasure_grid, save_png
-    from ..sae.files import load_sae
+    from saeuron_core.inspection import compare_erasure, erasure_grid, save_png
+    from saeuron_core.sae.files import load_sae
 
     out = png_out(a.out)
     sae = load_sae(a.sae, device=a.device)
@@ -56,7 +56,7 @@ def run(a: argparse.Namespace) -> int:
     detect_with = detect_with_arg(a)
     options = erase_fields().build(a, detect_with=detect_with)
     check_concepts(sae, [*a.concept, *detect_with.values()])
-    pipe = load_pipeline(a.model, device=a.device, config=a.config)
+    pipe = load_model(a.model, device=a.device, config=a.config)
     pairs = compare_erasure(pipe, sae, a.concept, a.prompt, options=options, seed=a.seed, steps=a.steps,
                             guidance_scale=a.guidance, scheduler=a.scheduler, height=a.height, width=a.width,
                             batch_size=a.batch_size, hook_point=a.hook_point)

@@ -105,7 +105,7 @@ def _set_run_lines(report: dict[str, Any]) -> list[str]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """Markdown tables of a report from :func:`~saeuron_core.demo.evaluation.evaluate`."""
+    """Markdown tables of a report from :func:`~saeuron_demo.evaluation.evaluate`."""
     per_sae = len(report.get("saes", [])) > 1 or bool(report["settings"].get("ablate_strength_at"))
     lines = _settings_lines(report, per_sae) + _summary_table(report["summary"])
     lines += _per_concept_lines(report) + _set_run_lines(report)
