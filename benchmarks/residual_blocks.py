@@ -233,6 +233,14 @@ def residual_sae(case: BlockCase, update: Tensor) -> tuple[TopKSAE, list[int]]:
     return sae, feats.tolist()
 
 
+BLOCK_HEADERS = ["variant", "block call, wall (median)", "block call, process CPU (median)",
+                 "wall ratio to no hook (paired)", "CPU ratio to no hook (paired)", "best-of ratio (min / min)",
+                 "tokens touched (full encode)", "tokens edited", "hook's own work, wall (median)",
+                 "own work / no-hook block call", "own work / model call (est.)", "SAE GFLOP this call",
+                 "SAE FLOPs / block FLOPs", "SAE FLOPs / model-call FLOPs", "floor (SAE FLOPs / matmul rate)",
+                 "own work / floor", "wall spread"]
+
+
 def measure_block(case: BlockCase, reps: int, gflops: float, pauser: Pauser, log: bool, warmup: int) -> str:
     load_before = os.getloadavg()
     seen: list[BlockCall] = []
@@ -299,12 +307,6 @@ def measure_block(case: BlockCase, reps: int, gflops: float, pauser: Pauser, log
                  *sae_cells(median(alone["encode"]), flops_all), "-"])
     title = (f"Residual eraser per block call: {case.label}, hook {case.hook_point}, residual SAE "
              f"{d}->{n_lat} k={case.k}, {reps} interleaved reps, {warmup} warm-up round")
-    headers = ["variant", "block call, wall (median)", "block call, process CPU (median)",
-               "wall ratio to no hook (paired)", "CPU ratio to no hook (paired)", "best-of ratio (min / min)",
-               "tokens touched (full encode)", "tokens edited", "hook's own work, wall (median)",
-               "own work / no-hook block call", "own work / model call (est.)", "SAE GFLOP this call",
-               "SAE FLOPs / block FLOPs", "SAE FLOPs / model-call FLOPs", "floor (SAE FLOPs / matmul rate)",
-               "own work / floor", "wall spread"]
     note = (f"\nBlock FLOPs {block_flops / 1e9:.1f} GFLOP per call ({n_tokens} tokens in the hooked stream); "
             f"{case.model_label}: {model_flops / 1e12:.3f} TFLOP per call (both counted by torch.utils.flop_counter on "
             f"meta-device copies: matmuls, convolutions, attention). 'model call (est.)' = the measured "
@@ -314,7 +316,7 @@ def measure_block(case: BlockCase, reps: int, gflops: float, pauser: Pauser, log
             f"positive pre-activation on {CONCEPT_SHARE:.0%} of the tokens each, every other latent on "
             f"{BASE_SHARE:.0%}. Floors use the best fp32 matmul rate measured in this run: {gflops:.1f} GFLOP/s. "
             f"Load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after.\n")
-    return table(title, headers, rows) + note
+    return table(title, BLOCK_HEADERS, rows) + note
 
 
 def _hooked(case: BlockCase, eraser: ConceptEraser) -> Any:

@@ -140,8 +140,15 @@ def test_the_core_and_the_demo_never_import_a_host():
             assert not any(n.split(".")[0] in hosts for n in names), f"{path}: imports {names}"
 
 
-@pytest.mark.parametrize("path", MODULES,
-                         ids=lambda p: str(p.relative_to(ROOT)))
-def test_modules_stay_small(path):
+CODE = MODULES + sorted(p for folder in ("scripts", "benchmarks") for p in (ROOT / folder).glob("*.py"))
+MAX_FUNCTION_LINES = 80
+
+
+@pytest.mark.parametrize("path", CODE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_and_functions_stay_small(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it by what it holds"
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"{path.relative_to(ROOT)}: {', '.join(long)} over {MAX_FUNCTION_LINES} lines; split by step"

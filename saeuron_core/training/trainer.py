@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -119,9 +119,64 @@ def _load_checkpoint(path: Path, sae: TopKSAE, opt: torch.optim.Optimizer) -> tu
     return tensors["tokens_since_fired"].clone(), state
 
 
+def _resume(ckpt: Optional[Path], sae: TopKSAE, opt: torch.optim.Optimizer, since_fired: Tensor,
+            run_state: dict[str, Any], info: Any,
+            device: str | torch.device) -> tuple[bool, Tensor, dict[str, Any]]:
+    """``(resumed, dead-latent counters, run state)``: from ``ckpt`` (loaded into ``sae`` and ``opt``) when rank 0
+    has it, else the fresh ones given."""
+    resume = bool(distributed.broadcast_object(ckpt is not None and ckpt.is_file(), info=info))
+    if not resume:
+        return False, since_fired, run_state
+    assert ckpt is not None
+    if not ckpt.is_file():
+        raise StoreError(f"{ckpt}: rank 0 resumes from this checkpoint but rank {info.rank} cannot see it; "
+                         f"put checkpoints on a filesystem every rank shares")
+    since_fired, saved = _load_checkpoint(ckpt, sae, opt)
+    # Settings added since the checkpoint was written count as their current values.
+    saved_config = {**run_state["train_config"], **saved["train_config"]}
+    if saved_config != run_state["train_config"] or saved["sae_config"] != run_state["sae_config"]:
+        raise ConfigError(f"{ckpt}: checkpoint was made with other training settings; "
+                          f"use the same settings to resume or another checkpoint path")
+    return True, since_fired.to(device), saved
+
+
+def _batches(source: BatchSource, config: TrainConfig, sae: TopKSAE, start: int, resume: bool, info: Any,
+             device: str | torch.device) -> tuple[Iterator[Tensor], Optional[Prefetch]]:
+    """This rank's batches from step ``start`` (prefetched when the source asks for it); a fresh run first sets
+    the decoder bias to the geometric median of the first batch."""
+    batches = local_batches(source, config.batch_size, config.seed, start, info)
+    prefetch: Optional[Prefetch] = None
+    if not resume:
+        first = next(batches).to(device)
+    if getattr(source, "prefetch", False):
+        batches = prefetch = Prefetch(batches, pin=device_type(device) == "cuda")
+    if not resume:
+        batches = itertools.chain([first], batches)
+        with torch.no_grad():
+            if info.enabled:  # the median of the whole first global batch, on rank 0, then broadcast
+                whole = distributed.all_gather_cat(first.to(sae.dtype), info)
+                if info.is_main:
+                    sae.b_dec.copy_(geometric_median(whole, config.geometric_median_iters))
+            else:
+                sae.b_dec.copy_(geometric_median(first, config.geometric_median_iters))
+    return batches, prefetch
+
+
+def _summary(config: TrainConfig, total: int, base_lr: float, history: list[dict[str, float]], train_step: TrainStep,
+             source_info: Optional[dict[str, Any]], info: Any) -> dict[str, Any]:
+    """The ``training`` summary saved in the SAE file."""
+    last = history[-1] if history else {}
+    return {
+        "steps": total, "tokens": total * config.batch_size, "batch_size": config.batch_size, "lr": base_lr,
+        "final": {k: v for k, v in last.items() if k != "step"}, "config": asdict(config),
+        "history": history[-200:], "select_dtype": str(train_step.select_dtype).replace("torch.", ""),
+        **({"source": source_info} if source_info else {}),
+        **({"world_size": info.world_size} if info.world_size > 1 else {}),
+    }
+
+
 def train_sae(source: BatchSource, config: TrainConfig, *, hook_point: str = "", model_family: str = "",
-              residual: bool = False,
-              checkpoint: Optional[str | Path] = None, out: Optional[str | Path] = None,
+              residual: bool = False, checkpoint: Optional[str | Path] = None, out: Optional[str | Path] = None,
               device: str | torch.device = "cpu", progress: bool = True,
               on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
               source_info: Optional[dict[str, Any]] = None) -> TrainResult:
@@ -150,40 +205,11 @@ def train_sae(source: BatchSource, config: TrainConfig, *, hook_point: str = "",
     opt = make_optimizer(sae, base_lr)
     since_fired = torch.zeros(n_latents, dtype=torch.int64, device=device)
     run_state = {"step": 0, "train_config": asdict(config), "sae_config": sae_config.to_dict(), "history": []}
-
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    resume = bool(distributed.broadcast_object(ckpt is not None and ckpt.is_file(), info=info))
-    if resume:
-        assert ckpt is not None
-        if not ckpt.is_file():
-            raise StoreError(f"{ckpt}: rank 0 resumes from this checkpoint but rank {info.rank} cannot see it; "
-                             f"put checkpoints on a filesystem every rank shares")
-        since_fired, saved = _load_checkpoint(ckpt, sae, opt)
-        since_fired = since_fired.to(device)
-        # Settings added since the checkpoint was written count as their current values.
-        saved_config = {**run_state["train_config"], **saved["train_config"]}
-        if saved_config != run_state["train_config"] or saved["sae_config"] != run_state["sae_config"]:
-            raise ConfigError(f"{ckpt}: checkpoint was made with other training settings; "
-                              f"use the same settings to resume or another checkpoint path")
-        run_state = saved
-
+    resume, since_fired, run_state = _resume(ckpt, sae, opt, since_fired, run_state, info, device)
     history: list[dict[str, float]] = run_state["history"]
     start = int(run_state["step"])
-    batches = local_batches(source, config.batch_size, config.seed, start, info)
-    prefetch: Optional[Prefetch] = None
-    if not resume:
-        first = next(batches).to(device)
-    if getattr(source, "prefetch", False):
-        batches = prefetch = Prefetch(batches, pin=device_type(device) == "cuda")
-    if not resume:
-        batches = itertools.chain([first], batches)
-        with torch.no_grad():
-            if info.enabled:  # the median of the whole first global batch, on rank 0, then broadcast
-                whole = distributed.all_gather_cat(first.to(sae.dtype), info)
-                if info.is_main:
-                    sae.b_dec.copy_(geometric_median(whole, config.geometric_median_iters))
-            else:
-                sae.b_dec.copy_(geometric_median(first, config.geometric_median_iters))
+    batches, prefetch = _batches(source, config, sae, start, resume, info, device)
     if info.enabled:  # one set of weights and dead-latent counters for everyone, as DDP does at start
         with torch.no_grad():
             for tensor in sae.tensors().values():
@@ -223,14 +249,7 @@ def train_sae(source: BatchSource, config: TrainConfig, *, hook_point: str = "",
     speed = (total - start) * config.batch_size / elapsed if total > start and elapsed > 0 else None
     sae.set_decoder_norm_to_unit_norm()
     sae.eval()
-    last = history[-1] if history else {}
-    sae.training_summary = {
-        "steps": total, "tokens": total * config.batch_size, "batch_size": config.batch_size, "lr": base_lr,
-        "final": {k: v for k, v in last.items() if k != "step"}, "config": asdict(config),
-        "history": history[-200:], "select_dtype": str(train_step.select_dtype).replace("torch.", ""),
-        **({"source": source_info} if source_info else {}),
-        **({"world_size": info.world_size} if info.world_size > 1 else {}),
-    }
+    sae.training_summary = _summary(config, total, base_lr, history, train_step, source_info, info)
     if out is not None and info.is_main:
         save_sae(sae, out)
     distributed.barrier(info)  # every rank returns once the files are written
