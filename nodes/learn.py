@@ -6,8 +6,8 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from saeuron_core.concepts.learning import ConceptRecorder
-from saeuron_core.concepts.stats import DEFAULT_MIN_SPECIFICITY, ConceptStats, check_selection
+from saeuron_core.concepts.learner import ConceptLearner
+from saeuron_core.concepts.selection import DEFAULT_MIN_SPECIFICITY, Selection
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.library import check_concept_name, with_concept
 from saeuron_core.sae.model import TopKSAE
@@ -17,6 +17,14 @@ from .common import CATEGORY, SAE, block_target, check_sampling_choices, max_tim
 
 def _prompts(text: str) -> list[str]:
     return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def _checked(concept_name: str, positive_prompts: str, negative_prompts: str) -> tuple[list[str], list[str]]:
+    check_concept_name(concept_name)
+    positive, negative = _prompts(positive_prompts), _prompts(negative_prompts)
+    if not positive or not negative:
+        raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
+    return positive, negative
 
 
 def _encode(clip: Any, text: str) -> list:
@@ -75,9 +83,7 @@ class LearnConcept(io.ComfyNode):
                         sampler_name: str = "euler", scheduler: str = "normal") -> bool | str:
         def check() -> None:
             check_sampling_choices(sampler_name, scheduler)
-            check_concept_name(concept_name)
-            if not _prompts(positive_prompts) or not _prompts(negative_prompts):
-                raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
+            _checked(concept_name, positive_prompts, negative_prompts)
         return validation(check)
 
     @classmethod
@@ -90,27 +96,19 @@ class LearnConcept(io.ComfyNode):
         import nodes as comfy_nodes
 
         target = block_target(model, sae)
-        name = check_concept_name(concept_name)
-        positive, negative = _prompts(positive_prompts), _prompts(negative_prompts)
-        if not positive or not negative:
-            raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
-        max_t = max_timestep(model)
-        peak = None if peak_specificity < 0 else float(peak_specificity)
-        check_selection(top_n, None, min_specificity=min_specificity, peak_specificity=peak)
-        # One group per prompt, so that specificity can also be checked against each negative prompt.
-        stats = ConceptStats(sae.n_latents, max_timestep=max_t, n_groups=len(positive) + len(negative))
-        recorder = ConceptRecorder(sae, stats)
-        patched = patch_block(model, sae, recorder, target)
+        positive, negative = _checked(concept_name, positive_prompts, negative_prompts)
+        selection = Selection(top_n=top_n, min_specificity=min_specificity,
+                              peak_specificity=None if peak_specificity < 0 else float(peak_specificity))
+        learner = ConceptLearner(sae, {concept_name: (positive, negative)}, selection, max_timestep=max_timestep(model))
+        patched = patch_block(model, sae, learner.recorder, target)
         uncond = _encode(clip, "")
-        bar = comfy.utils.ProgressBar(len(positive) + len(negative))
-        for group, prompt in enumerate(positive + negative):
-            recorder.groups = group
+        bar = comfy.utils.ProgressBar(len(learner.prompts))
+        for prompt in learner.prompts:  # each distinct prompt once; all its conditional rows are that prompt's
+            learner.feed(prompt)
             comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, _encode(clip, prompt),
                                         uncond, latent_image, denoise=1.0)
             bar.update(1)
-        info = {"positive": positive, "negative": negative, "hook_point": sae.config.hook_point, "steps": steps,
-                "guidance_scale": cfg, "scheduler": f"comfyui {sampler_name}/{scheduler}", "seeds": [seed]}
-        merged = stats.merge(range(len(positive)), range(len(positive), len(positive) + len(negative)),
-                             peak=peak is not None)
-        return io.NodeOutput(with_concept(sae, merged.result(name, top_n=top_n, min_specificity=min_specificity,
-                                                             info=info, peak_specificity=peak)))
+        settings = {"hook_point": sae.config.hook_point, "steps": steps, "guidance_scale": cfg,
+                    "scheduler": f"comfyui {sampler_name}/{scheduler}", "seeds": [seed]}
+        (learned,) = learner.results(settings, token_counts=False)
+        return io.NodeOutput(with_concept(sae, learned))

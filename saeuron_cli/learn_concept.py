@@ -6,12 +6,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from saeuron_core.errors import ConfigError
 
 from .common import OWN_HOOK_HELP, SEEDS_HELP, add_model_args, concept_output, load_model, parse_seeds
+from .fields import Fields
+
+if TYPE_CHECKING:
+    from saeuron_core.concepts.selection import Selection
 
 NAME = "learn-concept"
+
+
+def selection_fields() -> tuple[Fields[Selection], Fields[Selection]]:
+    """learn-concept's :class:`Selection` options: ``--top-n`` or ``--quantile`` (one of them), then the rest.
+
+    ``--min-specificity`` has no default of its own: left out, the Selection's applies.
+    """
+    from saeuron_core.concepts.selection import Selection
+
+    return (Fields(Selection, ("top_n", "quantile")),
+            Fields(Selection, ("min_specificity", "peak_specificity", "bucket_width"),
+                   defaults={"min_specificity": None}))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,17 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lc.add_argument("--scheduler", default="ddim")
     lc.add_argument("--seeds", type=parse_seeds, default=[0], help=SEEDS_HELP)
     lc.add_argument("--batch-size", type=int, default=4)
-    sel = lc.add_mutually_exclusive_group()
-    sel.add_argument("--top-n", type=int, default=None, help="features selected per timestep (default 3)")
-    sel.add_argument("--quantile", type=float, default=None, help="select features scoring above this quantile, e.g. 0.9999")
-    lc.add_argument("--min-specificity", type=float, default=None,
-                    help="select only features with (m_c - m_o) / (m_c + m_o) at least this, from their mean "
-                         "activations with (m_c) and without (m_o) the concept; 0 = SAeUron's selection "
-                         "(default: saeuron_core.concepts.stats.DEFAULT_MIN_SPECIFICITY)")
-    lc.add_argument("--peak-specificity", type=float, default=None,
-                    help="also require that specificity against the single negative prompt where the feature is "
-                         "most active (keeps out features a sibling concept shares; default: not required)")
-    lc.add_argument("--bucket-width", type=float, default=20.0, help="timesteps per bucket")
+    pick, rest = selection_fields()
+    pick.add_to(lc.add_mutually_exclusive_group())
+    rest.add_to(lc)
     lc.add_argument("--height", type=int, default=None)
     lc.add_argument("--width", type=int, default=None)
     lc.add_argument("--hook-point", default=None, help=OWN_HOOK_HELP)
@@ -80,22 +89,20 @@ def library_spec(a: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]
 def run(a: argparse.Namespace) -> int:
     """Learn the concepts and write the SAE (to ``--out``, or in place)."""
     from saeuron_core.concepts.learning import learn_concepts
-    from saeuron_core.concepts.stats import DEFAULT_MIN_SPECIFICITY, check_selection
+    from saeuron_core.concepts.selection import Selection
     from saeuron_core.inspection import format_concept
     from saeuron_core.sae.files import load_sae, save_sae
 
     spec = library_spec(a)
     out = concept_output(a.sae, a.out)
-    min_specificity = DEFAULT_MIN_SPECIFICITY if a.min_specificity is None else a.min_specificity
-    # Fail before loading the model and the (long) generation.
-    check_selection(a.top_n, a.quantile, min_specificity=min_specificity, peak_specificity=a.peak_specificity)
+    # Built (so checked) before loading the model and the (long) generation; an option left out keeps its default.
+    given = {name: value for fields in selection_fields() for name, value in fields.values(a).items()}
+    selection = Selection(**{name: value for name, value in given.items() if value is not None})
     sae = load_sae(a.sae, device=a.device)
     pipe = load_model(a.model, device=a.device, config=a.config)
-    learned = learn_concepts(pipe, sae, spec, hook_point=a.hook_point, steps=a.steps, guidance_scale=a.guidance,
-                             scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size, top_n=a.top_n,
-                             quantile=a.quantile, min_specificity=min_specificity, bucket_width=a.bucket_width,
-                             height=a.height, width=a.width, progress=sys.stderr.isatty(),
-                             peak_specificity=a.peak_specificity)
+    learned = learn_concepts(pipe, sae, spec, selection, hook_point=a.hook_point, steps=a.steps,
+                             guidance_scale=a.guidance, scheduler=a.scheduler, seeds=a.seeds, batch_size=a.batch_size,
+                             height=a.height, width=a.width, progress=sys.stderr.isatty())
     save_sae(sae, out)
     for data in learned:
         counts = data.n_selected[data.observed]

@@ -31,9 +31,9 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..sae.library import ConceptData, bucket_of
+from .selection import DEFAULT_MIN_SPECIFICITY, MAX_CANDIDATES, Selection, check_selection
 
-MAX_CANDIDATES = 64
-DEFAULT_MIN_SPECIFICITY = 0.5
+__all__ = ["ConceptStats", "DEFAULT_MIN_SPECIFICITY", "MAX_CANDIDATES", "Selection", "check_selection"]
 
 
 class ConceptStats:
@@ -93,16 +93,20 @@ class ConceptStats:
                               out=out.negative_peak)
         return out
 
-    def result(self, name: str, *, top_n: Optional[int] = None, quantile: Optional[float] = None,
-               min_specificity: float = DEFAULT_MIN_SPECIFICITY, candidates: int = MAX_CANDIDATES,
-               info: Optional[dict[str, Any]] = None, peak_specificity: Optional[float] = None) -> "ConceptData":
+    def result(self, name: str, selection: Optional[Selection] = None, *, candidates: int = MAX_CANDIDATES,
+               info: Optional[dict[str, Any]] = None, **options: Any) -> "ConceptData":
         """Scores, selection, ``mu`` and thresholds per bucket (unobserved buckets copy the nearest).
 
-        Candidates are the features with the highest score among those at least ``min_specificity``
-        specific (and ``peak_specificity`` specific against the negative group where they are most
-        active, when given), followed by the others (kept for inspection, never selected).
+        ``selection`` (a :class:`Selection`) and/or its fields by name (``top_n``, ``quantile``,
+        ``min_specificity``, ``peak_specificity``; the buckets are this table's own). Candidates are the
+        features with the highest score among those at least ``min_specificity`` specific (and
+        ``peak_specificity`` specific against the negative group where they are most active, when given),
+        followed by the others (kept for inspection, never selected).
         """
-        top_n = check_selection(top_n, quantile, candidates, min_specificity, peak_specificity)
+        selection = Selection.build(selection, **options)
+        summary = selection.summary(candidates)
+        top_n, quantile = summary["top_n"], selection.quantile
+        min_specificity, peak_specificity = selection.min_specificity, selection.peak_specificity
         observed = (self.tokens[0] > 0) & (self.tokens[1] > 0)
         if not observed.any():
             raise ConfigError(f"concept {name!r}: no timestep saw both positive and negative prompts")
@@ -144,28 +148,6 @@ class ConceptStats:
             feature_ids=ids[nearest], scores=top_scores[nearest].float(),
             mu=mean[0].gather(1, ids)[nearest].float(), threshold=pooled.gather(1, ids)[nearest].float(),
             n_selected=n_sel[nearest], observed=observed,
-            info={**(info or {}), "selection": {"top_n": top_n, "quantile": quantile,
-                                                 "min_specificity": min_specificity,
-                                                 **({} if peak_specificity is None else
-                                                    {"peak_specificity": peak_specificity})}},
+            info={**(info or {}), "selection": summary},
         )
 
-
-def check_selection(top_n: Optional[int], quantile: Optional[float], candidates: int = MAX_CANDIDATES,
-                    min_specificity: float = DEFAULT_MIN_SPECIFICITY,
-                    peak_specificity: Optional[float] = None) -> Optional[int]:
-    """Validate the feature selection; returns ``top_n`` (3 when neither is given)."""
-    if not isinstance(min_specificity, (int, float)) or not 0.0 <= min_specificity < 1.0:
-        raise ConfigError(f"min_specificity must be in [0, 1), e.g. 0.5, got {min_specificity!r}")
-    if peak_specificity is not None and (not isinstance(peak_specificity, (int, float))
-                                         or not 0.0 <= peak_specificity < 1.0):
-        raise ConfigError(f"peak_specificity must be in [0, 1) (or not given), e.g. 0.0, got {peak_specificity!r}")
-    if top_n is not None and quantile is not None:
-        raise ConfigError("select features with exactly one of top_n or quantile")
-    if top_n is None and quantile is None:
-        top_n = 3
-    if top_n is not None and not 1 <= top_n <= candidates:
-        raise ConfigError(f"top_n must be between 1 and {candidates}, got {top_n}")
-    if quantile is not None and not 0.0 < quantile < 1.0:
-        raise ConfigError(f"quantile must be in (0, 1), e.g. 0.9999, got {quantile}")
-    return top_n
