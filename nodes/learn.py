@@ -110,5 +110,5 @@ class LearnConcept(io.ComfyNode):
             bar.update(1)
         settings = {"hook_point": sae.config.hook_point, "steps": steps, "guidance_scale": cfg,
                     "scheduler": f"comfyui {sampler_name}/{scheduler}", "seeds": [seed]}
-        (learned,) = learner.results(settings, token_counts=False)
+        (learned,) = learner.results(settings)
         return io.NodeOutput(with_concept(sae, learned))

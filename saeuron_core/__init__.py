@@ -8,6 +8,7 @@ pipeline or UNet; ``inspect(pipe, sae, prompt, ...)`` shows where concepts and f
 from typing import Any
 
 from .concepts.learning import learn_concept
+from .concepts.selection import Selection
 from .erasure.eraser import ConceptEraser, erase
 from .erasure.options import EraseOptions
 from .errors import ConfigError, HookError, SAEFormatError, SaeuronError, StoreError
@@ -15,9 +16,9 @@ from .sae.files import convert, load_sae, save_sae
 from .sae.library import concept_names, get_concept, remove_concept
 from .sae.model import SAEConfig, TopK, TopKSAE
 
-__all__ = ["ConceptEraser", "ConfigError", "EraseOptions", "HookError", "SAEConfig", "SAEFormatError", "SaeuronError", "StoreError",
-           "TopK", "TopKSAE", "concept_names", "convert", "erase", "get_concept", "inspect", "learn_concept",
-           "load_sae", "remove_concept", "save_sae"]
+__all__ = ["ConceptEraser", "ConfigError", "EraseOptions", "HookError", "SAEConfig", "SAEFormatError", "SaeuronError",
+           "Selection", "StoreError", "TopK", "TopKSAE", "concept_names", "convert", "erase", "get_concept", "inspect",
+           "learn_concept", "load_sae", "remove_concept", "save_sae"]
 __version__ = "0.1.0"
 
 

@@ -88,17 +88,15 @@ class ConceptLearner:
         except KeyError as exc:
             raise ConfigError(f"{exc.args[0]!r} is not one of the prompts being learned") from None
 
-    def results(self, settings: Mapping[str, Any], *, token_counts: bool = True) -> list[ConceptData]:
+    def results(self, settings: Mapping[str, Any]) -> list[ConceptData]:
         """Each concept scored, in the order given; ``settings`` (how the host generated: hook point, steps,
-        guidance, scheduler, seeds) go into its ``info`` after the prompts, then (with ``token_counts``) the
-        number of tokens seen with and without the concept."""
+        guidance, scheduler, seeds) go into its ``info`` after the prompts, then the number of tokens seen with
+        and without the concept."""
         learned = []
         for name, (pos, neg) in self.concepts.items():
             merged = self.stats.merge([self._group[p] for p in pos], [self._group[p] for p in neg],
                                       peak=self.selection.peak_specificity is not None)
-            info = {"positive": pos, "negative": neg, **settings}
-            if token_counts:
-                info["tokens"] = {"positive": float(merged.tokens[0].sum()),
-                                  "negative": float(merged.tokens[1].sum())}
+            info = {"positive": pos, "negative": neg, **settings,
+                    "tokens": {"positive": float(merged.tokens[0].sum()), "negative": float(merged.tokens[1].sum())}}
             learned.append(merged.result(name, self.selection, info=info))
         return learned
