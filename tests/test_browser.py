@@ -644,7 +644,7 @@ def test_every_node_has_a_help_page(newest_server):
     web directory."""
     info = newest_server.get("/object_info")
     ours = {k: v for k, v in info.items() if v["python_module"] == f"custom_nodes.{comfy_host.PACK_NAME}"}
-    assert len(ours) == 7, sorted(ours)
+    assert len(ours) == 9, sorted(ours)
     for node_id, spec in ours.items():
         url = f"{newest_server.url}/extensions/{comfy_host.PACK_NAME}/docs/{node_id}/en.md"
         with urllib.request.urlopen(url, timeout=30) as r:

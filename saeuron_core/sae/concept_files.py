@@ -275,6 +275,15 @@ def load_concepts(sae: TopKSAE, path: str | os.PathLike, *, replace: bool = Fals
     return sorted(file.entries)
 
 
+def with_concepts(sae: TopKSAE, path: str | os.PathLike, *, replace: bool = False) -> tuple[TopKSAE, list[str]]:
+    """``(copy of sae with a concept file's concepts, their names)``; the copy shares the weights and ``sae`` itself
+    is unchanged (errors: :func:`load_concepts`)."""
+    new = copy.copy(sae)
+    new.concepts = copy.deepcopy(sae.concepts)
+    new.extra_tensors = dict(sae.extra_tensors)
+    return new, load_concepts(new, path, replace=replace)
+
+
 def concept_file_names(path: str | os.PathLike) -> list[str]:
     """Sorted concept names of a concept file, from its header alone (format and names checked)."""
     path = Path(path)
