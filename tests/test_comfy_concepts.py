@@ -73,7 +73,7 @@ def test_save_concepts_writes_into_models_sae_concepts(setup):
             == concept_names(setup["styles"])
     finally:
         save.execute(setup["styles"], "stripes", f"{SUB}/stripes", True)
-    for escape in ("../x", "../sae/x.safetensors", "/tmp/x.safetensors"):
+    for escape in ("../x", "../sae/x.safetensors", "/etc/x.safetensors"):
         with pytest.raises(ConfigError, match="must stay inside the sae_concepts model folder"):
             save.execute(setup["styles"], "stripes", escape, False)
         message = save.validate_inputs(concepts="stripes", filename=escape)
