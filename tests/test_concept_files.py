@@ -132,6 +132,14 @@ def test_the_file_is_small_and_describes_itself(exported):
     assert json.loads(metadata["concepts"])[NAME]["info"] == load_sae(STYLES).concepts[NAME]["info"]
 
 
+def test_the_summary_says_the_kind_when_the_info_does(tmp_path):
+    sae = load_sae(STYLES)
+    sae.concepts[NAME]["info"].update(kind="style\x1b[2J", model_family="demo")
+    facts = describe_concepts(save_concepts(sae, [NAME], tmp_path / "c.safetensors"))["concepts"][NAME]
+    assert facts["kind"] == "style[2J" and facts["model_family"] == "demo"  # printable text only
+    assert "kind" not in describe_concepts(save_concepts(sae, ["solid"], tmp_path / "d.safetensors"))["concepts"]["solid"]
+
+
 def test_identity_is_of_the_weights_and_config_only():
     sae = load_sae(STYLES)
     before = sae_identity(sae)
@@ -309,7 +317,7 @@ def test_cli_list(capsys, exported):
 
 
 def test_cli_refusals_are_one_line_and_write_nothing(capsys, exported, tmp_path):
-    folder, path, without_path = exported
+    _, path, without_path = exported
     out = tmp_path / "out.safetensors"
     other = ASSETS / "sae.safetensors"
     code, _, err = run_cli(capsys, "concepts", "import", other, path, "-o", out)

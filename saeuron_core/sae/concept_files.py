@@ -117,9 +117,9 @@ def concept_summary(sae: TopKSAE, data: ConceptData) -> dict[str, str]:
     if isinstance(info.get("guidance_scale"), (int, float)):
         learned.append(f"guidance {info['guidance_scale']:g}")
     out = {"learned": ", ".join(learned) or "not recorded",
-           "model_family": str(info.get("model_family") or sae.config.model_family or "unknown")}
-    if isinstance(info.get("kind"), str) and info["kind"].strip():
-        out["kind"] = info["kind"].strip()
+           "model_family": _text(info.get("model_family") or sae.config.model_family or "unknown")}
+    if isinstance(info.get("kind"), str) and _text(info["kind"]).strip():
+        out["kind"] = _text(info["kind"]).strip()
     return out
 
 
@@ -194,7 +194,7 @@ def _names(path: Path, library: dict) -> list[str]:
     for name in library:
         try:
             if check_concept_name(name) != name:
-                raise ConfigError("names have no space around them")
+                raise ConfigError("a name does not begin or end with a space")
         except ConfigError as exc:
             raise SAEFormatError(f"{path}: the file holds a bad concept name ({exc})") from None
     return sorted(library)
