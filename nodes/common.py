@@ -23,13 +23,27 @@ SAE = io.Custom("SAE")  # the SAE socket type: a TopKSAE with its concept librar
 
 def register_sae_folder() -> None:
     """Register ``models/sae`` with ComfyUI (paths from ``extra_model_paths.yaml`` are kept)."""
+    register_model_folder(SAE_FOLDER)
+
+
+def register_model_folder(folder: str) -> None:
+    """Register ``models/<folder>`` for ``.safetensors`` files with ComfyUI (paths from ``extra_model_paths.yaml``
+    are kept)."""
     import folder_paths
 
-    default = os.path.join(folder_paths.models_dir, SAE_FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(SAE_FOLDER, ([], set()))
+    default = os.path.join(folder_paths.models_dir, folder)
+    paths, exts = folder_paths.folder_names_and_paths.get(folder, ([], set()))
     if default not in paths:
         paths = [*paths, default]
-    folder_paths.folder_names_and_paths[SAE_FOLDER] = (paths, set(exts) | {".safetensors"})
+    folder_paths.folder_names_and_paths[folder] = (paths, set(exts) | {".safetensors"})
+
+
+def model_folder_dirs(folder: str) -> list[str]:
+    """The existing folders registered as ``folder`` (:func:`register_model_folder`)."""
+    import folder_paths
+
+    register_model_folder(folder)
+    return [p for p in folder_paths.get_folder_paths(folder) if os.path.isdir(p)]
 
 
 def sae_dirs() -> list[str]:

@@ -1,5 +1,5 @@
 """``saeuron`` command line: collect, train, info, convert, make-tiny-pipeline, learn-concept,
-remove-concept, erase, inspect, eval.
+remove-concept, concepts, erase, inspect, eval.
 
 The CLI only translates arguments; the work happens in the library. Each command is a module here with
 ``NAME``, ``add_parser(subparsers)`` (its options) and ``run(args) -> exit status``; options that are fields
@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 from saeuron_core.errors import SaeuronError
 
-from . import collect, convert, erase, evaluate, info, inspection, learn_concept, remove_concept, tiny_pipeline, train
+from . import (collect, concepts, convert, erase, evaluate, info, inspection, learn_concept, remove_concept, tiny_pipeline,
+               train)
 from .common import Parser, add_gate_args, detect_with_arg, fail, gate_args, parse_seeds
 from .evaluate import replace_also_at_arg
 
@@ -27,8 +28,8 @@ __all__ = ["COMMANDS", "add_gate_args", "build_parser", "detect_with_arg", "gate
            "replace_also_at_arg"]
 
 #: the command modules, in the order ``saeuron --help`` lists them
-COMMANDS = {m.NAME: m for m in (collect, train, info, convert, tiny_pipeline, learn_concept, remove_concept, erase,
-                                inspection, evaluate)}
+COMMANDS = {m.NAME: m for m in (collect, train, info, convert, tiny_pipeline, learn_concept, remove_concept, concepts,
+                                erase, inspection, evaluate)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,8 @@ input connected), queued with the page's Run button and run until its output sho
 load in the newest frontend. Screenshots of each graph and its result go to docs/screenshots/ from the
 pinned frontend (the README shows them; ``SAEURON_SCREENSHOT_DIR`` overrides). Also: the concept picker opens
 on a real click, ticks names, follows the SAE chosen in Load SAE and marks the names that SAE lacks as soon as
-its library loads (every frontend and design); Save SAE's status and the Feature Inspector's preview show,
-also inside a subgraph (1.58.1, both designs); every node's help page is served; the pack's errors show in
+its library loads (every frontend and design), and adds the names in the files of Load Concepts nodes on the way;
+Save SAE's status and the Feature Inspector's preview show, also inside a subgraph (1.58.1, both designs); every node's help page is served; the pack's errors show in
 the page with their message and input; no deprecated frontend API is used by the pack's scripts.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (scripts/setup_env.sh installs them as root);
@@ -33,6 +33,7 @@ import comfy_host
 import pytest
 from conftest import HOOK
 
+from saeuron_core.sae.concept_files import save_concepts
 from saeuron_core.sae.files import load_sae, save_sae
 from saeuron_core.sae.library import concept_names, remove_concept
 from saeuron_core.sae.model import SAEConfig, TopKSAE
@@ -53,12 +54,17 @@ RUN_TIMEOUT_S = int(os.environ.get("SAEURON_RUN_TIMEOUT_S", "300"))
 
 # -- fixtures ------------------------------------------------------------------------------
 
+CONCEPT_FILE = "saeuron-other-styles.safetensors"  # noise and stripes of the demo SAE, for saeuron-other
+
+
 def _serve(tmp_path_factory, front_end_root, test_saes: bool = True):
     """A ComfyUI server with the pack, whose demo model and SAEs (``saeuron-demo*``) it offers itself. With
-    ``test_saes``, also ``saeuron-other`` (the demo SAE keeping only circle and star) and an SAE of another width."""
+    ``test_saes``, also ``saeuron-other`` (the demo SAE keeping only circle and star), an SAE of another width and,
+    in ``models/sae_concepts``, the concept file ``CONCEPT_FILE``."""
     srv = comfy_host.ComfyServer(tmp_path_factory.mktemp("browser"), front_end_root=front_end_root)
     if test_saes:
         sae = load_sae(comfy_host.DEMO_ASSETS / "sae.safetensors")
+        save_concepts(sae, ["noise", "stripes"], srv.host_dir / "models" / "sae_concepts" / CONCEPT_FILE)
         for name in concept_names(sae):
             if name not in ("circle", "star"):
                 remove_concept(sae, name)
@@ -644,7 +650,7 @@ def test_every_node_has_a_help_page(newest_server):
     web directory."""
     info = newest_server.get("/object_info")
     ours = {k: v for k, v in info.items() if v["python_module"] == f"custom_nodes.{comfy_host.PACK_NAME}"}
-    assert len(ours) == 7, sorted(ours)
+    assert len(ours) == 9, sorted(ours)
     for node_id, spec in ours.items():
         url = f"{newest_server.url}/extensions/{comfy_host.PACK_NAME}/docs/{node_id}/en.md"
         with urllib.request.urlopen(url, timeout=30) as r:
@@ -739,6 +745,35 @@ def test_concept_picker_follows_the_sae_chosen_in_load_sae(any_page, request):
     learned = json.loads((API_DIR / "learn_concept.api.json").read_text())["6"]["inputs"]["concept_name"]
     assert {f"☐ {learned}", "☐ star", "☐ stripes"} <= set(open_widget_menu(page, eraser_id, "concepts"))
     assert_no_page_errors(page, "while picking concepts")
+    assert_no_pack_deprecations(page)
+
+
+def test_concept_picker_lists_the_concepts_of_load_concepts_files(page, server):
+    """An eraser fed by Load SAE through Load Concepts offers the SAE's concepts and the file's (the route is asked
+    for both: ``concepts=<file>``)."""
+    load_workflow(page, json.loads((ROOT / "example_workflows" / "erase_style.json").read_text()))
+    set_widget(page, 2, "sae_name", "saeuron-other.safetensors")
+    page.execute_script("""
+        const loader = LiteGraph.createNode('SAeUronLoadConcepts');
+        const sae = app.graph.getNodeById(2);
+        loader.pos = [sae.pos[0], sae.pos[1] + sae.size[1] + 60];
+        app.graph.add(loader);
+        loader.widgets.find(w => w.name === 'concepts_name').value = arguments[0];
+        sae.connect(0, loader, 0);
+        loader.connect(0, app.graph.getNodeById(6), 1);
+    """, CONCEPT_FILE)
+    fit_view(page)
+    wait_for(page, "return app.canvas.graph.getNodeById(6).widgets.find(w => w.name === 'concepts')"
+                   ".saeuronLibrary?.names?.join() === 'circle,noise,star,stripes'", timeout=20,
+             what="the SAE's and the concept file's names")
+    entries = open_widget_menu(page, 6, "concepts")
+    assert entries[:4] == ["☐ circle", "☐ noise", "☐ star", "☑ stripes"], entries
+    page.execute_script("LiteGraph.closeAllContextMenus(window);")
+    with urllib.request.urlopen(f"{server.url}/saeuron/concepts?sae=saeuron-other.safetensors&concepts={CONCEPT_FILE}"
+                                f"&concepts={CONCEPT_FILE}", timeout=30) as r:
+        assert json.loads(r.read()) == {"sae": "saeuron-other.safetensors", "concepts": ["circle", "noise", "star",
+                                        "stripes"], "files": {CONCEPT_FILE: ["noise", "stripes"]}}
+    assert_no_page_errors(page, "while picking concepts through Load Concepts")
     assert_no_pack_deprecations(page)
 
 

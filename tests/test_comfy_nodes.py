@@ -68,7 +68,8 @@ def sample(host, model, prompt="a cat", seed=0, steps=4):
 
 
 PACK_NODES = {"SAeUronLoadSAE", "SAeUronConceptEraser", "SAeUronLearnConcept", "SAeUronSaveSAE",
-              "SAeUronFeatureInspector", "SAeUronLoadDiffusersModel", "SAeUronEmptyLatent"}
+              "SAeUronFeatureInspector", "SAeUronLoadDiffusersModel", "SAeUronEmptyLatent", "SAeUronLoadConcepts",
+              "SAeUronSaveConcepts"}
 
 
 def test_every_node_is_a_v3_node_registered_through_the_entry_point(host):

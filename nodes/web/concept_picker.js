@@ -1,10 +1,11 @@
-// Concept picker for Concept Eraser (SAE) and Feature Inspector (SAE).
+// Concept picker for Concept Eraser (SAE), Feature Inspector (SAE) and Save Concepts (SAE).
 //
 // The `concepts` widget stays a plain comma-separated string (what the server and API-format
 // workflows use); clicking it opens a menu with the concept names of the SAE chosen upstream in
-// Load SAE (following the `sae` link through Learn Concept and reroutes), fetched from the pack's
-// read-only route GET /saeuron/concepts?sae=<name>. Names are toggled on and off; "Edit as text…"
-// keeps free typing. Names the current SAE does not know are drawn in red.
+// Load SAE (following the `sae` link through Learn Concept, Load Concepts and reroutes), fetched from
+// the pack's read-only route GET /saeuron/concepts?sae=<name>&concepts=<file>... (one `concepts` per
+// Load Concepts file on the way). Names are toggled on and off; "Edit as text…" keeps free typing.
+// Names the current SAE does not know are drawn in red.
 //
 // Works in both node designs: the classic canvas draws the widget every frame; Nodes 2.0
 // (`Comfy.VueNodes.Enabled`) draws it on its own small canvas only when asked (`widget.triggerDraw`),
@@ -12,7 +13,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const PICKER_NODES = new Set(["SAeUronConceptEraser", "SAeUronFeatureInspector"]);
+const PICKER_NODES = new Set(["SAeUronConceptEraser", "SAeUronFeatureInspector", "SAeUronSaveConcepts"]);
 const ROUTE = "/saeuron/concepts";
 
 /** Concept names of a widget value: separated by commas or new lines (as the nodes read them). */
@@ -23,10 +24,11 @@ export function parseConcepts(text) {
 		.filter(Boolean);
 }
 
-/** `{ concepts }` of an SAE file, or `{ error }` with the server's message. */
-export async function fetchConcepts(saeName) {
+/** `{ concepts }` of an SAE file and concept files, or `{ error }` with the server's message. */
+export async function fetchConcepts(saeName, files = []) {
+	const query = [`sae=${encodeURIComponent(saeName)}`, ...files.map((f) => `concepts=${encodeURIComponent(f)}`)];
 	try {
-		const res = await api.fetchApi(`${ROUTE}?sae=${encodeURIComponent(saeName)}`, { cache: "no-store" });
+		const res = await api.fetchApi(`${ROUTE}?${query.join("&")}`, { cache: "no-store" });
 		const body = await res.json();
 		return res.ok ? { concepts: body.concepts } : { error: body.error || `HTTP ${res.status}` };
 	} catch (err) {
@@ -53,21 +55,32 @@ function widgetValue(node, name) {
 	return node.widgets?.find((w) => w.name === name)?.value;
 }
 
+/** Whether `node` is of the pack's node type `type`. */
+function isType(node, type) {
+	return node.comfyClass === type || node.type === type;
+}
+
 /**
- * Where the node's SAE comes from: `{ sae, learned }` (the Load SAE file name and names added by
- * Learn Concept nodes on the way), or `null` when the SAE is not traced back to a Load SAE.
+ * Where the node's SAE comes from: `{ sae, learned, files }` (the Load SAE file name, names added by
+ * Learn Concept nodes and concept files loaded by Load Concepts nodes on the way), or `null` when the
+ * SAE is not traced back to a Load SAE.
  */
 export function sourceSae(node) {
 	const learned = [];
+	const files = [];
 	let current = linkedOrigin(node, "sae");
 	for (let hops = 0; current && hops < 32; hops++) {
-		if (current.comfyClass === "SAeUronLoadSAE" || current.type === "SAeUronLoadSAE") {
+		if (isType(current, "SAeUronLoadSAE")) {
 			const sae = widgetValue(current, "sae_name");
-			return sae ? { sae, learned } : null;
+			return sae ? { sae, learned, files: files.reverse() } : null;
 		}
-		if (current.comfyClass === "SAeUronLearnConcept" || current.type === "SAeUronLearnConcept") {
+		if (isType(current, "SAeUronLearnConcept")) {
 			const name = String(widgetValue(current, "concept_name") ?? "").trim();
 			if (name) learned.push(name);
+			current = linkedOrigin(current, "sae");
+		} else if (isType(current, "SAeUronLoadConcepts")) {
+			const file = widgetValue(current, "concepts_name");
+			if (file && !files.includes(file)) files.push(file);
 			current = linkedOrigin(current, "sae");
 		} else if (current.type === "Reroute") {
 			current = linkedOrigin(current, null);
@@ -82,7 +95,7 @@ export function sourceSae(node) {
 export async function offeredConcepts(node) {
 	const source = sourceSae(node);
 	if (!source) return { error: "connect a Load SAE node to the sae input to pick its concepts" };
-	const reply = await fetchConcepts(source.sae);
+	const reply = await fetchConcepts(source.sae, source.files);
 	if (reply.error) return { sae: source.sae, error: reply.error };
 	const names = [...new Set([...reply.concepts, ...source.learned])].sort();
 	return { sae: source.sae, names };
@@ -151,7 +164,7 @@ async function openMenu(node, widget, event) {
 
 function refreshLibrary(node, widget) {
 	const source = sourceSae(node);
-	const key = source ? `${source.sae}\n${source.learned.join("\n")}` : "";
+	const key = source ? JSON.stringify([source.sae, source.learned, source.files]) : "";
 	if (widget.saeuronKey === key) return;
 	widget.saeuronKey = key;
 	widget.saeuronLibrary = null;
@@ -225,8 +238,13 @@ function installPicker(node, widget) {
 const extension = {
 	name: "SAeUron.ConceptPicker",
 	nodeCreated(node) {
-		// What the pickers show depends on Load SAE's file, Learn Concept's name and the links between.
-		const source = { SAeUronLoadSAE: "sae_name", SAeUronLearnConcept: "concept_name" }[node.comfyClass];
+		// What the pickers show depends on Load SAE's file, Learn Concept's name, Load Concepts' file and the
+		// links between.
+		const source = {
+			SAeUronLoadSAE: "sae_name",
+			SAeUronLearnConcept: "concept_name",
+			SAeUronLoadConcepts: "concepts_name",
+		}[node.comfyClass];
 		const widget = node.widgets?.find((w) => w.name === (source ?? "concepts"));
 		if (source && widget) chain(widget, "callback", () => refreshPickers(node.graph));
 		if (source || PICKER_NODES.has(node.comfyClass)) chain(node, "onConnectionsChange", () => refreshPickers(node.graph));

@@ -1,4 +1,5 @@
-// Save SAE says what it wrote ("✔ saved my_sae.safetensors") under its widgets once it has run.
+// Save SAE and Save Concepts say what they wrote ("✔ saved my_sae.safetensors") under their widgets once
+// they have run.
 // A DOM widget (not drawn on the canvas): the classic canvas and Nodes 2.0 both show those.
 import { app } from "../../scripts/app.js";
 
@@ -25,7 +26,7 @@ function statusWidget(node) {
 const extension = {
 	name: "SAeUron.SaveStatus",
 	nodeCreated(node) {
-		if (node.comfyClass !== "SAeUronSaveSAE") return;
+		if (!["SAeUronSaveSAE", "SAeUronSaveConcepts"].includes(node.comfyClass)) return;
 		const onExecuted = node.onExecuted;
 		node.onExecuted = function (output) {
 			onExecuted?.apply(this, arguments);

@@ -168,8 +168,9 @@ def _read_entry(name: str, entry: Any, tensors: dict[str, Tensor]) -> ConceptDat
                        info=dict(entry.get("info", {})), **read)
 
 
-def check_concept(sae: TopKSAE, data: ConceptData) -> None:
-    """Validate a concept against itself and ``sae``; raises :class:`ConfigError` naming the concept and field.
+def check_concept(sae: Optional[TopKSAE], data: ConceptData) -> None:
+    """Validate a concept against itself and ``sae`` (``None``: only what needs no SAE); raises :class:`ConfigError`
+    naming the concept and field.
 
     Positive bucket width and ``max_timestep`` spanned by the buckets; ``[buckets, candidates]`` tensors of one
     shape; finite ``scores``, ``mu`` and ``threshold``, the latter two >= 0 (mean activations); feature ids of
@@ -205,7 +206,9 @@ def check_concept(sae: TopKSAE, data: ConceptData) -> None:
             b = int(wrong.nonzero()[0, 0])
             meant = "finite" if f == "scores" else "finite and >= 0 (a mean activation)"
             raise bad(f, f"must be {meant}, got {float(t[wrong][0])} (bucket {b})")
-    if int(ids.min()) < 0 or int(ids.max()) >= sae.n_latents:
+    if sae is None and int(ids.min()) < 0:
+        raise bad("feature_ids", f"names feature {int(ids.min())}; feature ids are never negative")
+    if sae is not None and (int(ids.min()) < 0 or int(ids.max()) >= sae.n_latents):
         value = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise bad("feature_ids", f"names feature {value} but the SAE's features are 0..{sae.n_latents - 1}")
     if not data.observed.any():
@@ -213,6 +216,8 @@ def check_concept(sae: TopKSAE, data: ConceptData) -> None:
     if int(data.n_selected.min()) < 0 or int(data.n_selected.max()) > m:
         raise bad("n_selected", f"must count 0..{m} selected candidates per bucket, got "
                                 f"{int(data.n_selected.min())}..{int(data.n_selected.max())}")
+    if sae is None:
+        return
     chosen = ids[data.selected_mask()].unique().to(sae.device)
     for weight, what in ((sae.encoder.weight, "encoder"), (sae.W_dec, "decoder")):
         dead = chosen[(weight.detach()[chosen] == 0).all(1)]

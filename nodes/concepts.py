@@ -1,0 +1,145 @@
+"""Load Concepts and Save Concepts nodes: concept files in the ``sae_concepts`` model folder, loaded onto the SAE
+they were learned on as LoRA files are loaded onto their checkpoint."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from comfy_api.latest import io
+
+from saeuron_core.errors import ConfigError
+from saeuron_core.sae.concept_files import save_concepts, with_concepts
+
+from .common import CATEGORY, SAE, check_choice, model_folder_dirs, parse_concepts, path_in_folder, validation
+
+CONCEPTS_FOLDER = "sae_concepts"
+
+
+def concept_dirs() -> list[str]:
+    """The existing ``sae_concepts`` folders (``models/sae_concepts`` and those in ``extra_model_paths.yaml``)."""
+    return model_folder_dirs(CONCEPTS_FOLDER)
+
+
+def list_concept_files() -> list[str]:
+    """``.safetensors`` files under the sae_concepts folders, as names relative to their folder."""
+    found: set[str] = set()
+    for root in concept_dirs():
+        for here, _, files in os.walk(root, followlinks=True):
+            rel = os.path.relpath(here, root)
+            for name in files:
+                if name.endswith(".safetensors") and not name.startswith("."):
+                    found.add(os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def resolve_concept_file(name: str) -> str:
+    """Absolute path of a listed concept file; names that leave the sae_concepts folders are refused."""
+    for root in concept_dirs():
+        path = path_in_folder(root, name, "concept file", CONCEPTS_FOLDER)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"concept file {name!r} not found in the {CONCEPTS_FOLDER} model folders "
+                      f"({', '.join(concept_dirs()) or 'none'})")
+
+
+def _save_folder() -> str:
+    """Where Save Concepts writes: the first existing sae_concepts folder, else the first configured one (made when
+    the first file is saved)."""
+    import folder_paths
+
+    return (concept_dirs() or folder_paths.get_folder_paths(CONCEPTS_FOLDER))[0]
+
+
+class LoadConcepts(io.ComfyNode):
+    """Adds a concept file's concepts to a copy of the SAE."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAeUronLoadConcepts",
+            display_name="Load Concepts (SAE)",
+            category=CATEGORY,
+            description=("Adds the concepts of a concept file from models/sae_concepts to a copy of the SAE they "
+                         "were learned on (the input SAE is unchanged). A file made for another SAE is refused. "
+                         "Chain several to load several files."),
+            inputs=[
+                SAE.Input("sae", tooltip="The SAE the concepts were learned on (from Load SAE or another Load "
+                                         "Concepts)."),
+                io.Combo.Input("concepts_name", options=list_concept_files(),
+                               tooltip="Concept file in models/sae_concepts (or a folder set for 'sae_concepts' in "
+                                       "extra_model_paths.yaml)."),
+                io.Boolean.Input("replace", default=False,
+                                 tooltip="Replace concepts the SAE already has of the same name. Off: a file with "
+                                         "such a name is refused."),
+            ],
+            outputs=[SAE.Output(display_name="sae", tooltip="A copy of the SAE with the file's concepts added.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, concepts_name: str = "") -> bool | str:
+        return validation(check_choice, "concepts_name", concepts_name, list_concept_files())
+
+    @classmethod
+    def execute(cls, sae: Any, concepts_name: str, replace: bool = False) -> io.NodeOutput:
+        return io.NodeOutput(with_concepts(sae, resolve_concept_file(concepts_name), replace=replace)[0])
+
+
+def _target_path(filename: str) -> tuple[str, str]:
+    """``(name, absolute path)`` inside the first sae_concepts folder; names that leave it are refused."""
+    name = str(filename).strip()
+    if not name or name == ".safetensors":
+        raise ConfigError("give the concept file a name, e.g. my_concepts.safetensors")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    try:
+        return name, path_in_folder(_save_folder(), name, "filename", CONCEPTS_FOLDER)
+    except ConfigError:
+        raise ConfigError(f"filename {filename!r} must stay inside the {CONCEPTS_FOLDER} model folder") from None
+
+
+def _check_save(concepts: str, filename: str) -> None:
+    _target_path(filename)
+    if not parse_concepts(concepts):
+        raise ConfigError("choose at least one concept to save (names from the SAE's library, comma separated)")
+
+
+class SaveConcepts(io.ComfyNode):
+    """Writes some of an SAE's concepts as one concept file into the first ``sae_concepts`` folder."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAeUronSaveConcepts",
+            display_name="Save Concepts (SAE)",
+            category=CATEGORY,
+            description=("Saves the chosen concepts of the SAE (e.g. learned in this graph) as one small concept file "
+                         "in models/sae_concepts, to share them or load them later with Load Concepts onto the same "
+                         "SAE. An existing file is only replaced when 'overwrite' is on."),
+            inputs=[
+                SAE.Input("sae", tooltip="The SAE holding the concepts."),
+                io.String.Input("concepts", default="", multiline=False,
+                                tooltip="Concept names from the SAE's library, separated by commas. In the page, "
+                                        "click to pick them."),
+                io.String.Input("filename", default="my_concepts.safetensors",
+                                tooltip="File name inside models/sae_concepts (sub-folders allowed, no '..')."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace the file if it already exists."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, concepts: str = "", filename: str = "") -> bool | str:
+        return validation(_check_save, concepts, filename)
+
+    @classmethod
+    def execute(cls, sae: Any, concepts: str, filename: str, overwrite: bool) -> io.NodeOutput:
+        name, path = _target_path(filename)
+        names = parse_concepts(concepts)
+        if os.path.exists(path) and not overwrite:
+            raise ConfigError(f"{name} already exists in the {CONCEPTS_FOLDER} folder; turn on 'overwrite' or choose "
+                              f"another name")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_concepts(sae, names, path)
+        return io.NodeOutput(ui={"text": [f"saved {name} ({', '.join(dict.fromkeys(names))})"]})
