@@ -1,12 +1,14 @@
 """``saeuron erase``: generate prompts without and with concepts erased and write a before/after grid.
 
-How it erases are :class:`~saeuron_core.erasure.options.EraseOptions` fields, help included.
+How it erases are the :class:`~saeuron_core.erasure.options.EraseOptions` fields whose metadata says ``cli``, help
+included.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Optional
 
 from .common import (OWN_HOOK_HELP, add_generation_args, add_model_args, check_concepts, detect_with_arg, load_model,
                      png_out)
@@ -16,17 +18,18 @@ if TYPE_CHECKING:
     from saeuron_core.erasure.options import EraseOptions
 
 NAME = "erase"
-OPTIONS = ("method", "strength", "start", "end", "cfg", "min_coverage")
 #: one share for every concept here (EraseOptions' own help also tells of a mapping, which the CLI has not)
 HELP = {"min_coverage": "touch a concept only in images where its features fire on at least this share (0-1) of the "
                         "feature map (0: wherever they fire)"}
 
 
-def erase_fields() -> Fields[EraseOptions]:
-    """erase's :class:`EraseOptions` options (``--detect-with`` is read apart: see :func:`detect_with_arg`)."""
+def erase_fields(cls: Optional[type[EraseOptions]] = None) -> Fields[EraseOptions]:
+    """erase's options: the fields of :class:`EraseOptions` (or ``cls``) whose metadata says ``cli``
+    (``--detect-with`` is read apart: see :func:`detect_with_arg`)."""
     from saeuron_core.erasure.options import EraseOptions
 
-    return Fields(EraseOptions, OPTIONS, help=HELP)
+    cls = cls or EraseOptions
+    return Fields(cls, tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("cli")), help=HELP)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -69,12 +69,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def replace_fields() -> Fields[EraseOptions]:
-    """The replace eraser's :class:`EraseOptions` options (``--replace-strength``, ``--replace-source``, ...)."""
+    """The replace method's own :class:`EraseOptions` options, which the evaluation's ``replace`` holds
+    (``--replace-strength``, ``--threshold-scale``, ``--dilation``, ``--replace-source``, ``--neighbors``)."""
     from saeuron_demo.evaluation import REPLACE_OPTIONS
     from saeuron_core.erasure.options import EraseOptions
 
-    return Fields(EraseOptions, tuple(REPLACE_OPTIONS), flags={"strength": "--replace-strength",
-                                                              "source": "--replace-source"},
+    return Fields(EraseOptions, REPLACE_OPTIONS, flags={"strength": "--replace-strength", "source": "--replace-source"},
                   help={"strength": None, "source": "where replacement patches come from",
                         "neighbors": "--replace-source nearest: average this many nearest undetected patches"})
 
@@ -143,7 +143,7 @@ def _settings(a: argparse.Namespace, start: float, end: float) -> EvalSettings:
     """The :class:`EvalSettings` the options give (the shipped strengths and gates with the shipped SAEs)."""
     from saeuron_core.assignments import parse_assignments
     from saeuron_demo import assets
-    from saeuron_demo.evaluation import REPLACE_OPTIONS, EvalSettings
+    from saeuron_demo.evaluation import EvalSettings
 
     at = parse_assignments(a.ablate_strength_at, "--ablate-strength-at", "HOOK_POINT=STRENGTH", float)
     (gate_of, detector_of), (own_of, own_detectors) = _gates(a.gates, shipped=not a.sae), gate_args(a)
@@ -157,7 +157,7 @@ def _settings(a: argparse.Namespace, start: float, end: float) -> EvalSettings:
     return EvalSettings(seeds=list(a.seeds), steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
                         ablate_strength=EvalSettings.ablate_strength if a.ablate_strength is None else a.ablate_strength,
                         ablate_strength_at=at, ablate_strength_of=of, start=start, end=end,
-                        **{REPLACE_OPTIONS[option]: value for option, value in replace_fields().values(a).items()},
+                        replace=replace_fields().build(a, method="replace"),
                         replace_also_at=replace_also_at_arg(a.replace_also_at, not a.sae),
                         min_coverage=a.min_coverage, min_coverage_of=coverage_of, detect_with=detect_with,
                         batch_size=a.batch_size)

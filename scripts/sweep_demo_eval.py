@@ -106,6 +106,7 @@ def main() -> None:
     from saeuron_demo.evaluation import (METRIC_KEYS, EvalSettings, Evaluator, best_strengths,
                                               load_concept_strengths, mean_metrics)
     from saeuron_demo.pipeline import load_demo_pipeline
+    from saeuron_core.erasure.options import EraseOptions
     from saeuron_core.sae.files import load_sae
 
     t0 = time.time()
@@ -113,7 +114,8 @@ def main() -> None:
     from saeuron_cli import replace_also_at_arg as _replace_also_at
 
     base = EvalSettings(seeds=a.seeds, steps=a.steps, end=a.end, min_coverage=a.min_coverage,
-                        min_coverage_of=coverage_of, detect_with=detect_with, neighbors=a.neighbors,
+                        min_coverage_of=coverage_of, detect_with=detect_with,
+                        replace=EraseOptions(method="replace", neighbors=a.neighbors),
                         replace_also_at=_replace_also_at(a.replace_also_at, False))
     from saeuron_demo.assets import SAES
 
@@ -126,7 +128,8 @@ def main() -> None:
         parts = item.split(":")
         source, dilation, scale = parts[0], (parts[1:2] or ["0"])[0], (parts[2:3] or ["1"])[0]
         variants.append(("replace", f"source {source}, dilation {dilation}, threshold x{scale}",
-                         {"replace_source": source, "dilation": int(dilation), "threshold_scale": float(scale)}))
+                         {"replace": dataclasses.replace(base.replace, source=source, dilation=int(dilation),
+                                                         threshold_scale=float(scale))}))
     print(f"validation seeds {base.seeds}, {base.steps} DDIM steps, concepts {', '.join(concepts)}, "
           f"erasing until {base.end:g} of the denoising")
     print("\n| method | setting | kind | UA | IRA | CRA | retained conf. | act. shift |")

@@ -212,6 +212,28 @@ def test_fields_make_options_from_a_dataclass_and_build_it_back():
         Fields(Cfg, ("seeds",)).add_to(argparse.ArgumentParser())
 
 
+def test_every_eraser_option_is_offered_or_said_why_not():
+    """Each EraseOptions field is a node input or a flag of erase or eval (as its metadata and the evaluation's
+    replace options say), or NOT_EXPOSED gives the reason it is neither."""
+    from dataclasses import fields
+
+    from saeuron_cli import build_parser
+    from saeuron_cli.erase import erase_fields
+    from saeuron_cli.evaluate import replace_fields
+    from saeuron_core.erasure.options import NOT_EXPOSED, EraseOptions
+
+    names = [f.name for f in fields(EraseOptions)]
+    subs = next(a for a in build_parser()._actions if a.dest == "command").choices
+    node = {f.name for f in fields(EraseOptions) if "node" in f.metadata}
+    erase = {*erase_fields().names, "detect_with"}  # --detect-with is read apart (repeatable pairs)
+    evaluate = set(replace_fields().names)
+    assert erase <= {a.dest for a in subs["erase"]._actions}
+    assert {replace_fields().dest(n) for n in evaluate} <= {a.dest for a in subs["eval"]._actions}
+    offered = node | erase | evaluate
+    assert not offered & set(NOT_EXPOSED) and offered | set(NOT_EXPOSED) == set(names)
+    assert all(NOT_EXPOSED.values())
+
+
 def test_train_online_takes_collects_sampling_options():
     """The options both commands make from CollectConfig: the same defaults; two of them renamed for train."""
     from saeuron_cli import build_parser

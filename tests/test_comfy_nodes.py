@@ -233,6 +233,64 @@ def test_min_coverage_reaches_the_eraser_and_gates_images(host):
                                                  min_coverage=0.1, detect_with="cat=horse")
 
 
+def test_the_erasers_option_inputs_come_from_erase_options(host):
+    """The Concept Eraser's inputs method to detect_with are EraseOptions' fields with node metadata; ComfyUI hands
+    validate_inputs the widget inputs only, as a signature naming each would get."""
+    import inspect
+
+    from comfy_api.internal import first_real_override
+
+    from saeuron_core.erasure.options import EraseOptions
+
+    eraser = node(host, "SAeUronConceptEraser")
+    ids = [i.id for i in eraser.define_schema().inputs]
+    assert ids == ["model", "sae", "concepts", "method", "strength", "start_percent", "end_percent", "cfg_half",
+                   "min_coverage", "detect_with", "mask", "mask_mode", "replace_also_at"]
+    spec = inspect.getfullargspec(first_real_override(eraser, "validate_inputs"))
+    assert spec.varkw is None and sorted(spec.args[1:]) == sorted(set(ids) - {"model", "sae", "mask"})
+    want = EraseOptions(method="replace", strength=0.5, start=0.1, end=0.9, cfg="cond", min_coverage=0.2,
+                        detect_with={"cat": "dog"})
+    assert eraser.options("replace", 0.5, 0.1, 0.9, "cond", 0.2, "cat=dog") == want
+    assert eraser.options("replace", 0.5, 0.1, 0.9, cfg_half="cond", min_coverage=0.2, detect_with="cat=dog") == want
+    assert eraser.options() == EraseOptions(detect_with={})  # a widget not given: its default
+    with pytest.raises(TypeError, match="unknown or repeated input cfg"):
+        eraser.options(cfg="cond")
+
+
+def test_an_eraser_option_added_to_erase_options_reaches_the_node_and_the_cli(host):
+    """Adding an eraser option is one EraseOptions field, whose metadata says where it is offered, and its test."""
+    import argparse
+    import dataclasses
+    import inspect
+    import sys
+
+    from saeuron_cli.erase import erase_fields
+    from saeuron_core.erasure.options import EraseOptions
+
+    @dataclasses.dataclass(frozen=True)
+    class WithFeather(EraseOptions):
+        feather: int = dataclasses.field(default=0, metadata={
+            "help": "replace: soften the mask's edge over this many patches", "cli": True,
+            "node": {"input": "feather_px", "widget": "int", "tooltip": "Soften the mask's edge.", "min": 0, "max": 8,
+                     "step": 1, "optional": True}})
+
+    shipped = sys.modules[node(host, "SAeUronConceptEraser").__module__].ERASER_OPTIONS
+    added = type(shipped)(WithFeather)
+    assert added.names() == [*shipped.names(), "feather_px"]
+    widget = added.inputs()[-1]
+    assert (widget.id, widget.default, widget.min, widget.max, widget.step, widget.optional, widget.tooltip) == \
+        ("feather_px", 0, 0, 8, 1, True, "Soften the mask's edge.")
+    assert [i.as_dict() for i in added.inputs()[:-1]] == [i.as_dict() for i in shipped.inputs()]
+    assert added.build(("replace", 0.5), {"feather_px": 3}) == WithFeather(method="replace", strength=0.5, feather=3,
+                                                                           detect_with={})
+    assert "feather_px" in inspect.signature(added.signed(lambda concepts="", **options: None)).parameters
+    parser = argparse.ArgumentParser()
+    erase_fields(WithFeather).add_to(parser)
+    args = parser.parse_args(["--method", "replace", "--feather", "2"])
+    assert erase_fields(WithFeather).build(args) == WithFeather(method="replace", feather=2)
+    assert erase_fields(WithFeather).names == (*erase_fields().names, "feather")
+
+
 def test_block_before_an_upsampler_or_last_uses_an_object_patch(host):
     """up_blocks.1.attentions.2 is the UNet's last block here: it needs the wrapped SpatialTransformer."""
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8, hook_point="up_blocks.1.attentions.2"))

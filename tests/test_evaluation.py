@@ -106,6 +106,8 @@ def test_activation_shift_measures_distance_from_concept_free_statistics() -> No
 
 
 def test_multi_concept_metrics_and_report_text() -> None:
+    from saeuron_demo.evaluation import settings_json
+
     ev = _evaluator(seeds=1)
     lo, ls = ev._labels()
     objs, stys = lo.clone(), ls.clone()
@@ -116,13 +118,14 @@ def test_multi_concept_metrics_and_report_text() -> None:
     assert m == {"UA": 1.0, "RA_object": 1.0, "RA_style": 1.0}
     rows = [{"kind": "style", "UA": 1.0}, {"kind": "style", "UA": 0.5}]
     assert mean_metrics(rows, ["UA"]) == {"UA": 0.75}
-    report = {"settings": vars(ev.settings), "clean_accuracy": {"object": 1.0, "style": 0.5},
+    report = {"settings": settings_json(ev.settings), "clean_accuracy": {"object": 1.0, "style": 0.5},
               "summary": {"ablate": {"style": {"UA": 0.9, "IRA": 0.8, "CRA": 0.7, "retained_confidence": 0.6,
                                                "activation_shift": 0.5}}}, "seconds": 3.0}
     text = format_report(report)
     assert "| ablate | style | 90.0 | 80.0 | 70.0 | 60.0 | 0.50 |" in text
     assert "ablate strength 10.0, replace strength" in text  # one SAE, no block strengths: the common one is used
-    per_block = {**report, "settings": {**vars(ev.settings), "ablate_strength_at": {"up_blocks.1.attentions.1": 3.0}},
+    per_block = {**report, "settings": {**settings_json(ev.settings),
+                                        "ablate_strength_at": {"up_blocks.1.attentions.1": 3.0}},
                  "saes": [{"hook_point": "up_blocks.1.attentions.1", "concepts": ["stripes"], "ablate_strength": 3.0}]}
     text = format_report(per_block)
     assert "ablate strength 10.0" not in text  # not used: the SAEs line says what is
@@ -252,7 +255,8 @@ def test_gates_and_detectors_reach_the_erasers() -> None:
 def test_erase_options_give_each_method_its_own_settings() -> None:
     from saeuron_core.erasure.options import EraseOptions
 
-    s = EvalSettings(replace_strength=0.5, threshold_scale=0.8, dilation=2, replace_source="nearest", neighbors=3,
+    s = EvalSettings(replace=EraseOptions(method="replace", strength=0.5, threshold_scale=0.8, dilation=2,
+                                          source="nearest", neighbors=3),
                      start=0.1, end=0.9, min_coverage=0.2, min_coverage_of={"solid": 0.05},
                      detect_with={"solid": "solid (detector)"})
     gates = {"min_coverage": {"solid": 0.05, "noise": 0.2}, "detect_with": {"solid": "solid (detector)"}}
@@ -264,18 +268,52 @@ def test_erase_options_give_each_method_its_own_settings() -> None:
     assert s.erase_options("ablate") == EraseOptions(start=0.1, end=0.9, min_coverage=0.2)  # no concepts: the common gate
     # the settings the eraser reads default to the eraser's own defaults
     d, e = EvalSettings(), EraseOptions()
-    assert (d.replace_strength, d.threshold_scale, d.dilation, d.replace_source, d.neighbors, d.start, d.end) == \
+    r = d.replace
+    assert (r.strength, r.threshold_scale, r.dilation, r.source, r.neighbors, d.start, d.end) == \
         (e.strength, e.threshold_scale, e.dilation, e.source, e.neighbors, e.start, e.end)
     with pytest.raises(ConfigError, match="neighbors must be a whole number"):
-        EvalSettings(neighbors=0).erase_options("replace", ["solid"])
+        EvalSettings(replace=EraseOptions(method="replace", neighbors=0)).erase_options("replace", ["solid"])
     with pytest.raises(ConfigError, match="min_coverage for 'solid'"):
         EvalSettings(min_coverage_of={"solid": 2.0}).erase_options("ablate", ["solid"])
+
+
+def test_the_replace_settings_are_only_the_replace_methods_own_options() -> None:
+    from saeuron_core.erasure.options import EraseOptions
+
+    for stray in (EraseOptions(method="replace", end=0.5), EraseOptions(method="replace", min_coverage=0.1),
+                  EraseOptions(strength=0.5)):
+        with pytest.raises(ConfigError, match="the window and the gates are the evaluation's own"):
+            EvalSettings(replace=stray)
+
+
+def test_a_report_holds_the_settings_flat_as_the_shipped_reports_do() -> None:
+    """The report's settings are a file format: the shipped report's keys in its order, the replace options among
+    them by their report names; read back, they give the same settings."""
+    from pathlib import Path
+
+    from saeuron_core.erasure.options import EraseOptions
+    from saeuron_demo.evaluation import REPLACE_SETTINGS, settings_from_json, settings_json
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "docs" / "eval-report.json").read_text())["settings"]
+    assert list(settings_json(EvalSettings())) == list(shipped)
+    assert json.dumps(settings_json(settings_from_json(shipped))) == json.dumps(shipped)
+    assert REPLACE_SETTINGS == ("replace_strength", "threshold_scale", "dilation", "replace_source", "neighbors",
+                                "replace_also_at")
+    s = EvalSettings(seeds=[3, 4], replace=EraseOptions(method="replace", strength=0.5, source="nearest", neighbors=2),
+                     start=0.2, replace_also_at={"a": ["b"]}, min_coverage_of={"solid": 0.1})
+    flat = settings_json(s)
+    assert (flat["replace_strength"], flat["replace_source"], flat["neighbors"], flat["start"]) == (0.5, "nearest", 2, 0.2)
+    assert settings_from_json(flat) == s
+    assert settings_from_json({"seeds": [1]}) == EvalSettings(seeds=[1])  # an older report's missing settings
 
 
 def test_the_erasers_take_the_settings_erase_options() -> None:
     styles = _with_concepts(TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_point="up_blocks.1.attentions.2")),
                             ["solid", "noise"])
-    settings = EvalSettings(ablate_strength_of={"solid": 4.0}, replace_strength=0.5, dilation=0, end=0.5)
+    from saeuron_core.erasure.options import EraseOptions
+
+    settings = EvalSettings(ablate_strength_of={"solid": 4.0}, replace=EraseOptions(method="replace", strength=0.5,
+                                                                                   dilation=0), end=0.5)
     ev = Evaluator(None, [styles], None, settings)
     for method in ("ablate", "replace"):
         eraser = ev._erasers(method, ["solid", "noise"])["up_blocks.1.attentions.2"]
@@ -340,9 +378,9 @@ def test_best_strength_can_require_the_retained_label_to_survive() -> None:
 
 def _report(rows: dict[str, list[dict]], clean: float = 1.0, seconds: float = 10.0) -> dict:
     grid = demo_grid()
-    from dataclasses import asdict
+    from saeuron_demo.evaluation import settings_json
 
-    return {"settings": asdict(EvalSettings(seeds=[1000])), "grid": {"objects": grid.object_names, "styles": grid.style_names},
+    return {"settings": settings_json(EvalSettings(seeds=[1000])), "grid": {"objects": grid.object_names, "styles": grid.style_names},
             "saes": [{"hook_point": "up_blocks.1.attentions.2", "concepts": [], "ablate_strength": 2.0}],
             "clean_accuracy": {"object": clean, "style": 0.9}, "per_concept": rows,
             "summary": {m: {} for m in rows}, "seconds": seconds}
@@ -368,7 +406,7 @@ def test_update_report_replaces_rows_and_recomputes_the_summary() -> None:
 
 
 def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
-    from saeuron_demo.evaluation import check_updatable, update_report
+    from saeuron_demo.evaluation import check_updatable, settings_from_json, update_report
 
     old = _report({"ablate": [_row("noise", "style", 0.5), _row("outline", "style", 0.25)]})
     old["settings"].update(ablate_strength_of={"noise": 1.0, "outline": 5.0}, min_coverage_of={"outline": 0.2},
@@ -381,7 +419,7 @@ def test_update_may_change_only_the_remeasured_concepts_own_settings() -> None:
     assert merged["settings"]["min_coverage_of"] == {"outline": 0.3}
     assert merged["updates"][0]["changed"] == {"ablate_strength_of": {"outline": 7.0}, "min_coverage_of": {"outline": 0.3}}
     assert "with ablate strength of outline 7.0; min coverage of outline 0.3." in format_report(merged)
-    settings = EvalSettings(**new["settings"])
+    settings = settings_from_json(new["settings"])
     check_updatable(old, settings, concepts=["outline"])
     # Another concept's own setting, or the re-measured one's when it is not re-measured, is refused.
     with pytest.raises(ConfigError, match="settings differ"):
@@ -409,7 +447,7 @@ def test_update_report_refuses_runs_it_cannot_merge(change, message) -> None:
 
 
 def test_an_update_may_replace_every_replace_row_with_its_own_settings_and_sets() -> None:
-    from saeuron_demo.evaluation import check_updatable, update_report
+    from saeuron_demo.evaluation import check_updatable, settings_from_json, update_report
 
     old = _report({"ablate": [_row("circle", "object", 0.5), _row("outline", "style", 0.25)],
                    "replace": [_row("circle", "object", 0.1), _row("outline", "style", 0.2)]})
@@ -419,7 +457,7 @@ def test_an_update_may_replace_every_replace_row_with_its_own_settings_and_sets(
     new = _report({"replace": [_row("circle", "object", 0.9), _row("outline", "style", 0.8)]}, seconds=5.0)
     new["settings"].update(replace_source="uncond", dilation=1, replace_also_at={"a": ["b"]})
     new["multi"] = {"replace": [{"n": 2, "concepts": ["circle", "outline"], "UA": 0.9}]}
-    settings = EvalSettings(**new["settings"])
+    settings = settings_from_json(new["settings"])
     check_updatable(old, settings, concepts=["circle", "outline"], methods=["none", "replace"], multi=True)
     merged = update_report(old, new)
     assert merged["summary"]["replace"]["object"]["UA"] == 0.9 and merged["summary"]["ablate"] == old["summary"]["ablate"]

@@ -13,6 +13,11 @@ from ..errors import ConfigError
 Method = Literal["ablate", "replace"]
 MAX_ABLATE_STRENGTH = 100.0
 ConceptsArg = Union[str, Sequence[Union[str, tuple[str, float]]], Mapping[str, float]]
+#: the fields that no CLI flag or node input offers, and why (see :class:`EraseOptions` for where the others are)
+NOT_EXPOSED = {
+    "seed": "only source 'sample' draws with it; the CLI and the node keep the default, so their draws repeat",
+    "record_masks": "a switch for reading where replace detected (the demo's replace diagnostics), not a setting",
+}
 
 
 def normalize_concepts(concepts: ConceptsArg, strength: float) -> dict[str, float]:
@@ -50,22 +55,51 @@ def _help(text: str, **more: Any) -> Any:
     return {"help": text, **more}
 
 
+def _node(name: str, widget: str, tooltip: str, **more: Any) -> dict[str, Any]:
+    """``metadata["node"]`` of a field: the Concept Eraser node's input for it (see :class:`EraseOptions`)."""
+    return {"input": name, "widget": widget, "tooltip": tooltip, **more}
+
+
 @dataclass(frozen=True)
 class EraseOptions:
     """An eraser's options, validated on construction (a :class:`ConfigError` says what is expected).
 
-    Each field's ``metadata["help"]`` is the one description the CLI shows.
+    Each field's metadata says where the option is offered besides the library, so adding one is a change here:
+
+    * ``help`` (and ``choices``): the one description the CLI shows;
+    * ``cli``: ``saeuron erase`` offers it as ``--field-name`` (``saeuron eval`` offers the replace method's own,
+      the evaluation's ``REPLACE_OPTIONS``);
+    * ``node``: the Concept Eraser node's input for it: ``input`` (its name), ``widget`` (``float``, ``int``,
+      ``boolean``, ``combo`` of the ``choices``, or ``pairs``: ``'key=value'`` text for a mapping), ``tooltip``,
+      ``min``/``max``/``step``, ``optional``; its default is the field's.
+
+    A field offered nowhere is in :data:`NOT_EXPOSED`, with the reason.
     """
 
     method: Method = field(default="ablate", metadata=_help(
         "ablate (push the concept's features negative) or replace (swap the patches where they fire)",
-        choices=("ablate", "replace")))
+        choices=("ablate", "replace"), cli=True, node=_node(
+            "method", "combo", "ablate (SAeUron): push the concept's features negative where they fire. Erases the "
+            "most; best for styles and for several concepts at once, though the edited activations can lie far "
+            "outside their usual range. replace: the features only detect where the concept is, and those patches "
+            "(grown by one) get the unconditional half's, so activations stay in distribution and the rest of the "
+            "picture is kept. Suited to one object, with replace_also_at naming the later block that draws it "
+            "again; poor for styles.")))
     strength: float = field(default=1.0, metadata=_help(
-        f"ablate: gamma = -strength (0-{MAX_ABLATE_STRENGTH:g}); replace: share of replacement (0-1)"))
-    start: float = field(default=0.0, metadata=_help("start of the window (fraction of denoising, 0 = first step)"))
-    end: float = field(default=1.0, metadata=_help("end of the window (fraction of denoising)"))
+        f"ablate: gamma = -strength (0-{MAX_ABLATE_STRENGTH:g}); replace: share of replacement (0-1)", cli=True,
+        node=_node("strength", "float", "ablate: the negative multiplier (0 = off, below 1 pushes less hard, 1 = "
+                   "SAeUron's style setting, up to 100); replace: share of replacement, 0 to 1.",
+                   min=0.0, max=MAX_ABLATE_STRENGTH, step=0.05)))
+    start: float = field(default=0.0, metadata=_help(
+        "start of the window (fraction of denoising, 0 = first step)", cli=True, node=_node(
+            "start_percent", "float", "Start erasing at this fraction of the denoising (0 = first step).",
+            min=0.0, max=1.0, step=0.01)))
+    end: float = field(default=1.0, metadata=_help("end of the window (fraction of denoising)", cli=True, node=_node(
+        "end_percent", "float", "Stop erasing after this fraction of the denoising (1 = last step).",
+        min=0.0, max=1.0, step=0.01)))
     cfg: Literal["both", "cond", "uncond"] = field(default="both", metadata=_help(
-        "CFG halves to edit", choices=("both", "cond", "uncond")))
+        "CFG halves to edit", choices=("both", "cond", "uncond"), cli=True,
+        node=_node("cfg_half", "combo", "Which classifier-free guidance half to edit.")))
     threshold_scale: float = field(default=1.0, metadata=_help("multiply the firing thresholds"))
     dilation: int = field(default=1, metadata=_help("replace: grow the detection mask by this many patches"))
     source: Literal["sample", "nearest", "uncond"] = field(default="uncond", metadata=_help(
@@ -76,9 +110,15 @@ class EraseOptions:
     seed: int = field(default=0, metadata=_help("replace with source sample: seed of the draws"))
     min_coverage: Union[float, Mapping[str, float]] = field(default=0.0, metadata=_help(
         "erase a concept only in images where its features fire on at least this share (0-1) of the hooked "
-        "feature map (0: everywhere they fire); a mapping gives each concept its own"))
+        "feature map (0: everywhere they fire); a mapping gives each concept its own", cli=True, node=_node(
+            "min_coverage", "float", "Only touch an image where the concept's features fire on at least this share "
+            "of the feature map (0 = wherever they fire). Keeps pictures without the concept as they were.",
+            min=0.0, max=1.0, step=0.01, optional=True)))
     detect_with: Optional[Mapping[str, str]] = field(default=None, metadata=_help(
-        "with min_coverage: {concept: library entry} whose features read the concept's coverage"))
+        "with min_coverage: {concept: library entry} whose features read the concept's coverage", node=_node(
+            "detect_with", "pairs", "With min_coverage: another library entry that decides where the concept is, as "
+            "'concept=entry' pairs separated by commas (e.g. 'solid=solid (detector)'). Empty: each concept's own "
+            "features.", optional=True)))
     record_masks: bool = field(default=False, metadata=_help("keep each call's detection mask (inspection)"))
 
     def __post_init__(self) -> None:

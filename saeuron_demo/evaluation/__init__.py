@@ -23,10 +23,11 @@ hooked in the same generation (as chained Concept Eraser nodes do in ComfyUI).
 Modules, lowest first: :mod:`.settings` (:class:`EvalSettings`, the eraser options it gives each
 method), :mod:`.grid` (the prompts, which SAE erases which concept), :mod:`.generation` (a run's
 images and block statistics), :mod:`.misread` and :mod:`.scoring` (what the classifier read),
-:mod:`.evaluator` (:class:`Evaluator`), :mod:`.suite` (:func:`evaluate`: the whole report),
-:mod:`.report` (JSON save, load and update), :mod:`.markdown` (:func:`format_report`), :mod:`.strengths`
-(choosing strengths on validation) and :mod:`.diagnostics` (where replace detects, per block and step). The JSON
-files of chosen strengths and gates are read by :mod:`saeuron_demo.asset_files`, which the shipped assets use too.
+:mod:`.evaluator` (:class:`Evaluator`), :mod:`.report` (the settings as a report holds them; JSON save,
+load and update), :mod:`.suite` (:func:`evaluate`: the whole report), :mod:`.markdown`
+(:func:`format_report`), :mod:`.strengths` (choosing strengths on validation) and :mod:`.diagnostics`
+(where replace detects, per block and step). The JSON files of chosen strengths and gates are read by
+:mod:`saeuron_demo.asset_files`, which the shipped assets use too.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from .evaluator import SAEs, Evaluator
 from .generation import RunOutput
 from .grid import Grid, concept_owners, demo_grid
 from .markdown import format_report
-from .report import PER_CONCEPT_SETTINGS, REPLACE_SETTINGS, check_updatable, load_report, save_report, update_report
+from .report import (PER_CONCEPT_SETTINGS, REPLACE_SETTINGS, check_updatable, load_report, save_report,
+                     settings_from_json, settings_json, update_report)
 from .scoring import METRIC_KEYS, mean_metrics, summary_by_kind
 from .settings import DEMO_REPLACE_ALSO_AT, METHODS, REPLACE_OPTIONS, SAE_METHODS, EvalSettings
 from .strengths import best_strengths
@@ -46,5 +48,5 @@ __all__ = [
     "DEMO_REPLACE_ALSO_AT", "METHODS", "METRIC_KEYS", "PER_CONCEPT_SETTINGS", "REPLACE_OPTIONS", "REPLACE_SETTINGS", "SAE_METHODS", "SAEs",
     "EvalSettings", "Evaluator", "Grid", "RunOutput", "best_strengths", "check_updatable", "concept_owners",
     "demo_grid", "evaluate", "format_report", "load_concept_strengths", "load_gates", "load_report", "mean_metrics",
-    "save_report", "summary_by_kind", "update_report",
+    "save_report", "settings_from_json", "settings_json", "summary_by_kind", "update_report",
 ]

@@ -6,19 +6,35 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict
-from typing import Any, Collection, Sequence
+from dataclasses import fields
+from typing import Any, Collection, Mapping, Sequence
 
+from saeuron_core.erasure.options import EraseOptions
 from saeuron_core.errors import ConfigError
 
 from ..asset_files import read_json
 from .scoring import summary_by_kind
 from .settings import REPLACE_OPTIONS, EvalSettings
 
+#: :data:`REPLACE_OPTIONS` that a report names ``replace_<option>`` (alone, ``strength`` would read as ablation's and
+#: ``source`` as the prompt's); the others keep their :class:`EraseOptions` names
+PREFIXED = ("strength", "source")
+#: a report's ``settings`` keys, in the order reports hold them (a setting added later follows them)
+SETTINGS_ORDER = ("seeds", "steps", "guidance", "scheduler", "ablate_strength", "ablate_strength_at",
+                  "ablate_strength_of", "replace_strength", "threshold_scale", "min_coverage", "min_coverage_of",
+                  "detect_with", "dilation", "replace_source", "neighbors", "replace_also_at", "start", "end",
+                  "batch_size")
+
+
+def report_name(option: str) -> str:
+    """The report's name of the replace option ``option`` (an :class:`EraseOptions` field)."""
+    return f"replace_{option}" if option in PREFIXED else option
+
+
 # Settings that hold one value per concept: an update may change them for the concepts it re-measures.
 PER_CONCEPT_SETTINGS = ("ablate_strength_of", "min_coverage_of", "detect_with")
 # Settings that only detect-and-replace reads: a report may take new ones when every replace row is re-measured.
-REPLACE_SETTINGS = (*REPLACE_OPTIONS.values(), "replace_also_at")
+REPLACE_SETTINGS = (*map(report_name, REPLACE_OPTIONS), "replace_also_at")
 
 
 def load_report(path: str) -> dict[str, Any]:
@@ -38,8 +54,20 @@ def save_report(report: dict[str, Any], path: str) -> None:
 
 
 def settings_json(settings: EvalSettings) -> dict[str, Any]:
-    """``settings`` as a saved report holds them (JSON types: lists, not tuples)."""
-    return json.loads(json.dumps(asdict(settings)))
+    """``settings`` as a report holds them: flat, the replace options by :func:`report_name`, in
+    :data:`SETTINGS_ORDER`, with JSON types (lists, not tuples)."""
+    flat = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "replace"}
+    flat.update({report_name(option): getattr(settings.replace, option) for option in REPLACE_OPTIONS})
+    order = [k for k in SETTINGS_ORDER if k in flat] + [k for k in flat if k not in SETTINGS_ORDER]
+    return json.loads(json.dumps({k: flat[k] for k in order}))
+
+
+def settings_from_json(saved: Mapping[str, Any]) -> EvalSettings:
+    """The :class:`EvalSettings` of a report's ``settings`` (:func:`settings_json` read back; a setting the report
+    lacks takes its default)."""
+    options = {report_name(option): option for option in REPLACE_OPTIONS}
+    replace = EraseOptions(method="replace", **{options[k]: v for k, v in saved.items() if k in options})
+    return EvalSettings(**{k: copy.deepcopy(v) for k, v in saved.items() if k not in options}, replace=replace)
 
 
 def _check_same(key: str, old: Any, new: Any) -> None:

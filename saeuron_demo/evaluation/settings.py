@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
 from saeuron_core.erasure.options import EraseOptions
+from saeuron_core.errors import ConfigError
 
 METHODS = ("none", "negative_prompt", "ablate", "replace")
 SAE_METHODS = ("ablate", "replace")  # the methods that erase with the SAEs' concept libraries
@@ -14,18 +15,19 @@ SAE_METHODS = ("ablate", "replace")  # the methods that erase with the SAEs' con
 # (EVALUATION.md, "Detect and replace"), replaced with what the first object block detects.
 DEMO_REPLACE_ALSO_AT: dict[str, list[str]] = {"down_blocks.2.attentions.1": ["up_blocks.1.attentions.0"]}
 
-_ERASER = EraseOptions()  # the eraser's defaults, which the settings below that it reads share
-#: the settings a replace eraser reads, by the name of the :class:`EraseOptions` field each one sets
-REPLACE_OPTIONS = {"strength": "replace_strength", "threshold_scale": "threshold_scale", "dilation": "dilation",
-                   "source": "replace_source", "neighbors": "neighbors"}
+#: the :class:`EraseOptions` fields a replace eraser takes from :attr:`EvalSettings.replace` (its other fields are the
+#: evaluation's own: the window and the gates, which ablation shares; ablation keeps the eraser's defaults for these)
+REPLACE_OPTIONS = ("strength", "threshold_scale", "dilation", "source", "neighbors")
+_REPLACE = EraseOptions(method="replace")
 
 
 @dataclass
 class EvalSettings:
     """How images are generated and erased during an evaluation.
 
-    The fields are the report's ``settings`` (saved reports hold them by these names). The eraser's own
-    options among them reach the erasers through :meth:`erase_options`.
+    ``replace`` holds the replace method's own eraser options (:data:`REPLACE_OPTIONS`); the window
+    (``start``, ``end``) and the gates are the evaluation's, for both SAE methods. The erasers get them
+    through :meth:`erase_options`. A report holds these settings flat (``report.settings_json``).
     """
 
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -35,19 +37,23 @@ class EvalSettings:
     ablate_strength: float = 10.0
     ablate_strength_at: dict[str, float] = field(default_factory=dict)  # hook point -> strength of the SAE there
     ablate_strength_of: dict[str, float] = field(default_factory=dict)  # concept -> its own strength (wins over both)
-    replace_strength: float = _ERASER.strength
-    threshold_scale: float = _ERASER.threshold_scale  # replace only: ablate keeps the eraser's default
+    replace: EraseOptions = _REPLACE
     min_coverage: float = 0.0  # erase a concept only in images where it fires on this share of the feature map
     min_coverage_of: dict[str, float] = field(default_factory=dict)  # concept -> its own gate (wins over the common)
     detect_with: dict[str, str] = field(default_factory=dict)  # concept -> library entry that reads its coverage
-    dilation: int = _ERASER.dilation
-    replace_source: str = _ERASER.source
-    neighbors: int = _ERASER.neighbors  # replace_source "nearest": the mean of this many nearest undetected patches
     # replace: detecting hook point -> later blocks where what it detected is replaced too
     replace_also_at: dict[str, list[str]] = field(default_factory=dict)
-    start: float = _ERASER.start  # the SAE methods act on this window of the denoising (0 = first step)
-    end: float = _ERASER.end
+    start: float = _REPLACE.start  # the SAE methods act on this window of the denoising (0 = first step)
+    end: float = _REPLACE.end
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        others = {f.name for f in fields(EraseOptions)} - set(REPLACE_OPTIONS)
+        stray = sorted(n for n in others if getattr(self.replace, n) != getattr(_REPLACE, n))
+        if stray:
+            raise ConfigError(f"EvalSettings.replace is EraseOptions(method='replace', ...) with only the replace "
+                              f"method's own options set ({', '.join(REPLACE_OPTIONS)}), not {', '.join(stray)}: the "
+                              f"window and the gates are the evaluation's own settings, for both methods")
 
     def block_strength(self, hook_point: str) -> float:
         """Ablation strength of the SAE at ``hook_point``: that block's if set, else the common one."""
@@ -66,10 +72,10 @@ class EvalSettings:
         """The options of a ``method`` (ablate or replace) eraser of ``concepts`` (validated on construction).
 
         Both methods act in the ``start``-``end`` window with each concept's gate (without ``concepts``:
-        the common ``min_coverage``, no detectors). Only replace reads the replace settings (strength,
-        threshold scale, dilation, source, neighbors); ablation takes its strengths per concept
-        (:meth:`strength_for`) and leaves the rest at the eraser's defaults.
+        the common ``min_coverage``, no detectors). Only replace reads :attr:`replace` (its
+        :data:`REPLACE_OPTIONS`: strength, threshold scale, dilation, source, neighbors); ablation takes its
+        strengths per concept (:meth:`strength_for`) and leaves the rest at the eraser's defaults.
         """
         gates = self.gate_options(concepts) if concepts is not None else {"min_coverage": self.min_coverage}
-        own = {option: getattr(self, name) for option, name in REPLACE_OPTIONS.items()} if method == "replace" else {}
+        own = {name: getattr(self.replace, name) for name in REPLACE_OPTIONS} if method == "replace" else {}
         return EraseOptions(method=method, start=self.start, end=self.end, **own, **gates)  # type: ignore[arg-type]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
 from typing import Any, Callable, Optional, Sequence
 
 from saeuron_core.errors import ConfigError
 
 from .evaluator import SAEs, Evaluator
 from .generation import RunOutput
+from .report import settings_json
 from .scoring import summary_by_kind
 from .settings import METHODS, SAE_METHODS, EvalSettings
 
@@ -33,7 +33,7 @@ def _clean_part(ev: Evaluator, settings: EvalSettings, concepts: Sequence[str], 
     """The report's head: settings, SAEs, grid and the clean run's accuracy and misreadings."""
     saes = [{"hook_point": hp, "concepts": [c for c in concepts if i in ev.owners.get(c, [])],
              "ablate_strength": ev.ablate_strength(i)} for i, hp in enumerate(ev.hook_points)]
-    return {"settings": asdict(settings), "saes": saes,
+    return {"settings": settings_json(settings), "saes": saes,
             "grid": {"objects": ev.grid.object_names, "styles": ev.grid.style_names},
             "clean_accuracy": ev.accuracy(clean), "clean_misread": ev.clean_misreads(clean),
             "per_concept": {}, "summary": {}}
