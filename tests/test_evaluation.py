@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from saeuron_demo.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
-                                          format_report, mean_metrics)
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.model import SAEConfig, TopKSAE
+from saeuron_demo.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
+                                     format_report, mean_metrics, summary_by_kind)
+from saeuron_demo.evaluation.intervals import wilson
 
 
 def _evaluator(seeds: int = 2) -> Evaluator:
@@ -50,6 +51,18 @@ def test_ua_ira_cra_from_classifier_readings() -> None:
     assert m["IRA"] == pytest.approx(1 - 1 / 112)
     assert m["CRA"] == pytest.approx(1 - 4 / 128)
     assert m["retained_confidence"] == pytest.approx(0.9125)
+    # What the intervals are made of: hits and images of each share, the confidence of each erased image.
+    assert m["counts"] == {"UA": [16, 16], "IRA": [111, 112], "CRA": [124, 128]}
+    assert len(m["confidences"]) == 16 and sum(m["confidences"]) / 16 == pytest.approx(0.9125)
+    assert m["interval"]["UA"] == list(wilson(16, 16)) and m["interval"]["CRA"] == list(wilson(124, 128))
+    lo_conf, hi_conf = m["interval"]["retained_confidence"]
+    assert lo_conf - 1e-5 <= m["retained_confidence"] <= hi_conf + 1e-5  # (confidences kept to 5 decimals)
+    # A kind pools its concepts' images.
+    ring = ev.concept_metrics(_run(ev, objs, stys), "ring", clean)
+    both = summary_by_kind([{"concept": "star", "kind": "object", **m}, {"concept": "ring", "kind": "object", **ring}])
+    assert both["object"]["interval"]["UA"] == list(wilson(16 + ring["counts"]["UA"][0], 32))
+    assert both["object"]["UA"] == pytest.approx((m["UA"] + ring["UA"]) / 2)
+    assert "interval" not in summary_by_kind([{"kind": "style", "UA": 1.0}])["style"]  # a row from an older report
     names = ev.grid.object_names
     assert m["misread"] == {f"{names[lo[other]]} as {names[objs[other]]}": 1}  # the one IRA lost
     assert ev.clean_misreads(_run(ev, objs, stys))["object"] == {"star as circle": 16, **m["misread"]}
@@ -115,7 +128,9 @@ def test_multi_concept_metrics_and_report_text() -> None:
     objs[lo == star] = 0
     stys[ls == stripes] = 0
     m = ev.multi_metrics(_run(ev, objs, stys), ["star", "stripes"])
-    assert m == {"UA": 1.0, "RA_object": 1.0, "RA_style": 1.0}
+    counts = {"UA": [16, 16], "RA_object": [56, 56], "RA_style": [56, 56]}  # 8 star + 8 stripes images erased
+    assert m == {"UA": 1.0, "RA_object": 1.0, "RA_style": 1.0, "counts": counts,
+                 "interval": {k: list(wilson(*v)) for k, v in counts.items()}}
     rows = [{"kind": "style", "UA": 1.0}, {"kind": "style", "UA": 0.5}]
     assert mean_metrics(rows, ["UA"]) == {"UA": 0.75}
     report = {"settings": settings_json(ev.settings), "clean_accuracy": {"object": 1.0, "style": 0.5},

@@ -10,12 +10,25 @@ def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def _summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+INTERVALS_NOTE = ("In brackets: 95% intervals over the images (Wilson's for the shares, a bootstrap for the mean "
+                  "confidence). A target counts as met when the measured value reaches it; the interval shows how "
+                  "firm that is.")
+
+
+def _ci(m: dict[str, Any], key: str, digits: int = 1) -> str:
+    """A percentage with its 95% interval where the row has one: ``95.3 (93.4–96.7)``."""
+    bounds = (m.get("interval") or {}).get(key)
+    if not bounds or any(b is None or math.isnan(b) for b in bounds):
+        return _pct(m.get(key))
+    return f"{_pct(m.get(key))} ({100 * bounds[0]:.{digits}f}–{100 * bounds[1]:.{digits}f})"
+
+
+def _summary_table(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     lines = ["| method | kind | UA | IRA | CRA | retained conf. | act. shift |", "|---|---|---|---|---|---|---|"]
     for method, by_kind in summary.items():
         for kind, m in by_kind.items():
-            lines.append(f"| {method} | {kind} | {_pct(m['UA'])} | {_pct(m['IRA'])} | {_pct(m['CRA'])} | "
-                         f"{_pct(m['retained_confidence'])} | {m['activation_shift']:.2f} |")
+            lines.append(f"| {method} | {kind} | {_ci(m, 'UA')} | {_ci(m, 'IRA')} | {_ci(m, 'CRA')} | "
+                         f"{_ci(m, 'retained_confidence')} | {m['activation_shift']:.2f} |")
     return lines
 
 
@@ -80,7 +93,7 @@ def _per_concept_lines(report: dict[str, Any]) -> list[str]:
     lines = ["", "Per concept (UA / IRA / CRA):", "",
              "| concept | kind | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for i, row in enumerate(next(iter(per.values()))):
-        cells = [f"{_pct(per[m][i]['UA'])} / {_pct(per[m][i]['IRA'])} / {_pct(per[m][i]['CRA'])}" for m in methods]
+        cells = [" / ".join(_ci(per[m][i], key, 0) for key in ("UA", "IRA", "CRA")) for m in methods]
         lines.append(f"| {row['concept']} | {row['kind']} | " + " | ".join(cells) + " |")
     return lines + _misread_lines(report, per)
 
@@ -93,8 +106,8 @@ def _set_run_lines(report: dict[str, Any]) -> list[str]:
                   "| method | n | concepts | UA | retain object | retain style |", "|---|---|---|---|---|---|"]
         for method, rows in report["multi"].items():
             for r in rows:
-                lines.append(f"| {method} | {r['n']} | {', '.join(r['concepts'])} | {_pct(r['UA'])} | "
-                             f"{_pct(r['RA_object'])} | {_pct(r['RA_style'])} |")
+                lines.append(f"| {method} | {r['n']} | {', '.join(r['concepts'])} | {_ci(r, 'UA')} | "
+                             f"{_ci(r, 'RA_object')} | {_ci(r, 'RA_style')} |")
     g = report.get("generalization")
     if g:
         lines += ["", f"Generalisation: {g['steps']} {g['scheduler']} steps (concepts learned with another sampler); "
@@ -108,6 +121,8 @@ def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a report from :func:`~saeuron_demo.evaluation.evaluate`."""
     per_sae = len(report.get("saes", [])) > 1 or bool(report["settings"].get("ablate_strength_at"))
     lines = _settings_lines(report, per_sae) + _summary_table(report["summary"])
+    if any("interval" in m for by_kind in report["summary"].values() for m in by_kind.values()):
+        lines += ["", INTERVALS_NOTE]
     lines += _per_concept_lines(report) + _set_run_lines(report)
     lines += ["", f"Evaluation time: {report['seconds']:.0f} s."]
     for u in report.get("updates", []):
