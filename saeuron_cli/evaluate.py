@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from saeuron_core.errors import ConfigError
+from saeuron_demo.assets import EVALUATION_SEEDS
 
 from .common import add_gate_args, gate_args, load_model, parse_seeds
 from .fields import Fields
@@ -30,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--methods", default="none,negative_prompt,ablate,replace",
                     help="comma-separated: none, negative_prompt, ablate, replace")
     ev.add_argument("--concepts", default=None, help="comma-separated concepts (default: every object and style)")
-    ev.add_argument("--seeds", type=parse_seeds, default=[1000], help="'0,1,2' or '0-9' (one image per prompt and seed)")
+    ev.add_argument("--seeds", type=parse_seeds, default=list(EVALUATION_SEEDS),
+                    help="'0,1,2' or '0-9' (one image per prompt and seed; default: the evaluation seeds 1000-1007)")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=3.0)
     ev.add_argument("--scheduler", default="ddim")
@@ -55,6 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--generalization", default="euler_a:30",
                     help="SCHEDULER:STEPS to re-run the SAE methods with another sampler ('' for none)")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--no-defaults", action="store_true",
+                    help="leave out the runs of each SAE method with the Concept Eraser node's defaults")
     ev.add_argument("--quick", action="store_true",
                     help="smoke run: one seed, 8 steps, one object and one style, no multi/generalisation runs")
     ev.add_argument("--json", default=None, help="write the full report here")
@@ -118,7 +122,8 @@ def run(a: argparse.Namespace) -> int:
     if earlier is not None:
         grid = earlier.get("grid") or {}  # without --concepts every concept is re-measured
         check_updatable(earlier, settings, set_runs=bool(gen), multi=bool(multi), methods=methods,
-                        concepts=concepts or grid.get("objects", []) + grid.get("styles", []))
+                        concepts=concepts or grid.get("objects", []) + grid.get("styles", []),
+                        node_defaults=not a.no_defaults)
     saes = [load_sae(path) for path in a.sae] if a.sae else [load_sae(_demo_asset(None, name)) for name in assets.SAES]
     classifier = load_classifier(_demo_asset(a.classifier, "classifier"))
     pipe = load_model(_demo_asset(a.model, "model"))
@@ -126,7 +131,8 @@ def run(a: argparse.Namespace) -> int:
     if gen:
         set_scheduler(pipe, gen[0])
     report = evaluate(pipe, saes, classifier, settings, methods=methods, concepts=concepts, multi=multi,
-                      generalization=gen, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                      generalization=gen, node_defaults=not a.no_defaults,
+                      progress=lambda msg: print(msg, file=sys.stderr, flush=True),
                       misread_dir=a.misread_dir)
     if earlier is not None:
         report = update_report(earlier, report)

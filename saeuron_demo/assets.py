@@ -16,6 +16,10 @@ from pathlib import Path
 from .asset_files import load_concept_strengths, load_gates
 
 ASSETS = Path(__file__).resolve().parents[1] / "demo_assets"
+# Seeds, kept apart: SAEs are trained on 0-5 and concepts learned on 100-103; every setting is chosen on the
+# validation seeds only, and the evaluation's figures come from the evaluation seeds, which nothing is tuned on.
+VALIDATION_SEEDS = range(500, 504)
+EVALUATION_SEEDS = range(1000, 1008)
 OBJECT_SAE = "sae-objects.safetensors"          # down_blocks.2.attentions.1: where the object enters the UNet
 OBJECT_MID_SAE = "sae-objects-mid.safetensors"  # mid_block.attentions.0: where more of it enters
 STYLE_SAE = "sae-styles.safetensors"            # up_blocks.1.attentions.2: where the style enters

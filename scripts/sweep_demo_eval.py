@@ -20,6 +20,7 @@ import sys
 import time
 
 from saeuron_cli import add_gate_args, gate_args, parse_seeds
+from saeuron_demo.assets import EVALUATION_SEEDS, VALIDATION_SEEDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "demo_assets")
@@ -95,7 +96,13 @@ def parse_args() -> argparse.Namespace:
                         "retained label stays at least this high (0-1; 0: the best mean of UA, IRA and CRA)")
     p.add_argument("--merge", action="store_true",
                    help="keep the concepts of an existing --per-concept-out file that this sweep does not run")
-    return p.parse_args()
+    a = p.parse_args()
+    tuned_on = sorted(set(a.seeds) & set(EVALUATION_SEEDS))
+    if tuned_on:
+        first, last = VALIDATION_SEEDS.start, VALIDATION_SEEDS.stop - 1
+        p.error(f"seeds {tuned_on} are evaluation seeds ({EVALUATION_SEEDS.start}-{EVALUATION_SEEDS.stop - 1}); "
+                f"settings are chosen on validation seeds only (e.g. {first}-{last})")
+    return a
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import run_cli
+from cli_helpers import assert_user_error, run_cli
 
 from saeuron_demo.classifier import load_classifier, predict
 from saeuron_demo.dataset import OBJECTS, STYLES, generate
@@ -111,6 +111,15 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
         for row in report["per_concept"][method]:
             assert 0.0 <= row["IRA"] <= 1.0 and 0.0 <= row["CRA"] <= 1.0 and row["activation_shift"] >= 0
     assert torch.isfinite(torch.tensor([r["retained_confidence"] for r in report["per_concept"]["ablate"]])).all()
+    # Every figure with its interval; the same methods with the node's defaults (what a user gets) beside them.
+    row = report["per_concept"]["ablate"][0]
+    assert row["counts"]["UA"] == [round(row["UA"] * 8), 8] and len(row["confidences"]) == 8
+    assert row["interval"]["UA"][0] <= row["UA"] <= row["interval"]["UA"][1]
+    defaults = report["defaults"]
+    assert defaults["settings"]["ablate_strength"] == 1.0 and defaults["settings"]["ablate_strength_of"] == {}
+    assert defaults["settings"]["min_coverage_of"] == {} and defaults["settings"]["replace_also_at"] == {}
+    assert defaults["settings"]["seeds"] == [1000] and set(defaults["per_concept"]) == {"ablate", "replace"}
+    assert "With the Concept Eraser node's defaults" in out and "In brackets: 95% intervals" in out
 
     # Re-measuring one concept into the report (--update) reproduces its rows: generation is deterministic.
     code, out, err = run_cli(capsys, "eval", "--quick", "--concepts", "stripes", "--update", tmp_path / "report.json",
@@ -133,6 +142,12 @@ def test_eval_quick_loads_everything_and_erases(capsys, tmp_path):
             assert {k: new_row[k] for k in ("UA", "IRA", "CRA")} == {k: row[k] for k in ("UA", "IRA", "CRA")}
             assert new_row["activation_shift"] == pytest.approx(row["activation_shift"], rel=1e-5)
     assert updated["updates"][0]["concepts"] == ["stripes"] and "Re-measured by an update" in out
+    for method, rows in report["defaults"]["per_concept"].items():  # the node-default rows are re-measured too
+        assert [(r["concept"], r["UA"], r["IRA"]) for r in updated["defaults"]["per_concept"][method]] == \
+            [(r["concept"], r["UA"], r["IRA"]) for r in rows]
+    code, _, err = run_cli(capsys, "eval", "--quick", "--concepts", "stripes", "--no-defaults", "--update",
+                           tmp_path / "report.json")
+    assert_user_error(code, err, "rows with the node's defaults (ablate, replace) would go stale")
 
 
 def test_eval_refuses_block_strengths_it_cannot_use(capsys):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from saeuron_core.erasure.options import EraseOptions
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.model import SAEConfig, TopKSAE
 from saeuron_demo.evaluation import (EvalSettings, Evaluator, RunOutput, best_strengths, concept_owners, demo_grid,
@@ -503,3 +504,33 @@ def test_update_report_refuses_to_leave_runs_over_the_updated_concept_stale() ->
     old["generalization"] = {"summary": {}}
     with pytest.raises(ConfigError, match="generalisation summary covers every concept"):
         update_report(old, _report({"ablate": [_row("outline", "style", 0.75)]}))
+
+
+def test_node_defaults_keep_the_generation_and_drop_every_tuned_setting() -> None:
+    tuned = EvalSettings(seeds=[1000, 1001], steps=12, guidance=4.0, scheduler="euler", ablate_strength=10.0,
+                         ablate_strength_at={"mid_block.attentions.0": 5.0}, ablate_strength_of={"star": 2.0},
+                         replace=EraseOptions(method="replace", strength=0.5, dilation=2), min_coverage=0.1,
+                         min_coverage_of={"solid": 0.05}, detect_with={"solid": "solid (detector)"},
+                         replace_also_at={"down_blocks.2.attentions.1": ["up_blocks.1.attentions.0"]}, start=0.2,
+                         batch_size=16)
+    user = tuned.node_defaults()
+    assert user == EvalSettings(seeds=[1000, 1001], steps=12, guidance=4.0, scheduler="euler", batch_size=16,
+                                ablate_strength=EraseOptions().strength)
+    assert user.strength_for("star", "mid_block.attentions.0") == 1.0
+    assert user.erase_options("replace", ["star"]) == EraseOptions(method="replace", min_coverage={"star": 0.0},
+                                                                   detect_with={})
+
+
+def test_an_update_re_measures_the_node_default_rows_of_its_concepts() -> None:
+    from saeuron_demo.evaluation import update_report
+
+    rows = [_row("star", "object", 1.0), _row("outline", "style", 0.25)]
+    old = {**_report({"ablate": rows}), "defaults": {"settings": {}, "per_concept": {"ablate": rows}, "summary": {}}}
+    with pytest.raises(ConfigError, match="rows with the node's defaults \\(ablate\\) would go stale"):
+        update_report(old, _report({"ablate": [_row("outline", "style", 0.75)]}))
+    new = {**_report({"ablate": [_row("outline", "style", 0.75)]}),
+           "defaults": {"settings": {}, "per_concept": {"ablate": [_row("outline", "style", 0.5)]}, "summary": {}}}
+    merged = update_report(old, new)
+    assert [(r["concept"], r["UA"]) for r in merged["defaults"]["per_concept"]["ablate"]] == [("star", 1.0),
+                                                                                              ("outline", 0.5)]
+    assert merged["defaults"]["summary"]["ablate"]["style"]["UA"] == 0.5

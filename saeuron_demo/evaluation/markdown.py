@@ -84,6 +84,17 @@ def _settings_lines(report: dict[str, Any], per_sae: bool) -> list[str]:
     return lines
 
 
+def _defaults_lines(report: dict[str, Any]) -> list[str]:
+    """What a user gets: each SAE method with the Concept Eraser node's defaults, where the report has them."""
+    defaults = report.get("defaults")
+    if not defaults:
+        return []
+    s = defaults["settings"]
+    return ["", f"With the Concept Eraser node's defaults (what a user gets without tuning: strength "
+                f"{s['ablate_strength']:g} for every concept, replace strength {s['replace_strength']:g}, no gate, "
+                f"the SAE's own block only):", ""] + _summary_table(defaults["summary"])
+
+
 def _per_concept_lines(report: dict[str, Any]) -> list[str]:
     """The UA / IRA / CRA of each concept under each method but ``none``, and what IRA lost."""
     per = {m: rows for m, rows in report.get("per_concept", {}).items() if m != "none"}
@@ -123,7 +134,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = _settings_lines(report, per_sae) + _summary_table(report["summary"])
     if any("interval" in m for by_kind in report["summary"].values() for m in by_kind.values()):
         lines += ["", INTERVALS_NOTE]
-    lines += _per_concept_lines(report) + _set_run_lines(report)
+    lines += _defaults_lines(report) + _per_concept_lines(report) + _set_run_lines(report)
     lines += ["", f"Evaluation time: {report['seconds']:.0f} s."]
     for u in report.get("updates", []):
         changed = "; ".join(f"{key.replace('_', ' ')} " + ", ".join(f"{c} {v}" for c, v in vals.items())

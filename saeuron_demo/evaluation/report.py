@@ -123,9 +123,11 @@ def _whole_methods(report: dict[str, Any], methods: Collection[str], concepts: C
 
 
 def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs: bool = False,
-                    concepts: Sequence[str] = (), methods: Sequence[str] = (), multi: bool = False) -> None:
-    """Fail before generating anything when an update of ``report`` would be refused (other settings, or
-    ``set_runs``: several-at-once or generalisation runs asked for).
+                    concepts: Sequence[str] = (), methods: Sequence[str] = (), multi: bool = False,
+                    node_defaults: bool = True) -> None:
+    """Fail before generating anything when an update of ``report`` would be refused (other settings,
+    ``set_runs``: several-at-once or generalisation runs asked for, or the report's node-default rows left
+    stale: ``node_defaults`` off).
 
     Only the re-measured ``concepts`` may have their own strength, gate or detector changed. When every row
     of a method is re-measured (``methods``), its several-at-once runs may be too (``multi``), and for
@@ -136,6 +138,10 @@ def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs:
     if multi and not (sae_methods and set(sae_methods) <= set(whole) and report.get("multi")):
         _refuse_set_runs(True)
     _refuse_set_runs(set_runs)
+    stale = [m for m in (report.get("defaults") or {}).get("per_concept", {}) if m in methods]
+    if stale and not node_defaults:
+        raise ConfigError(f"cannot update the report: its rows with the node's defaults ({', '.join(stale)}) would "
+                          f"go stale; re-measure them too (leave out --no-defaults)")
     _check_settings(report, settings_json(settings), concepts, whole)
 
 
@@ -174,6 +180,15 @@ def _update_entry(old: dict[str, Any], new: dict[str, Any], concepts: list[str],
     return entry
 
 
+def _merge_rows(out: dict[str, Any], new: dict[str, Any], order: Sequence[str]) -> None:
+    """Put ``new``'s per-concept rows into ``out`` (in the grid's order) and recompute ``out``'s summaries."""
+    for method, rows in new["per_concept"].items():
+        merged = {r["concept"]: r for r in out["per_concept"].get(method, [])}
+        merged.update({r["concept"]: r for r in rows})
+        out["per_concept"][method] = sorted(merged.values(), key=lambda r: order.index(r["concept"]))
+        out["summary"][method] = summary_by_kind(out["per_concept"][method])
+
+
 def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old`` with the per-concept rows that ``new`` re-measured, and its summaries recomputed.
 
@@ -201,13 +216,16 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("cannot update the report: its " + (f"several-at-once runs erase {', '.join(in_sets)}"
                           if in_sets else "generalisation summary covers every concept")
                           + "; run the whole evaluation instead")
+    stale = [m for m in (old.get("defaults") or {}).get("per_concept", {}) if m in new["per_concept"]
+             and m not in (new.get("defaults") or {}).get("per_concept", {})]
+    if stale:
+        raise ConfigError(f"cannot update the report: its rows with the node's defaults ({', '.join(stale)}) would "
+                          f"go stale; re-measure them too (leave out --no-defaults)")
     out = copy.deepcopy(old)
     out["settings"] = copy.deepcopy(new["settings"])
-    for method, rows in new["per_concept"].items():
-        merged = {r["concept"]: r for r in out["per_concept"][method]}
-        merged.update({r["concept"]: r for r in rows})
-        out["per_concept"][method] = sorted(merged.values(), key=lambda r: order.index(r["concept"]))
-        out["summary"][method] = summary_by_kind(out["per_concept"][method])
+    _merge_rows(out, new, order)
+    if old.get("defaults"):
+        _merge_rows(out["defaults"], new["defaults"], order)
     for method, runs in new_multi.items():
         out["multi"][method] = copy.deepcopy(runs)
     out["updates"] = [*old.get("updates", []), _update_entry(old, new, concepts, whole)]

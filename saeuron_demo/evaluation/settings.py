@@ -55,6 +55,13 @@ class EvalSettings:
                               f"method's own options set ({', '.join(REPLACE_OPTIONS)}), not {', '.join(stray)}: the "
                               f"window and the gates are the evaluation's own settings, for both methods")
 
+    def node_defaults(self) -> "EvalSettings":
+        """The same generation with every erasure setting at the Concept Eraser node's defaults: its default
+        strength for every concept on every block, no gate, the whole denoising, the SAE's own block only."""
+        return EvalSettings(seeds=list(self.seeds), steps=self.steps, guidance=self.guidance,
+                            scheduler=self.scheduler, ablate_strength=EraseOptions().strength,
+                            batch_size=self.batch_size)
+
     def block_strength(self, hook_point: str) -> float:
         """Ablation strength of the SAE at ``hook_point``: that block's if set, else the common one."""
         return self.ablate_strength_at.get(hook_point, self.ablate_strength)

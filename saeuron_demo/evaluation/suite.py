@@ -69,11 +69,28 @@ def _generalization(ev: Evaluator, sae_methods: Sequence[str], concepts: Sequenc
     return out
 
 
+def _node_defaults(ev: Evaluator, sae_methods: Sequence[str], concepts: Sequence[str],
+                   clean: RunOutput) -> dict[str, Any]:
+    """Each SAE method with the Concept Eraser node's defaults (what a user gets without tuning), on the same
+    clean run."""
+    user = Evaluator(ev.pipe, ev.saes, ev.classifier, ev.settings.node_defaults(), grid=ev.grid,
+                     progress=ev.progress)
+    out: dict[str, Any] = {"settings": settings_json(user.settings), "per_concept": {}, "summary": {}}
+    for method in sae_methods:
+        rows = user.per_concept(method, concepts, clean)
+        out["per_concept"][method] = rows
+        out["summary"][method] = summary_by_kind(rows)
+    return out
+
+
 def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
              methods: Sequence[str] = METHODS, concepts: Optional[Sequence[str]] = None,
              multi: Sequence[int] = (2, 4, 8), generalization: Optional[tuple[str, int]] = ("euler_a", 30),
-             progress: Optional[Callable[[str], None]] = None, misread_dir: Optional[str] = None) -> dict[str, Any]:
+             node_defaults: bool = True, progress: Optional[Callable[[str], None]] = None,
+             misread_dir: Optional[str] = None) -> dict[str, Any]:
     """Full mini-UnlearnCanvas evaluation; returns a JSON-ready report.
+
+    ``node_defaults``: also run each SAE method with the Concept Eraser node's defaults (report ``defaults``).
 
     ``misread_dir``: write there a sheet of the misread images of the clean run (``none.png``) and of
     each concept's erasure (``<method>-<concept>.png``: still read as the concept, then the other
@@ -94,6 +111,8 @@ def evaluate(pipe: Any, sae: SAEs, classifier: Any, settings: EvalSettings, *,
         rows = ev.per_concept(method, concepts, clean, misread_dir=misread_dir if method != "none" else None)
         report["per_concept"][method] = rows
         report["summary"][method] = summary_by_kind(rows)
+    if node_defaults and sae_methods:
+        report["defaults"] = _node_defaults(ev, sae_methods, concepts, clean)
     if multi:
         report["multi"] = _multi_runs(ev, methods, concepts, multi)
     if generalization and sae_methods:
