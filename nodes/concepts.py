@@ -12,6 +12,7 @@ from saeuron_core.errors import ConfigError
 from saeuron_core.sae.concept_files import save_concepts, with_concepts
 
 from .common import CATEGORY, SAE, check_choice, model_folder_dirs, parse_concepts, path_in_folder, validation
+from .demo_files import shipped_concept_file, shipped_concept_names
 
 CONCEPTS_FOLDER = "sae_concepts"
 
@@ -22,7 +23,8 @@ def concept_dirs() -> list[str]:
 
 
 def list_concept_files() -> list[str]:
-    """``.safetensors`` files under the sae_concepts folders, as names relative to their folder."""
+    """``.safetensors`` files under the sae_concepts folders, as names relative to their folder, and the pack's
+    shipped demo concept files."""
     found: set[str] = set()
     for root in concept_dirs():
         for here, _, files in os.walk(root, followlinks=True):
@@ -30,15 +32,19 @@ def list_concept_files() -> list[str]:
             for name in files:
                 if name.endswith(".safetensors") and not name.startswith("."):
                     found.add(os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/"))
-    return sorted(found)
+    return sorted(found | set(shipped_concept_names()))
 
 
 def resolve_concept_file(name: str) -> str:
-    """Absolute path of a listed concept file; names that leave the sae_concepts folders are refused."""
+    """Absolute path of a listed concept file (the user's own before the pack's demo files); names that leave the
+    sae_concepts folders are refused."""
     for root in concept_dirs():
         path = path_in_folder(root, name, "concept file", CONCEPTS_FOLDER)
         if os.path.isfile(path):
             return path
+    shipped = shipped_concept_file(name)
+    if shipped is not None:
+        return str(shipped)
     raise ConfigError(f"concept file {name!r} not found in the {CONCEPTS_FOLDER} model folders "
                       f"({', '.join(concept_dirs()) or 'none'})")
 

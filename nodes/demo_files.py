@@ -1,4 +1,4 @@
-"""The pack's shipped demo model and SAEs, offered under the names the example workflows use.
+"""The pack's shipped demo model, SAEs and concept files, offered under the names the example workflows use.
 
 Nothing is copied into ComfyUI's model folders: the names are listed beside the user's own files and resolve to
 ``demo_assets/`` in the pack. A user's own file or folder of the same name always wins.
@@ -18,6 +18,8 @@ DEMO_SAES = {
     "saeuron-demo-styles.safetensors": "sae-styles.safetensors",              # styles, up_blocks.1.attentions.2
 }
 DEMO_PIPELINES = {"saeuron-demo": "model"}
+# Concept files for the demo SAEs: "outline" learned on saeuron-demo.safetensors' weights with 64 features per step
+DEMO_CONCEPTS = {"saeuron-demo-outline-64.safetensors": "concepts/outline-64.safetensors"}
 
 
 def shipped_sae(name: str) -> Optional[Path]:
@@ -30,6 +32,16 @@ def shipped_pipeline(name: str) -> Optional[Path]:
     """The shipped diffusers folder offered as ``name``, if there is one in this copy of the pack."""
     path = DEMO_ASSETS / DEMO_PIPELINES[name] if name in DEMO_PIPELINES else None
     return path if path is not None and (path / "model_index.json").is_file() else None
+
+
+def shipped_concept_file(name: str) -> Optional[Path]:
+    """The shipped concept file offered as ``name``, if there is one in this copy of the pack."""
+    path = DEMO_ASSETS / DEMO_CONCEPTS[name] if name in DEMO_CONCEPTS else None
+    return path if path is not None and path.is_file() else None
+
+
+def shipped_concept_names() -> list[str]:
+    return [name for name in DEMO_CONCEPTS if shipped_concept_file(name) is not None]
 
 
 def shipped_sae_names() -> list[str]:

@@ -112,6 +112,16 @@ def erase_in_region() -> dict:
     return g
 
 
+def shared_concept() -> dict:
+    """A shared concept file on the SAE it was learned on: Load Concepts puts the file's "outline" (64 features per
+    step) in place of the SAE's own (3), and the eraser erases it."""
+    g = erase("erase_shared_concept", f"a {OBJECT} in outline style", "outline", SAE, "ablate")
+    g["30"] = {"class_type": "SAeUronLoadConcepts", "inputs": {
+        "sae": ["2", 0], "concepts_name": "saeuron-demo-outline-64.safetensors", "replace": True}}
+    g["6"]["inputs"]["sae"] = ["30", 0]
+    return g
+
+
 def learn() -> dict:
     g = base("")
     del g["3"], g["4"]
@@ -193,6 +203,7 @@ WORKFLOWS = {
     "erase_object_and_style": erase_object("erase_object_and_style", style=True),
     "compare_ablate_replace": compare(),
     "erase_in_region": erase_in_region(),
+    "erase_shared_concept": shared_concept(),
     "learn_concept": learn(),
     "inspect_features": inspect(),
 }

@@ -233,22 +233,28 @@ def test_ignore_rule_reads_anchored_folders_and_globs():
 
 def test_registry_archive_leaves_out_development_files_and_keeps_what_runs():
     """.comfyignore: the archive (`comfy node pack`) has the nodes, the library, the example workflows and the demo
-    files they load, and no tests, benchmarks, scripts or documentation images."""
+    files they load, and no tests, benchmarks, scripts, documentation images, demo evaluation or command line."""
+    import comfy_host
+
     patterns = comfyignore_patterns()
     files = project_files()
     packed = [f for f in files if not ignored(f, patterns)]
-    for left_out in ("tests/", "benchmarks/", "scripts/", "docs/"):
+    for left_out in ("tests/", "benchmarks/", "scripts/", "docs/", "saeuron_demo/", "saeuron_cli/"):
         assert any(f.startswith(left_out) for f in files) and not any(f.startswith(left_out) for f in packed)
     needed = {"__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt"}
     needed |= {f for f in files if f.split("/")[0] in ("nodes", "saeuron_core", "example_workflows")}
     needed |= {f for f in files if f.startswith("demo_assets/model/")}  # Load Diffusers Model "saeuron-demo"
+    shipped_concepts = comfy_host.plain_pack_module("demo_files").DEMO_CONCEPTS
     for workflow in (ROOT / "example_workflows").glob("*.json"):
         for node in json.loads(workflow.read_text())["nodes"]:
             if node["type"] == "SAeUronLoadSAE":  # copied into models/sae as the README says
                 name = node["widgets_values"][0]
                 assert name.startswith("saeuron-demo"), (workflow.name, name)
                 needed.add("demo_assets/sae" + name.removeprefix("saeuron-demo"))
-    assert {"demo_assets/sae.safetensors", "demo_assets/model/unet/diffusion_pytorch_model.safetensors"} <= needed
+            if node["type"] == "SAeUronLoadConcepts":  # offered by the pack from demo_assets/concepts/
+                needed.add("demo_assets/" + shipped_concepts[node["widgets_values"][0]])
+    assert {"demo_assets/sae.safetensors", "demo_assets/model/unet/diffusion_pytorch_model.safetensors",
+            "demo_assets/concepts/outline-64.safetensors"} <= needed
     assert needed <= set(files)
     assert not needed - set(packed), sorted(needed - set(packed))
     assert sum((ROOT / f).stat().st_size for f in packed) < 20e6

@@ -36,7 +36,7 @@ def server(tmp_path_factory):
 def test_there_are_workflows_in_both_formats():
     names = {p.stem for p in UI_FILES}
     assert names == {"erase_style", "erase_object", "erase_object_and_style", "compare_ablate_replace", "learn_concept",
-                     "inspect_features", "erase_in_region"}
+                     "inspect_features", "erase_in_region", "erase_shared_concept"}
     assert all((API_DIR / f"{n}.api.json").is_file() for n in names)
 
 
