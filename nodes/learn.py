@@ -7,6 +7,7 @@ from typing import Any
 from comfy_api.latest import io
 
 from saeuron_core.concepts.learner import ConceptLearner
+from saeuron_core.concepts.prompts import GENERIC, KINDS, prompts_from_word
 from saeuron_core.concepts.selection import DEFAULT_MIN_SPECIFICITY, Selection
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.library import check_concept_name, with_concept
@@ -19,11 +20,18 @@ def _prompts(text: str) -> list[str]:
     return [line.strip() for line in str(text).splitlines() if line.strip()]
 
 
-def _checked(concept_name: str, positive_prompts: str, negative_prompts: str) -> tuple[list[str], list[str]]:
+def _checked(concept_name: str, positive_prompts: str, negative_prompts: str, word: str = "",
+             kind: str = "style") -> tuple[list[str], list[str]]:
     check_concept_name(concept_name)
     positive, negative = _prompts(positive_prompts), _prompts(negative_prompts)
+    if str(word).strip():
+        if positive or negative:
+            raise ConfigError("Learn Concept takes either prompt lists or a word, not both: clear the word or the "
+                              "positive and negative prompts")
+        return prompts_from_word(word, kind, GENERIC)
     if not positive or not negative:
-        raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line)")
+        raise ConfigError("Learn Concept needs at least one positive and one negative prompt (one per line), or a "
+                          "word")
     return positive, negative
 
 
@@ -74,32 +82,42 @@ class LearnConcept(io.ComfyNode):
                                        "one where the feature is most active), so that a feature the concept shares "
                                        "with one sibling (a ring for a circle) is not chosen. Below 0: off (the "
                                        "default)."),
+                io.String.Input("word", default="", optional=True,
+                                tooltip="Instead of prompt lists: the concept as one word or phrase; the prompts are "
+                                        "built from templates. They use common subjects and art styles, whatever "
+                                        "the model (for the demo model, write its prompt lists)."),
+                io.Combo.Input("kind", options=list(KINDS), default="style", optional=True,
+                               tooltip="What the word is: a style (drawn across many subjects), an object (across "
+                                       "many styles) or other (both)."),
             ],
             outputs=[SAE.Output(tooltip="The SAE with the concept added (the input SAE is unchanged).")],
         )
 
     @classmethod
     def validate_inputs(cls, concept_name: str = "", positive_prompts: str = "", negative_prompts: str = "",
-                        sampler_name: str = "euler", scheduler: str = "normal") -> bool | str:
+                        sampler_name: str = "euler", scheduler: str = "normal", word: str = "",
+                        kind: str = "style") -> bool | str:
         def check() -> None:
             check_sampling_choices(sampler_name, scheduler)
-            _checked(concept_name, positive_prompts, negative_prompts)
+            _checked(concept_name, positive_prompts, negative_prompts, word, kind)
         return validation(check)
 
     @classmethod
     def execute(cls, model: Any, clip: Any, sae: TopKSAE, latent_image: dict, concept_name: str,
                 positive_prompts: str, negative_prompts: str, seed: int, steps: int, cfg: float, sampler_name: str,
                 scheduler: str, top_n: int, min_specificity: float = DEFAULT_MIN_SPECIFICITY,
-                peak_specificity: float = -1.0) -> io.NodeOutput:
+                peak_specificity: float = -1.0, word: str = "", kind: str = "style") -> io.NodeOutput:
         import comfy.utils
 
         import nodes as comfy_nodes
 
         target = block_target(model, sae)
-        positive, negative = _checked(concept_name, positive_prompts, negative_prompts)
+        positive, negative = _checked(concept_name, positive_prompts, negative_prompts, word, kind)
+        notes = {concept_name: {"word": " ".join(word.split()), "kind": kind}} if word.strip() else None
         selection = Selection(top_n=top_n, min_specificity=min_specificity,
                               peak_specificity=None if peak_specificity < 0 else float(peak_specificity))
-        learner = ConceptLearner(sae, {concept_name: (positive, negative)}, selection, max_timestep=max_timestep(model))
+        learner = ConceptLearner(sae, {concept_name: (positive, negative)}, selection, max_timestep=max_timestep(model),
+                                 notes=notes)
         patched = patch_block(model, sae, learner.recorder, target)
         uncond = _encode(clip, "")
         bar = comfy.utils.ProgressBar(len(learner.prompts))

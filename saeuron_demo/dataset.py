@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from saeuron_core.concepts.prompts import Vocabulary
+
 OBJECTS: list[str] = ["circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond"]
 STYLES: list[str] = [
     "solid",
@@ -52,6 +54,12 @@ def make_prompt(obj: str, style: str) -> str:
 def all_prompts() -> list[tuple[int, int, str]]:
     """(object id, style id, prompt) for every pair, object-major order."""
     return [(o, s, make_prompt(OBJECTS[o], STYLES[s])) for o in range(len(OBJECTS)) for s in range(len(STYLES))]
+
+
+# The demo's objects and styles in its own prompt form, for learning a concept from one word (no object starts with
+# a vowel, so the template's article matches make_prompt's).
+DEMO_VOCABULARY = Vocabulary(subjects=tuple(OBJECTS), styles=tuple(STYLES), template="a {subject} in {style} style",
+                             plain="a {subject}")
 
 
 # ---------------------------------------------------------------- shapes (unit coordinates)

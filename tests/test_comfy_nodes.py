@@ -641,3 +641,26 @@ def test_the_pack_offers_its_demo_files_and_a_users_own_files_of_those_names_win
     finally:
         own.unlink()
         shutil.rmtree(own_model)
+
+
+def test_learn_concept_from_a_word(host, monkeypatch):
+    import sys
+
+    from saeuron_core.concepts.prompts import Vocabulary, prompts_from_word
+
+    learn = node(host, "SAeUronLearnConcept")
+    # The node builds its prompts from GENERIC; a small vocabulary in its place keeps the sampling short.
+    small = Vocabulary(subjects=("cat", "dog", "house"), styles=("Monet", "Van Gogh", "ink"))
+    monkeypatch.setattr(sys.modules[learn.__module__], "GENERIC", small)
+    inputs = learn.define_schema().inputs
+    assert [i.id for i in inputs[-2:]] == ["word", "kind"] and all(i.optional for i in inputs[-2:])
+    args = (host["model"], host["clip"], host["sae"], {"samples": torch.zeros(1, 4, 8, 8)}, "van gogh", "", "", 0, 1,
+            5.0, "euler", "normal", 2)
+    assert learn.validate_inputs(concept_name="van gogh", word="Van Gogh", kind="style") is True
+    assert "not both" in learn.validate_inputs(concept_name="x", positive_prompts="a x", word="x")
+    assert "or a word" in learn.validate_inputs(concept_name="x")
+    learned = get_concept(learn.execute(*args, min_specificity=0.0, word="Van Gogh", kind="style").args[0], "van gogh")
+    assert (learned.info["word"], learned.info["kind"]) == ("Van Gogh", "style")
+    assert (learned.info["positive"], learned.info["negative"]) == prompts_from_word("Van Gogh", "style", small)
+    with pytest.raises(ConfigError, match="either prompt lists or a word, not both"):
+        learn.execute(*args[:5], "a x", "", *args[7:], word="x")

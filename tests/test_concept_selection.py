@@ -89,7 +89,7 @@ def test_stats_result_takes_a_selection_or_its_fields():
 
 
 def test_learning_refuses_unknown_keywords_naming_the_valid_ones(tiny_pipe):
-    valid = ("batch_size, bucket_width, guidance_scale, height, hook_point, min_specificity, peak_specificity, "
+    valid = ("batch_size, bucket_width, guidance_scale, height, hook_point, min_specificity, notes, peak_specificity, "
              "progress, quantile, scheduler, seeds, selection, steps, top_n, width")
     sae = fresh_sae()
     with pytest.raises(ConfigError, match=f"learn_concept: unknown option stepz; the options are {valid}$"):

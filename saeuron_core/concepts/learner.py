@@ -64,12 +64,16 @@ class ConceptLearner:
     The host mounts :attr:`recorder` at the SAE's block, generates every prompt of :attr:`prompts` (with each of
     its seeds), calling :meth:`feed` before each generation to say which prompts it samples, and then takes
     :meth:`results`. Each concept is scored from the statistics of its own prompts (a prompt listed twice counts
-    twice), so learning several concepts together equals learning them one at a time.
+    twice), so learning several concepts together equals learning them one at a time. ``notes`` (``{name: {key:
+    value}}``, e.g. the word and kind the prompts were built from) go into a concept's ``info`` after its prompts.
     """
 
     def __init__(self, sae: TopKSAE, concepts: ConceptSpec, selection: Optional[Selection] = None, *,
-                 max_timestep: int = 1000) -> None:
+                 max_timestep: int = 1000, notes: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
         self.concepts = checked_concepts(concepts)
+        self.notes = {check_concept_name(name): dict(note) for name, note in (notes or {}).items()}
+        if set(self.notes) - set(self.concepts):
+            raise ConfigError(f"notes for unknown concepts: {', '.join(sorted(set(self.notes) - set(self.concepts)))}")
         self.selection = selection if selection is not None else Selection()
         self.prompts = list(dict.fromkeys(p for pos, neg in self.concepts.values() for p in pos + neg))
         self._group = {p: i for i, p in enumerate(self.prompts)}
@@ -96,7 +100,7 @@ class ConceptLearner:
         for name, (pos, neg) in self.concepts.items():
             merged = self.stats.merge([self._group[p] for p in pos], [self._group[p] for p in neg],
                                       peak=self.selection.peak_specificity is not None)
-            info = {"positive": pos, "negative": neg, **settings,
+            info = {"positive": pos, "negative": neg, **self.notes.get(name, {}), **settings,
                     "tokens": {"positive": float(merged.tokens[0].sum()), "negative": float(merged.tokens[1].sum())}}
             learned.append(merged.result(name, self.selection, info=info))
         return learned

@@ -17,36 +17,51 @@ from ..hosts.hooks import check_sae_fits, denoiser, pipeline_hook
 from ..sae.library import ConceptData, add_concept
 from ..sae.model import TopKSAE
 from .learner import ConceptLearner, ConceptRecorder, ConceptSpec
+from .prompts import GENERIC, Vocabulary, prompts_from_word
 from .selection import Selection
 
 __all__ = ["ConceptLearner", "ConceptRecorder", "Selection", "learn_concept", "learn_concepts"]
 
 
-def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Sequence[str], negative: Sequence[str],
-                  **options: Any) -> ConceptData:
+def learn_concept(pipe: Any, sae: TopKSAE, name: str, positive: Optional[Sequence[str]] = None,
+                  negative: Optional[Sequence[str]] = None, *, word: Optional[str] = None, kind: Optional[str] = None,
+                  vocabulary: Optional[Vocabulary] = None, **options: Any) -> ConceptData:
     """Generate ``positive`` and ``negative`` prompts, score the SAE's features and add the concept to ``sae``.
 
-    ``options`` are :func:`learn_concepts`' (how to generate, and a ``selection`` and/or its fields by name).
-    Activations are read from the conditional half only (as SAeUron does).
+    Instead of the prompts, a ``word`` (or phrase) and its ``kind`` build them from ``vocabulary``'s templates
+    (:func:`~.prompts.prompts_from_word`; default :data:`~.prompts.GENERIC`), and the concept's ``info`` records
+    the word and kind beside the prompts. ``options`` are :func:`learn_concepts`' (how to generate, and a
+    ``selection`` and/or its fields by name). Activations are read from the conditional half only (as SAeUron does).
     """
-    return learn_concepts(pipe, sae, {name: (positive, negative)}, **options)[0]
+    if word is None and kind is None and vocabulary is None:
+        if positive is None or negative is None:
+            raise ConfigError("learn_concept: give positive and negative prompts, or a word and its kind")
+        return learn_concepts(pipe, sae, {name: (positive, negative)}, **options)[0]
+    if positive is not None or negative is not None:
+        raise ConfigError("learn_concept: give positive and negative prompts or a word and its kind, not both")
+    if word is None or kind is None:
+        raise ConfigError("learn_concept: a word needs its kind (style, object or other) and a kind its word")
+    positive, negative = prompts_from_word(word, kind, vocabulary or GENERIC)
+    return learn_concepts(pipe, sae, {name: (positive, negative)},
+                          notes={name: {"word": " ".join(word.split()), "kind": kind}}, **options)[0]
 
 
 def learn_concepts(pipe: Any, sae: TopKSAE, concepts: ConceptSpec, selection: Optional[Selection] = None, *,
                    hook_point: Optional[str] = None, steps: int = 50, guidance_scale: float = 7.5,
                    scheduler: Optional[str] = None, seeds: Sequence[int] = (0,), batch_size: int = 4,
                    height: Optional[int] = None, width: Optional[int] = None, progress: bool = True,
-                   **options: Any) -> list[ConceptData]:
+                   notes: Optional[Mapping[str, Mapping[str, Any]]] = None, **options: Any) -> list[ConceptData]:
     """Learn several concepts ``{name: (positive prompts, negative prompts)}`` from one generation pass.
 
     Every distinct prompt is generated once per seed, whatever the number of concepts using it;
     each concept is then scored from the statistics of its own prompts and added to ``sae``.
     Which features are kept: ``selection`` (a :class:`Selection`) and/or its fields by name (``top_n``,
-    ``quantile``, ``min_specificity``, ``peak_specificity``, ``bucket_width``).
+    ``quantile``, ``min_specificity``, ``peak_specificity``, ``bucket_width``). ``notes`` (``{name: {key: value}}``)
+    go into each named concept's ``info`` after its prompts.
     """
     selection = _selection(selection, options)
     max_t = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
-    learner = ConceptLearner(sae, concepts, selection, max_timestep=max_t)
+    learner = ConceptLearner(sae, concepts, selection, max_timestep=max_t, notes=notes)
     if steps < 1 or batch_size < 1 or not seeds:
         raise ConfigError("learn_concept: steps and batch_size must be >= 1 and at least one seed is needed")
     hook_point = hook_point or sae.config.hook_point
