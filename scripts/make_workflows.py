@@ -130,7 +130,7 @@ def learn() -> dict:
         "positive_prompts": f"a circle in {STYLE} style\na ring in solid style\na circle in grid style",
         "negative_prompts": f"a square in {STYLE} style\na triangle in solid style\na cross in grid style",
         "seed": 0, "steps": 10, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal", "top_n": 3,
-        "min_specificity": 0.5, "peak_specificity": -1.0}}
+        "min_specificity": 0.5, "peak_specificity": -1.0, "word": "", "kind": "style"}}
     g["7"] = {"class_type": "SAeUronSaveSAE", "inputs": {"sae": ["6", 0], "filename": "saeuron-demo-learned.safetensors",
                                                          "overwrite": True}}
     return g
