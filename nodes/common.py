@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
 
 from comfy_api.latest import io
 
@@ -46,36 +47,71 @@ def model_folder_dirs(folder: str) -> list[str]:
     return [p for p in folder_paths.get_folder_paths(folder) if os.path.isdir(p)]
 
 
-def sae_dirs() -> list[str]:
+def save_folder(folder: str) -> str:
+    """Where a Save node writes into ``folder``: the first existing one, else the first configured one (a fresh
+    ComfyUI has no ``models/<folder>`` until something is saved there)."""
     import folder_paths
 
-    register_sae_folder()
-    return [p for p in folder_paths.get_folder_paths(SAE_FOLDER) if os.path.isdir(p)]
+    return (model_folder_dirs(folder) or folder_paths.get_folder_paths(folder))[0]
 
 
-def sae_save_folder() -> str:
-    """Where Save SAE writes: the first existing sae folder, else the first configured one (a fresh ComfyUI has no
-    ``models/sae`` until something is saved there)."""
-    import folder_paths
-
-    return (sae_dirs() or folder_paths.get_folder_paths(SAE_FOLDER))[0]
-
-
-def list_saes() -> list[str]:
-    """Native ``.safetensors`` files and imported SAE folders (sparsify, SAELens, SDLens/sdxl-unbox: see
-    ``sae_folder_format``) under the sae folders, and the pack's demo SAEs."""
+def list_model_files(folder: str, shipped: Iterable[str],
+                     is_model_folder: Callable[[str], Any] = lambda here: False) -> list[str]:
+    """``.safetensors`` files under the folders registered as ``folder``, and sub-folders ``is_model_folder`` takes
+    for one model, as names relative to their folder; with the pack's ``shipped`` names."""
     found: set[str] = set()
-    for root in sae_dirs():
+    for root in model_folder_dirs(folder):
         for here, dirs, files in os.walk(root, followlinks=True):
             rel = os.path.relpath(here, root)
-            if sae_folder_format(here):
+            if is_model_folder(here):
                 found.add(rel.replace(os.sep, "/"))
                 dirs[:] = []
                 continue
             for name in files:
                 if name.endswith(".safetensors") and not name.startswith("."):
                     found.add(os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/"))
-    return sorted(found | set(shipped_sae_names()))
+    return sorted(found | set(shipped))
+
+
+def resolve_listed(name: str, folder: str, shipped: Optional[Path], what: str, *, label: str,
+                   exists: Callable[[str], bool] = os.path.exists) -> str:
+    """Absolute path of a name listed by :func:`list_model_files` (the user's own before the pack's ``shipped``
+    file); names that leave the folders are refused (``label`` names the input in that message)."""
+    dirs = model_folder_dirs(folder)
+    for root in dirs:
+        path = path_in_folder(root, name, label, folder)
+        if exists(path):
+            return path
+    if shipped is not None:
+        return str(shipped)
+    raise ConfigError(f"{what} {name!r} not found in the {folder} model folders ({', '.join(dirs) or 'none'})")
+
+
+def save_target(filename: str, folder: str, unnamed: str) -> tuple[str, str]:
+    """``(name, absolute path)`` of a Save node's ``.safetensors`` file inside the first ``folder``; an empty name
+    is refused with ``unnamed``, names that leave the folder are refused."""
+    name = str(filename).strip()
+    if not name or name == ".safetensors":
+        raise ConfigError(unnamed)
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    try:
+        return name, path_in_folder(save_folder(folder), name, "filename", folder)
+    except ConfigError:
+        raise ConfigError(f"filename {filename!r} must stay inside the {folder} model folder") from None
+
+
+def free_to_write(name: str, path: str, folder: str, overwrite: bool) -> None:
+    """Refuse to replace an existing file unless ``overwrite``; make the file's folder."""
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"{name} already exists in the {folder} folder; turn on 'overwrite' or choose another name")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+def list_saes() -> list[str]:
+    """Native ``.safetensors`` files and imported SAE folders (sparsify, SAELens, SDLens/sdxl-unbox: see
+    ``sae_folder_format``) under the sae folders, and the pack's demo SAEs."""
+    return list_model_files(SAE_FOLDER, shipped_sae_names(), sae_folder_format)
 
 
 def path_in_folder(root: str, name: str, what: str, folder: str) -> str:
@@ -94,14 +130,7 @@ def path_in_folder(root: str, name: str, what: str, folder: str) -> str:
 def resolve_sae(name: str) -> str:
     """Absolute path of a listed SAE (the user's own before the pack's demo SAEs); names that leave the sae folders
     are refused."""
-    for root in sae_dirs():
-        path = path_in_folder(root, name, "SAE name", SAE_FOLDER)
-        if os.path.exists(path):
-            return path
-    shipped = shipped_sae(name)
-    if shipped is not None:
-        return str(shipped)
-    raise ConfigError(f"SAE {name!r} not found in the sae model folders ({', '.join(sae_dirs()) or 'none'})")
+    return resolve_listed(name, SAE_FOLDER, shipped_sae(name), "SAE", label="SAE name")
 
 
 def validation(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -11,50 +11,24 @@ from comfy_api.latest import io
 from saeuron_core.errors import ConfigError
 from saeuron_core.sae.concept_files import save_concepts, with_concepts
 
-from .common import CATEGORY, SAE, check_choice, model_folder_dirs, parse_concepts, path_in_folder, validation
+from .common import (CATEGORY, SAE, check_choice, free_to_write, list_model_files, parse_concepts, resolve_listed,
+                     save_target, validation)
 from .demo_files import shipped_concept_file, shipped_concept_names
 
 CONCEPTS_FOLDER = "sae_concepts"
 
 
-def concept_dirs() -> list[str]:
-    """The existing ``sae_concepts`` folders (``models/sae_concepts`` and those in ``extra_model_paths.yaml``)."""
-    return model_folder_dirs(CONCEPTS_FOLDER)
-
-
 def list_concept_files() -> list[str]:
     """``.safetensors`` files under the sae_concepts folders, as names relative to their folder, and the pack's
     shipped demo concept files."""
-    found: set[str] = set()
-    for root in concept_dirs():
-        for here, _, files in os.walk(root, followlinks=True):
-            rel = os.path.relpath(here, root)
-            for name in files:
-                if name.endswith(".safetensors") and not name.startswith("."):
-                    found.add(os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/"))
-    return sorted(found | set(shipped_concept_names()))
+    return list_model_files(CONCEPTS_FOLDER, shipped_concept_names())
 
 
 def resolve_concept_file(name: str) -> str:
     """Absolute path of a listed concept file (the user's own before the pack's demo files); names that leave the
     sae_concepts folders are refused."""
-    for root in concept_dirs():
-        path = path_in_folder(root, name, "concept file", CONCEPTS_FOLDER)
-        if os.path.isfile(path):
-            return path
-    shipped = shipped_concept_file(name)
-    if shipped is not None:
-        return str(shipped)
-    raise ConfigError(f"concept file {name!r} not found in the {CONCEPTS_FOLDER} model folders "
-                      f"({', '.join(concept_dirs()) or 'none'})")
-
-
-def _save_folder() -> str:
-    """Where Save Concepts writes: the first existing sae_concepts folder, else the first configured one (made when
-    the first file is saved)."""
-    import folder_paths
-
-    return (concept_dirs() or folder_paths.get_folder_paths(CONCEPTS_FOLDER))[0]
+    return resolve_listed(name, CONCEPTS_FOLDER, shipped_concept_file(name), "concept file", label="concept file",
+                          exists=os.path.isfile)
 
 
 class LoadConcepts(io.ComfyNode):
@@ -93,15 +67,7 @@ class LoadConcepts(io.ComfyNode):
 
 def _target_path(filename: str) -> tuple[str, str]:
     """``(name, absolute path)`` inside the first sae_concepts folder; names that leave it are refused."""
-    name = str(filename).strip()
-    if not name or name == ".safetensors":
-        raise ConfigError("give the concept file a name, e.g. my_concepts.safetensors")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    try:
-        return name, path_in_folder(_save_folder(), name, "filename", CONCEPTS_FOLDER)
-    except ConfigError:
-        raise ConfigError(f"filename {filename!r} must stay inside the {CONCEPTS_FOLDER} model folder") from None
+    return save_target(filename, CONCEPTS_FOLDER, "give the concept file a name, e.g. my_concepts.safetensors")
 
 
 def _check_save(concepts: str, filename: str) -> None:
@@ -143,9 +109,6 @@ class SaveConcepts(io.ComfyNode):
     def execute(cls, sae: Any, concepts: str, filename: str, overwrite: bool) -> io.NodeOutput:
         name, path = _target_path(filename)
         names = parse_concepts(concepts)
-        if os.path.exists(path) and not overwrite:
-            raise ConfigError(f"{name} already exists in the {CONCEPTS_FOLDER} folder; turn on 'overwrite' or choose "
-                              f"another name")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        free_to_write(name, path, CONCEPTS_FOLDER, overwrite)
         save_concepts(sae, names, path)
         return io.NodeOutput(ui={"text": [f"saved {name} ({', '.join(dict.fromkeys(names))})"]})

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from comfy_api.latest import io
 
-from saeuron_core.errors import ConfigError
 from saeuron_core.sae.files import load_sae, save_sae
 
-from .common import (CATEGORY, SAE, SAE_FOLDER, check_choice, list_saes, path_in_folder, resolve_sae,
-                     sae_save_folder, validation)
+from .common import (CATEGORY, SAE, SAE_FOLDER, check_choice, free_to_write, list_saes, resolve_sae, save_target,
+                     validation)
 
 
 class LoadSAE(io.ComfyNode):
@@ -46,15 +44,7 @@ class LoadSAE(io.ComfyNode):
 
 def _target_path(filename: str) -> tuple[str, str]:
     """``(name, absolute path)`` inside the first sae folder; names that leave it are refused."""
-    name = str(filename).strip()
-    if not name or name in (".safetensors",):
-        raise ConfigError("give the SAE a file name, e.g. my_sae.safetensors")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    try:
-        return name, path_in_folder(sae_save_folder(), name, "filename", SAE_FOLDER)
-    except ConfigError:
-        raise ConfigError(f"filename {filename!r} must stay inside the sae model folder") from None
+    return save_target(filename, SAE_FOLDER, "give the SAE a file name, e.g. my_sae.safetensors")
 
 
 class SaveSAE(io.ComfyNode):
@@ -85,8 +75,6 @@ class SaveSAE(io.ComfyNode):
     @classmethod
     def execute(cls, sae: Any, filename: str, overwrite: bool) -> io.NodeOutput:
         name, path = _target_path(filename)
-        if os.path.exists(path) and not overwrite:
-            raise ConfigError(f"{name} already exists in the sae folder; turn on 'overwrite' or choose another name")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        free_to_write(name, path, SAE_FOLDER, overwrite)
         save_sae(sae, path)
         return io.NodeOutput(ui={"text": [f"saved {name}"]})
