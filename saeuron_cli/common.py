@@ -53,10 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(model: str, **options: Any) -> Any:
     """``load_pipeline`` that also knows the demo's pipeline class, so every command opens the demo model too."""
-    from saeuron_core.hosts.diffusers import load_pipeline
-    from saeuron_demo.pipeline import PIPELINE_CLASSES
+    from saeuron_demo.pipeline import load_demo_pipeline
 
-    return load_pipeline(model, pipeline_classes=PIPELINE_CLASSES, **options)
+    return load_demo_pipeline(model, **options)
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -138,10 +138,7 @@ def check_updatable(report: dict[str, Any], settings: EvalSettings, *, set_runs:
     if multi and not (sae_methods and set(sae_methods) <= set(whole) and report.get("multi")):
         _refuse_set_runs(True)
     _refuse_set_runs(set_runs)
-    stale = [m for m in (report.get("defaults") or {}).get("per_concept", {}) if m in methods]
-    if stale and not node_defaults:
-        raise ConfigError(f"cannot update the report: its rows with the node's defaults ({', '.join(stale)}) would "
-                          f"go stale; re-measure them too (leave out --no-defaults)")
+    _refuse_stale_defaults(report, methods, methods if node_defaults else ())
     _check_settings(report, settings_json(settings), concepts, whole)
 
 
@@ -180,6 +177,14 @@ def _update_entry(old: dict[str, Any], new: dict[str, Any], concepts: list[str],
     return entry
 
 
+def _refuse_stale_defaults(report: dict[str, Any], methods: Sequence[str], measured: Sequence[str]) -> None:
+    """Refuse an update that re-measures ``methods`` but not their rows with the node's defaults (``measured``)."""
+    stale = [m for m in (report.get("defaults") or {}).get("per_concept", {}) if m in methods and m not in measured]
+    if stale:
+        raise ConfigError(f"cannot update the report: its rows with the node's defaults ({', '.join(stale)}) would "
+                          f"go stale; re-measure them too (leave out --no-defaults)")
+
+
 def _merge_rows(out: dict[str, Any], new: dict[str, Any], order: Sequence[str]) -> None:
     """Put ``new``'s per-concept rows into ``out`` (in the grid's order) and recompute ``out``'s summaries."""
     for method, rows in new["per_concept"].items():
@@ -216,11 +221,7 @@ def update_report(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("cannot update the report: its " + (f"several-at-once runs erase {', '.join(in_sets)}"
                           if in_sets else "generalisation summary covers every concept")
                           + "; run the whole evaluation instead")
-    stale = [m for m in (old.get("defaults") or {}).get("per_concept", {}) if m in new["per_concept"]
-             and m not in (new.get("defaults") or {}).get("per_concept", {})]
-    if stale:
-        raise ConfigError(f"cannot update the report: its rows with the node's defaults ({', '.join(stale)}) would "
-                          f"go stale; re-measure them too (leave out --no-defaults)")
+    _refuse_stale_defaults(old, list(new["per_concept"]), list((new.get("defaults") or {}).get("per_concept", {})))
     out = copy.deepcopy(old)
     out["settings"] = copy.deepcopy(new["settings"])
     _merge_rows(out, new, order)
