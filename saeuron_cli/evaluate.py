@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="re-measure only --concepts and merge their rows into this earlier --json report (same "
                          "settings; needs --multi '' --generalization ''); written back to it unless --json is given")
     ev.add_argument("--markdown", default=None, help="write the tables here")
+    ev.add_argument("--checkpoint", default=None, metavar="FILE",
+                    help="keep each finished part of the run in FILE (JSON lines); run the same command again after "
+                         "a stop and it resumes, taking the finished parts from FILE (the full run takes hours on a CPU)")
     ev.add_argument("--misread-dir", default=None, metavar="DIR",
                     help="write sheets of the misread images here: the clean run's (none.png) and each erasure's "
                          "(<method>-<concept>.png: the concept still read, then its kind's other images read "
@@ -133,7 +136,7 @@ def run(a: argparse.Namespace) -> int:
     report = evaluate(pipe, saes, classifier, settings, methods=methods, concepts=concepts, multi=multi,
                       generalization=gen, node_defaults=not a.no_defaults,
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-                      misread_dir=a.misread_dir)
+                      misread_dir=a.misread_dir, checkpoint=a.checkpoint)
     if earlier is not None:
         report = update_report(earlier, report)
     text = format_report(report)
